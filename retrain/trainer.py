@@ -1,0 +1,207 @@
+"""The training loop shared by LoRA, prompt tuning and full fine-tuning.
+
+A plain PyTorch loop rather than `transformers.Trainer`: batches grouped by length (see `batching.py`), bf16
+autocast on CPU, validation loss every `eval_every` steps with early stopping that restores the best weights, a
+progress bar, and exact counts of the real (non-padding) tokens processed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from challenger_sets.records import Example
+from retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
+from tuneloop.config import TrainConfig
+from tuneloop.errors import TrainingError
+from tuneloop.registry import CurvePoint
+
+
+@dataclass
+class FitResult:
+    """What a training run produced, for the adapter card and the benchmarks."""
+
+    output_dir: Path
+    curve: list[CurvePoint]
+    steps: int
+    stopped_early: bool
+    best_val_loss: float | None
+    trainable_params: int
+    total_params: int
+    train_tokens: int
+    padded_tokens: int
+    train_seconds: float
+    first_loss: float | None = None
+    last_loss: float | None = None
+    truncated: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively; elsewhere PyTorch emulates it, far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(train: TrainConfig) -> bool:
+    return cpu_has_fast_bf16() if train.bf16 == "auto" else bool(train.bf16)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: str) -> Any:
+    """The base model wrapped for `train.method`: a PEFT LoRA or prompt-tuning model, or the full model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model.config.use_cache = False
+    if train.method == "full":
+        return model
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if train.method == "lora":
+        peft_config: Any = LoraConfig(task_type=TaskType.CAUSAL_LM, r=train.rank, lora_alpha=train.alpha,
+                                      lora_dropout=train.dropout, target_modules=list(train.target_modules))
+    else:
+        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=train.num_virtual_tokens,
+                                         prompt_tuning_init=PromptTuningInit.TEXT,
+                                         prompt_tuning_init_text=system_prompt,
+                                         tokenizer_name_or_path=str(base_path))
+    return get_peft_model(model, peft_config)
+
+
+def fit(base_path: Path, train_examples: list[Example], val_examples: list[Example], *, system_prompt: str,
+        train: TrainConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True) -> FitResult:
+    """Train on `train_examples`, validate on `val_examples`, save the best weights to `output_dir`."""
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    steps = max_steps or train.max_steps
+    if steps < 1:
+        raise TrainingError(f"max_steps must be at least 1, got {steps}")
+    if not train_examples:
+        raise TrainingError("no training examples")
+    set_seed(train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in train_examples]
+    truncated = sum(1 for e in encoded if e.length >= train.max_seq_len)
+    val_encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in val_examples]
+    model = load_model_for_method(base_path, train, system_prompt)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    bf16 = use_bf16(train)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    curve: list[CurvePoint] = []
+    best_val = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals = 0
+    stopped_early = False
+    real_tokens = padded_tokens = 0
+    train_seconds = 0.0
+    first_loss = last_loss = None
+    epoch = 0
+    batches: list[list[int]] = []
+    bar = _progress(steps, progress, f"train {train.method}")
+    step = 0
+    while step < steps:
+        if not batches:
+            batches = length_grouped_batches([e.length for e in encoded], train.batch_size, train.seed + epoch,
+                                             group_by_length=train.group_by_length)
+            epoch += 1
+        batch_examples = [encoded[i] for i in batches.pop(0)]
+        batch = collate(batch_examples, pad_id)
+        started = time.perf_counter()
+        with autocast:
+            loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {step + 1}; lower train.learning_rate "
+                                f"(now {train.learning_rate})")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - started
+        step += 1
+        real_tokens += int(batch["attention_mask"].sum())
+        padded_tokens += batch["input_ids"].numel()
+        value = float(loss.detach())
+        first_loss = value if first_loss is None else first_loss
+        last_loss = value
+        point = CurvePoint(step=step, train_loss=round(value, 5))
+        if val_encoded and (step % train.eval_every == 0 or step == steps):
+            point.val_loss = round(validation_loss(model, val_encoded, pad_id, train.batch_size, bf16), 5)
+            if point.val_loss < best_val - 1e-4:
+                best_val, bad_evals = point.val_loss, 0
+                best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            else:
+                bad_evals += 1
+        curve.append(point)
+        bar.set_postfix(loss=f"{value:.3f}", val=f"{best_val:.3f}" if best_val < math.inf else "-",
+                        tok_s=f"{real_tokens / max(train_seconds, 1e-9):.0f}")
+        bar.update(1)
+        if bad_evals >= train.patience:
+            stopped_early = True
+            break
+    bar.close()
+    if best_state is not None:
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in best_state.items():
+                named[name].copy_(value)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if train.method == "full":
+        tokenizer.save_pretrained(output_dir)
+    return FitResult(output_dir=output_dir, curve=curve, steps=step, stopped_early=stopped_early,
+                     best_val_loss=None if best_val == math.inf else best_val, trainable_params=trainable,
+                     total_params=total, train_tokens=real_tokens, padded_tokens=padded_tokens,
+                     train_seconds=train_seconds, first_loss=first_loss, last_loss=last_loss, truncated=truncated,
+                     extra={"bf16": bf16})
+
+
+@torch.no_grad()
+def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, batch_size: int, bf16: bool) -> float:
+    """Token-weighted mean loss over the reply tokens of `examples`."""
+    was_training = model.training
+    model.eval()
+    total_loss = 0.0
+    total_tokens = 0
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total_loss += float(loss) * n
+        total_tokens += n
+    if was_training:
+        model.train()
+    return total_loss / max(total_tokens, 1)
+
+
+def _progress(total: int, enabled: bool, description: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=not enabled, unit="step", dynamic_ncols=True)

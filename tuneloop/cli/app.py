@@ -1,0 +1,96 @@
+"""Root of the command tree: global options, `init` and `config`; the groups live in sibling modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneloop.cli import adapters as adapters_cli
+from tuneloop.cli import datasets as datasets_cli
+from tuneloop.cli import demo as demo_cli
+from tuneloop.cli import train as train_cli
+from tuneloop.cli.context import STATE, configure_logging
+from tuneloop.cli.output import console, print_json
+from tuneloop.config import CONFIG_FILENAME, find_config_path, load_config, render_default_config
+from tuneloop.errors import ConfigError
+
+app = typer.Typer(
+    name="tuneloop", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Keep fine-tuned LoRA adapters good after they ship: train, serve, evaluate, detect drift, retrain.")
+config_app = typer.Typer(no_args_is_help=True, help="Check and show the configuration.")
+app.add_typer(config_app, name="config")
+app.add_typer(datasets_cli.app, name="datasets")
+app.add_typer(adapters_cli.app, name="adapters")
+app.command("train")(train_cli.train)
+app.command("demo")(demo_cli.demo)
+
+
+@app.callback()
+def root(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help=f"Config file (default: ./{CONFIG_FILENAME} "
+                                                "or $TUNELOOP_CONFIG).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    STATE.config_path = config
+    STATE.verbose = verbose
+    configure_logging(verbose)
+
+
+@app.command()
+def init(
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write a commented default tuneloop.yaml and prepare the data dir, database and embedded datasets."""
+    path = find_config_path(STATE.config_path)
+    if path.exists() and not force:
+        load_config(path)
+        written = False
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_default_config(), encoding="utf-8")
+        written = True
+    STATE.config_path = path
+    config = STATE.config
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    from challenger_sets.catalog import list_datasets
+
+    datasets = [d.manifest.ref for d in list_datasets(STATE.store)]
+    result = {"config": str(path), "written": written, "data_dir": str(config.data_path),
+              "database": STATE.store.safe_url, "datasets": datasets}
+    if json_output:
+        print_json(result)
+        return
+    console.print(f"{'wrote' if written else 'kept existing'} {path}")
+    console.print(f"data dir  {config.data_path}\ndatabase  {STATE.store.safe_url}")
+    console.print(f"datasets  {', '.join(datasets)}")
+    console.print("next: tuneloop train --task sentiment --max-steps 20")
+
+
+@config_app.command("validate")
+def config_validate(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Validate the config file and report every problem with its key path."""
+    path = find_config_path(STATE.config_path)
+    try:
+        config = load_config(path, required=True)
+    except ConfigError as exc:
+        if json_output:
+            print_json({"config": str(path), "valid": False, "problems": exc.problems or [str(exc)]})
+            raise typer.Exit(exc.exit_code) from None
+        raise
+    if json_output:
+        print_json({"config": str(path), "valid": True, "tasks": sorted(config.tasks),
+                    "data_dir": str(config.data_path)})
+        return
+    console.print(f"{path}: valid ({len(config.tasks)} tasks: {', '.join(sorted(config.tasks))}; "
+                  f"data dir {config.data_path})")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the resolved configuration (defaults filled in) as JSON."""
+    print_json(STATE.config.model_dump(mode="json"))

@@ -1,0 +1,80 @@
+"""`tuneloop datasets`: import, list and show versioned datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneloop.cli.context import STATE
+from tuneloop.cli.output import console, print_json, print_table
+
+app = typer.Typer(no_args_is_help=True, help="Versioned train, held-out and challenger datasets.")
+
+
+@app.command("add")
+def add(
+    file: Annotated[Path, typer.Argument(help="JSONL (id, messages|input, reference, meta) or CSV (input, "
+                                          "reference, [id], other columns -> meta).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task the data belongs to.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Dataset name (stored as task/name).")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help="train, heldout or challenger.")] = "challenger",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Validate a file whole and register it as the next version of task/name (nothing is imported on error)."""
+    from challenger_sets.catalog import import_dataset_file
+    from tuneloop.errors import DatasetError
+
+    if kind not in ("train", "heldout", "challenger"):
+        raise DatasetError(f"--kind must be train, heldout or challenger, got '{kind}'")
+    STATE.config.task(task)
+    version = import_dataset_file(STATE.store, STATE.config.data_path, file, task=task, name=name,
+                                  kind=kind)  # type: ignore[arg-type]
+    if json_output:
+        print_json(version.manifest)
+        return
+    m = version.manifest
+    console.print(f"added {m.ref}: {m.rows} {m.kind} rows, sha256 {m.sha256[:12]}")
+
+
+@app.command("list")
+def list_(
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")] = None,
+    all_versions: Annotated[bool, typer.Option("--all-versions", help="Every version, not only the latest.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """List datasets (latest version of each unless --all-versions)."""
+    from challenger_sets.catalog import list_datasets
+
+    versions = list_datasets(STATE.store, task=task, latest_only=not all_versions)
+    if json_output:
+        print_json([v.manifest for v in versions])
+        return
+    print_table("datasets", ["name", "version", "kind", "rows", "sha256", "source", "created"],
+                [[v.manifest.name, v.manifest.version, v.manifest.kind, v.manifest.rows, v.manifest.sha256[:12],
+                  v.manifest.source[:48], v.manifest.created_at.strftime("%Y-%m-%d %H:%M")] for v in versions])
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="task/name, or task/name@version.")],
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task, if NAME has no task/ prefix.")] = None,
+    head: Annotated[int, typer.Option("--head", help="Example rows to print.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Show a dataset version's manifest and its first rows."""
+    from challenger_sets.catalog import get_dataset
+
+    version = get_dataset(STATE.store, name, task=task)
+    examples = version.load()[:head] if head > 0 else []
+    if json_output:
+        print_json({"manifest": version.manifest, "path": str(version.path), "head": examples})
+        return
+    m = version.manifest
+    console.print(f"[bold]{m.ref}[/bold]  kind={m.kind} rows={m.rows} sha256={m.sha256}\n"
+                  f"source={m.source}\ncreated={m.created_at.isoformat()}\nfile={version.path}")
+    for key, value in m.build.items():
+        console.print(f"  {key}: {value}")
+    for example in examples:
+        console.print(f"- {example.id}: {example.last_user_text()[:100]!r} -> {example.reference[:60]!r}")

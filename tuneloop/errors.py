@@ -1,0 +1,74 @@
+"""The exception hierarchy of tuneloop.
+
+Every error a user can cause or fix is one of these types, raised with the facts needed to act on it (file,
+line, key, version) and turned into an exit code or an HTTP status once, at the CLI or gateway edge.
+"""
+
+from __future__ import annotations
+
+
+class TuneloopError(Exception):
+    """Base class of every error tuneloop raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(TuneloopError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = problems or []
+        detail = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(message + detail)
+
+
+class DatasetError(TuneloopError):
+    """A dataset file or record is malformed; names the file, line and field."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.path, self.line, self.field = path, line, field
+        where = [part for part in (
+            path,
+            f"line {line}" if line is not None else None,
+            f"field '{field}'" if field is not None else None,
+        ) if part]
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class LeakageError(DatasetError):
+    """An evaluation set shares examples with the data a model was trained on."""
+
+
+class DatasetNotFound(TuneloopError):
+    """No dataset of that name (or version) is registered."""
+
+    exit_code = 4
+
+
+class AdapterError(TuneloopError):
+    """An adapter version is unknown, missing on disk, corrupt or incompatible."""
+
+    exit_code = 5
+
+
+class TrainingError(TuneloopError):
+    """Training could not start or run (bad hyperparameters, no data)."""
+
+    exit_code = 6
+
+
+class BaseModelError(TuneloopError):
+    """The base model could not be found, converted or verified."""
+
+    exit_code = 7
+
+
+class StoreError(TuneloopError):
+    """The database could not be reached or migrated."""
+
+    exit_code = 8

@@ -1,0 +1,80 @@
+"""Database tables: the durable record of datasets, adapter versions, aliases and events.
+
+Schema changes go through Alembic migrations in `tuneloop/migrations/`; these classes must match the latest one
+(a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class DatasetRow(Base):
+    """One immutable version of a dataset; the JSONL file lives under the data dir."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("task", "name", "version", name="uq_dataset_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdapterVersionRow(Base):
+    """One trained adapter (or, for comparison runs, prompt-tuning/full model) of a task."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("task", "version", name="uq_adapter_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(20))
+    path: Mapped[str] = mapped_column(Text)
+    base_model_sha256: Mapped[str] = mapped_column(String(64))
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AliasRow(Base):
+    """A movable name (`champion`, `candidate`) pointing at one adapter version of a task."""
+
+    __tablename__ = "aliases"
+
+    task: Mapped[str] = mapped_column(String(100), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(40), primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EventRow(Base):
+    """Something that happened (trained, promoted, imported, refused); append-only."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(60), index=True)
+    task: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    message: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
