@@ -41,6 +41,10 @@ def encode_example(tokenizer: Any, example: Example, system_prompt: str, max_len
         reply = tokenizer(example.reference + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
         full_ids = prompt_ids + list(reply)
     reply_ids = full_ids[len(prompt_ids):]
+    if tokenizer.eos_token_id in reply_ids:
+        # Templates add a newline after the end-of-turn token; the model never generates past it.
+        reply_ids = reply_ids[: reply_ids.index(tokenizer.eos_token_id) + 1]
+        full_ids = prompt_ids + reply_ids
     if len(full_ids) > max_len:
         reply_ids = reply_ids[: max_len // 2]
         budget = max_len - len(reply_ids)

@@ -47,6 +47,28 @@ class FitResult:
         return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
 
 
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation loss; says when `patience` validations in a row failed to improve it."""
+
+    patience: int
+    min_delta: float = 1e-4
+    best: float = math.inf
+    bad_evals: int = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record a validation loss; True if it is a new best (the caller snapshots the weights)."""
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_evals = val_loss, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_evals >= self.patience
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 natively; elsewhere PyTorch emulates it, far slower than fp32."""
     try:
@@ -113,9 +135,8 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     curve: list[CurvePoint] = []
-    best_val = math.inf
+    stopper = EarlyStopping(train.patience)
     best_state: dict[str, torch.Tensor] | None = None
-    bad_evals = 0
     stopped_early = False
     real_tokens = padded_tokens = 0
     train_seconds = 0.0
@@ -152,16 +173,13 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
         point = CurvePoint(step=step, train_loss=round(value, 5))
         if val_encoded and (step % train.eval_every == 0 or step == steps):
             point.val_loss = round(validation_loss(model, val_encoded, pad_id, train.batch_size, bf16), 5)
-            if point.val_loss < best_val - 1e-4:
-                best_val, bad_evals = point.val_loss, 0
+            if stopper.update(point.val_loss):
                 best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-            else:
-                bad_evals += 1
         curve.append(point)
-        bar.set_postfix(loss=f"{value:.3f}", val=f"{best_val:.3f}" if best_val < math.inf else "-",
+        bar.set_postfix(loss=f"{value:.3f}", val=f"{stopper.best:.3f}" if stopper.best < math.inf else "-",
                         tok_s=f"{real_tokens / max(train_seconds, 1e-9):.0f}")
         bar.update(1)
-        if bad_evals >= train.patience:
+        if stopper.should_stop:
             stopped_early = True
             break
     bar.close()
@@ -175,7 +193,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     if train.method == "full":
         tokenizer.save_pretrained(output_dir)
     return FitResult(output_dir=output_dir, curve=curve, steps=step, stopped_early=stopped_early,
-                     best_val_loss=None if best_val == math.inf else best_val, trainable_params=trainable,
+                     best_val_loss=None if stopper.best == math.inf else stopper.best, trainable_params=trainable,
                      total_params=total, train_tokens=real_tokens, padded_tokens=padded_tokens,
                      train_seconds=train_seconds, first_loss=first_loss, last_loss=last_loss, truncated=truncated,
                      extra={"bf16": bf16})

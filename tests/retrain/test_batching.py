@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from challenger_sets.records import Example, Message
+from retrain.batching import IGNORE_INDEX, collate, encode_example, length_grouped_batches
+
+
+def test_length_grouping_covers_every_example_once_and_cuts_padding() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 120) for _ in range(2000)]
+    grouped = length_grouped_batches(lengths, 16, seed=1)
+    plain = length_grouped_batches(lengths, 16, seed=1, group_by_length=False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(2000))
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    assert grouped == length_grouped_batches(lengths, 16, seed=1), "seeded"
+    assert grouped != length_grouped_batches(lengths, 16, seed=2)
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    from retrain.batching import EncodedExample
+
+    batch = collate([EncodedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), EncodedExample([4], [4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.integration
+def test_loss_is_only_on_the_assistant_reply(base_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    example = Example(id="a", messages=[Message(role="user", content="hi there"),
+                                        Message(role="assistant", content="hello"),
+                                        Message(role="user", content="how are you?")], reference="fine thanks")
+    encoded = encode_example(tokenizer, example, "Be brief.", max_len=256)
+    reply = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(reply) == "fine thanks<|im_end|>"
+    prompt = tokenizer.decode(encoded.input_ids[: encoded.labels.index(reply[0])])
+    assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("<|im_start|>assistant\n")
+    short = encode_example(tokenizer, example, "Be brief.", max_len=24)
+    assert short.length <= 24 and any(label != IGNORE_INDEX for label in short.labels)
+

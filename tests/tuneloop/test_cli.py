@@ -1,0 +1,103 @@
+"""The CLI as a user runs it: a real subprocess, a real workspace, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUNELOOP = [sys.executable, "-m", "tuneloop"]
+
+
+def run(workspace: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TUNELOOP_CONFIG": ""}
+    done = subprocess.run([*TUNELOOP, *args], cwd=workspace, capture_output=True, text=True, env=env, timeout=900)
+    if ok:
+        assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ws")
+    run(path, "init")
+    return path
+
+
+def test_init_writes_a_valid_config_and_registers_the_embedded_datasets(workspace: Path) -> None:
+    assert (workspace / "tuneloop.yaml").read_text().startswith("# tuneloop configuration")
+    assert "valid (2 tasks" in run(workspace, "config", "validate").stdout
+    listed = json.loads(run(workspace, "datasets", "list", "--json").stdout)
+    names = {d["name"] for d in listed}
+    assert names == {"sentiment/train", "sentiment/heldout", "sentiment/other-topics", "chat/train",
+                     "chat/heldout", "chat/autumn-2018"}
+    shown = json.loads(run(workspace, "datasets", "show", "sentiment/other-topics", "--json").stdout)
+    assert shown["manifest"]["kind"] == "challenger" and len(shown["head"]) == 3
+
+
+def test_bad_config_is_refused_naming_every_key(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_key: 1\nserving:\n  gateway_port: 0\n")
+    done = run(workspace, "--config", str(bad), "config", "validate", ok=False)
+    assert done.returncode == 2
+    assert "no_such_key" in done.stderr and "serving.gateway_port" in done.stderr
+    as_json = json.loads(run(workspace, "--config", str(bad), "config", "validate", "--json", ok=False).stdout)
+    assert as_json["valid"] is False and len(as_json["problems"]) == 2
+    done = run(workspace, "--config", str(bad), "datasets", "list", ok=False)
+    assert done.returncode == 2 and "no_such_key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_import_names_the_line_and_imports_nothing(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id":"a","input":"hello","reference":"positive"}\n{"id":"b", "input": 3\nnot json\n')
+    done = run(workspace, "datasets", "add", str(bad), "--task", "sentiment", "--kind", "challenger",
+               "--name", "hostile", ok=False)
+    assert done.returncode == 3 and "line 2" in done.stderr and "line 3" in done.stderr
+    assert "hostile" not in run(workspace, "datasets", "list").stdout
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id":"a","input":"my new phone is great","reference":"positive"}\n')
+    added = json.loads(run(workspace, "datasets", "add", str(good), "--task", "sentiment", "--name", "fresh",
+                           "--json").stdout)
+    assert added["name"] == "sentiment/fresh" and added["version"] == 1 and added["rows"] == 1
+
+
+def test_leaky_import_is_refused(workspace: Path, tmp_path: Path) -> None:
+    train = json.loads(run(workspace, "datasets", "show", "sentiment/train", "--head", "2", "--json").stdout)
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text("".join(json.dumps({"id": e["id"], "input": e["input"].upper(), "reference": e["reference"]})
+                             + "\n" for e in train["head"]))
+    done = run(workspace, "datasets", "add", str(leaky), "--task", "sentiment", "--name", "leaky", ok=False)
+    assert "2 of 2 examples also occur in sentiment/train@1" in done.stderr
+
+
+def test_unknown_task_and_bad_hyperparameters_are_clean_errors(workspace: Path) -> None:
+    done = run(workspace, "train", "--task", "nope", ok=False)
+    assert done.returncode == 2 and "unknown task 'nope'" in done.stderr
+    done = run(workspace, "train", "--task", "sentiment", "--rank", "64", ok=False)
+    assert "rank 64 exceeds serving.max_lora_rank 8" in done.stderr
+    done = run(workspace, "train", "--task", "sentiment", "--learning-rate", "-1", ok=False)
+    assert "learning_rate" in done.stderr and "Traceback" not in done.stderr
+    done = run(workspace, "adapters", "show", "sentiment@3", ok=False)
+    assert done.returncode == 5 and "no adapter sentiment@3" in done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_train_registers_a_champion_with_a_card(workspace: Path, base_model_dir: Path) -> None:
+    config = workspace / "small.yaml"
+    config.write_text(
+        f"data_dir: {workspace / '.tuneloop'}\nbase_model:\n  path: {base_model_dir}\n"
+        "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 8\n      eval_every: 2\n")
+    run(workspace, "--config", str(config), "train", "--task", "sentiment", "--max-steps", "2", "--quiet")
+    listed = json.loads(run(workspace, "--config", str(config), "adapters", "list", "--json").stdout)
+    assert [(a["ref"], a["aliases"]) for a in listed] == [("sentiment@1", ["champion"])]
+    card = json.loads(run(workspace, "--config", str(config), "adapters", "show", "sentiment@champion",
+                          "--json").stdout)["card"]
+    assert card["steps"] == 2 and card["method"] == "lora" and card["hyperparameters"]["rank"] == 8
+    assert card["datasets"][0]["ref"] == "sentiment/train@1" and len(card["datasets"][0]["sha256"]) == 64
+    assert len(card["base_model"]["sha256"]) == 64 and card["weights_sha256"]
+    assert card["curve"][-1]["val_loss"] is not None

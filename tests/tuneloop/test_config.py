@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneloop.config import Config, load_config, parse_config, render_default_config
+from tuneloop.errors import ConfigError
+
+
+def test_default_config_renders_with_comments_and_round_trips() -> None:
+    text = render_default_config()
+    assert "# LoRA rank r" in text
+    parsed = parse_config(text)
+    assert parsed.model_dump(exclude={"config_dir"}) == Config().model_dump(exclude={"config_dir"})
+    assert set(parsed.tasks) == {"sentiment", "chat"}
+
+
+def test_every_problem_is_reported_at_once_with_key_paths() -> None:
+    text = "no_such_key: 1\nserving:\n  gateway_port: -1\n  gatway_host: x\ntasks:\n  sentiment:\n    train:\n" \
+           "      batch_size: many\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="t.yaml")
+    problems = caught.value.problems
+    assert len(problems) == 4
+    message = str(caught.value)
+    assert "no_such_key: unknown key 'no_such_key'" in message
+    assert "serving.gateway_port" in message and "greater than or equal to 1" in message
+    assert "did you mean 'gateway_host'" in message
+    assert "tasks.sentiment.train.batch_size" in message and "'many'" in message
+
+
+def test_lora_rank_above_serving_max_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"rank 16 exceeds serving.max_lora_rank 8"):
+        parse_config("tasks:\n  sentiment:\n    train:\n      rank: 16\n")
+
+
+def test_unknown_lora_target_and_bad_primary_metric() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("tasks:\n  sentiment:\n    primary_metric: bleu\n    train:\n      target_modules: [qq_proj]\n")
+    message = str(caught.value)
+    assert "target_modules" in message and "qq_proj" in message
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "tuneloop.yaml"
+    path.write_text("serving:\n  gateway_port: [1\n")
+    with pytest.raises(ConfigError, match=r"line \d+, column \d+"):
+        load_config(path)
+
+
+def test_non_utf8_config_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tuneloop.yaml"
+    path.write_bytes(b"data_dir: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_partial_task_override_keeps_the_embedded_defaults(tmp_path: Path) -> None:
+    config = parse_config("tasks:\n  sentiment:\n    train:\n      max_steps: 7\n", config_dir=tmp_path)
+    assert config.tasks["sentiment"].train.max_steps == 7
+    assert config.tasks["sentiment"].labels == ["negative", "neutral", "positive"]
+    assert "chat" not in config.tasks
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_data_dir_resolves_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "tuneloop.yaml"
+    path.parent.mkdir()
+    path.write_text("data_dir: state\n")
+    assert load_config(path).data_path == (tmp_path / "sub" / "state").resolve()
+
+
+def test_admin_token_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config("serving:\n  admin_token: from-file\n")
+    assert config.admin_token == "from-file"
+    monkeypatch.setenv("TUNELOOP_ADMIN_TOKEN", "from-env")
+    assert config.admin_token == "from-env"
