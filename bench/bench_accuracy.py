@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from sklearn.metrics import f1_score
 
 from bench.setup import base_model_path, sentiment_sets
@@ -48,7 +49,7 @@ def run(*, quick: bool = False) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     started = time.perf_counter()
     zero = predict_labels(model, tokenizer, heldout, system_prompt=task.system_prompt, labels=task.labels)
     rows.append(_row("base model, zero-shot", zero, truth, "0", "-", time.perf_counter() - started))
@@ -100,10 +101,10 @@ def _load(base: Path, out: Path, method: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     if method == "full":
-        return AutoModelForCausalLM.from_pretrained(out)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
 
 
 def _row(name: str, predicted: list[str], truth: list[str], params: str, train_s: str, eval_s: float) -> list[Any]:
