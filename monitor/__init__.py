@@ -1,0 +1,1 @@
+"""Monitoring: drift, the Prometheus exporter, policy and scheduler (later issue)."""
