@@ -20,6 +20,7 @@ from challenger_sets.records import Example
 from retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TrainingError
+from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.registry import CurvePoint
 
 
@@ -67,15 +68,6 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.bad_evals >= self.patience
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively; elsewhere PyTorch emulates it, far slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def use_bf16(train: TrainConfig) -> bool:

@@ -80,6 +80,15 @@ class TrainConfig(StrictModel):
         return value
 
 
+class RolloutConfig(StrictModel):
+    """How a task's candidate adapter gets traffic before it is promoted."""
+
+    canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of task traffic answered by the "
+                                "candidate (0 = none).")
+    shadow: bool = Field(default=False, description="Also send each request to the candidate, unseen by the user, "
+                         "and capture its answer for comparison.")
+
+
 class TaskConfig(StrictModel):
     """A task owns its prompt format, its datasets, its metrics and its training recipe."""
 
@@ -93,6 +102,7 @@ class TaskConfig(StrictModel):
     heldout_dataset: str = Field(description="Held-out set from the training distribution (task/name).")
     challenger_datasets: list[str] = Field(default_factory=list, description="Fresh real-world eval sets.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Canary and shadow traffic.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
@@ -118,6 +128,15 @@ class ServingConfig(StrictModel):
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
+    start_timeout_s: float = Field(default=600, gt=0, description="How long vLLM may take to become ready.")
+    unload_grace_s: float = Field(default=30, ge=0, description="Seconds a replaced adapter stays loaded so "
+                                  "in-flight requests finish on it.")
+    request_timeout_s: float = Field(default=300, gt=0, description="Gateway timeout for one vLLM request.")
+    capture_queue_size: int = Field(default=10_000, ge=1, description="Captured requests buffered in memory "
+                                    "before they spill to disk.")
+    redact: list[Literal["email", "phone", "card", "iban"]] = Field(
+        default_factory=lambda: ["email", "phone", "card", "iban"],
+        description="PII kinds redacted before traffic is stored.")
 
 
 class Config(StrictModel):

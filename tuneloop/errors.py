@@ -56,6 +56,24 @@ class AdapterError(TuneloopError):
     exit_code = 5
 
 
+class EngineUnavailable(TuneloopError):
+    """vLLM is not running, still starting or restarting."""
+
+    exit_code = 9
+
+
+class AuthError(TuneloopError):
+    """An admin call without a valid bearer token."""
+
+    exit_code = 10
+
+
+class ModelNotFound(TuneloopError):
+    """A request named a model (task or version) the gateway does not serve."""
+
+    exit_code = 11
+
+
 class TrainingError(TuneloopError):
     """Training could not start or run (bad hyperparameters, no data)."""
 

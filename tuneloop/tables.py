@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -78,3 +78,28 @@ class EventRow(Base):
     task: Mapped[str | None] = mapped_column(String(100), nullable=True)
     message: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class TrafficRow(Base):
+    """One request through the gateway, PII already redacted; the raw material of drift and challenger sets."""
+
+    __tablename__ = "traffic"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    route: Mapped[str] = mapped_column(String(20))
+    endpoint: Mapped[str] = mapped_column(String(20))
+    prompt_text: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+    completion: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    status: Mapped[int] = mapped_column(Integer)
+    stream: Mapped[bool] = mapped_column(default=False)
+    shadow_of: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pii: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reference: Mapped[str | None] = mapped_column(Text, nullable=True)

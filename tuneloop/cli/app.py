@@ -10,6 +10,7 @@ import typer
 from tuneloop.cli import adapters as adapters_cli
 from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
+from tuneloop.cli import serving as serving_cli
 from tuneloop.cli import train as train_cli
 from tuneloop.cli.context import STATE, configure_logging
 from tuneloop.cli.output import console, print_json
@@ -25,6 +26,10 @@ app.add_typer(datasets_cli.app, name="datasets")
 app.add_typer(adapters_cli.app, name="adapters")
 app.command("train")(train_cli.train)
 app.command("demo")(demo_cli.demo)
+app.command("serve")(serving_cli.serve)
+app.command("status")(serving_cli.status)
+app.command("promote")(serving_cli.promote)
+app.command("rollback")(serving_cli.rollback)
 
 
 @app.callback()

@@ -1,0 +1,95 @@
+"""Which adapter answers a request: task name -> champion (or, for a canary share, the candidate), `task@N` ->
+that version if the engine has it loaded, the base model's served name -> no adapter.
+
+The alias table is read from the registry and cached; it is refreshed after every promotion and rollback, so a
+flip in the store is a flip in routing without a restart.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tuneloop.config import Config
+from tuneloop.errors import ModelNotFound
+from tuneloop.registry import find_alias
+from tuneloop.store import Store
+
+
+@dataclass(frozen=True)
+class Route:
+    task: str | None
+    version: int | None
+    target: str = ""
+    kind: str = "champion"
+
+    @property
+    def adapter(self) -> str:
+        return f"{self.task}@{self.version}" if self.task and self.version else "base"
+
+
+class Router:
+    def __init__(self, config: Config, store: Store, loaded: Callable[[], set[str]], *,
+                 seed: int | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.loaded = loaded
+        self.base_name = config.base_model.name
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.champions: dict[str, int] = {}
+        self.candidates: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        champions: dict[str, int] = {}
+        candidates: dict[str, int] = {}
+        for task in self.config.tasks:
+            champion = find_alias(self.store, task, "champion")
+            candidate = find_alias(self.store, task, "candidate")
+            if champion:
+                champions[task] = champion.version
+            if candidate:
+                candidates[task] = candidate.version
+        with self._lock:
+            self.champions, self.candidates = champions, candidates
+
+    def resolve(self, model: str) -> Route:
+        if model == self.base_name:
+            return Route(task=None, version=None, target=self.base_name, kind="base")
+        task, _, version = model.partition("@")
+        if task not in self.config.tasks:
+            raise ModelNotFound(f"The model '{model}' does not exist. Use a task name ({sorted(self.config.tasks)}), "
+                                f"task@N, or '{self.base_name}'.")
+        with self._lock:
+            champion = self.champions.get(task)
+            candidate = self.candidates.get(task)
+        if version:
+            if not version.isdigit():
+                raise ModelNotFound(f"The model '{model}' does not exist: write task@N.")
+            name = f"{task}@{int(version)}"
+            if name not in self.loaded():
+                raise ModelNotFound(f"The model '{name}' is not loaded; load it with POST /admin/adapters/load.")
+            return Route(task=task, version=int(version), target=name, kind="explicit")
+        if champion is None:
+            raise ModelNotFound(f"Task '{task}' has no champion adapter yet; train one with "
+                                f"`tuneloop train --task {task}`.")
+        share = self.config.tasks[task].rollout.canary_share
+        if candidate is not None and share > 0 and self._rng.random() < share:
+            return Route(task=task, version=candidate, target=f"{task}@{candidate}", kind="candidate")
+        return Route(task=task, version=champion, target=f"{task}@{champion}", kind="champion")
+
+    def shadow_for(self, route: Route) -> Route | None:
+        """The candidate that shadows a champion request, if the task has shadowing on and a candidate."""
+        if route.kind != "champion" or route.task is None or not self.config.tasks[route.task].rollout.shadow:
+            return None
+        with self._lock:
+            candidate = self.candidates.get(route.task)
+        if candidate is None or candidate == route.version:
+            return None
+        return Route(task=route.task, version=candidate, target=f"{route.task}@{candidate}", kind="shadow")
+
+    def served_models(self) -> list[str]:
+        with self._lock:
+            return sorted(self.champions) + sorted(self.loaded())

@@ -1,0 +1,120 @@
+"""`tuneloop serve`: engine + gateway + capture writer in one foreground process.
+
+The engine's LoRA flags come from the adapters it will serve (every task's champion and candidate) and the
+tasks' training recipes (so a freshly trained adapter can be hot-swapped in without a restart), never a
+generous default: vLLM pads to --max-lora-rank and computes every targeted module.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from serving.capture import CaptureWriter
+from serving.engine import EngineSpec, EngineSupervisor
+from serving.gateway import GatewayContext, create_app
+from serving.hotswap import HotSwapper
+from serving.metrics import GatewayMetrics, ServingStateCollector
+from serving.redact import Redactor
+from serving.routing import Router
+from tuneloop.basemodel import ensure_base_model
+from tuneloop.config import Config
+from tuneloop.errors import AdapterError
+from tuneloop.registry import AdapterVersion, find_alias
+from tuneloop.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ShutdownRequested(Exception):
+    """SIGTERM arrived: leave the serving loop through its cleanup."""
+
+
+def _raise_shutdown(_signum: int, _frame: object) -> None:
+    raise ShutdownRequested
+
+
+@dataclass
+class ServedAdapters:
+    adapters: list[AdapterVersion]
+    max_rank: int
+    target_modules: list[str]
+
+
+def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapters:
+    """Champions and candidates of every task, checked, plus the LoRA flags they and the recipes need."""
+    from serving.hotswap import check_servable
+
+    adapters: list[AdapterVersion] = []
+    ranks = [t.train.rank for t in config.tasks.values() if t.train.method == "lora"]
+    targets: set[str] = {m for t in config.tasks.values() if t.train.method == "lora" for m in t.train.target_modules}
+    for task in config.tasks:
+        for alias in ("champion", "candidate"):
+            version = find_alias(store, task, alias)  # type: ignore[arg-type]
+            if version is None or version in adapters:
+                continue
+            try:
+                check_servable(version, base_sha256=base_sha256, max_rank=config.serving.max_lora_rank,
+                               target_modules=[])
+            except AdapterError as exc:
+                log.error("not serving %s %s: %s", alias, version.ref, exc)
+                continue
+            adapters.append(version)
+            ranks.append(int(version.card.hyperparameters.get("rank", 1)))
+            targets.update(version.card.hyperparameters.get("target_modules", []))
+    return ServedAdapters(adapters=adapters, max_rank=max(ranks or [config.serving.max_lora_rank]),
+                          target_modules=sorted(targets))
+
+
+def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
+    base = ensure_base_model(config)
+    plan = plan_adapters(config, store, base.sha256)
+    spec = EngineSpec(model_path=base.path, served_name=config.base_model.name, host=config.serving.vllm_host,
+                      port=config.serving.vllm_port, max_model_len=config.serving.max_model_len,
+                      max_lora_rank=plan.max_rank, max_loras=config.serving.max_loras,
+                      lora_target_modules=plan.target_modules,
+                      lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib)
+    engine = EngineSupervisor(spec, config.data_path / "logs" / "vllm.log",
+                              start_timeout_s=config.serving.start_timeout_s)
+    return engine, base.sha256
+
+
+def build_context(config: Config, store: Store, engine: EngineSupervisor, base_sha256: str, *,
+                  seed: int | None = None) -> GatewayContext:
+    registry = CollectorRegistry()
+    router = Router(config, store, lambda: set(engine.loaded), seed=seed)
+    router.refresh()
+    capture = CaptureWriter(store, config.data_path / "spill", max_queue=config.serving.capture_queue_size)
+    redactor = Redactor(config.serving.redact)
+    swapper = HotSwapper(store, engine, router, base_sha256=base_sha256, grace_s=config.serving.unload_grace_s)
+    registry.register(ServingStateCollector(engine, capture, redactor))
+    return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
+                          redactor=redactor, registry=registry, metrics=GatewayMetrics(registry))
+
+
+def serve(config: Config, store: Store) -> None:
+    """Run until interrupted: vLLM first (blocking until ready), then the gateway on its port."""
+    import uvicorn
+
+    engine, base_sha = build_engine(config, store)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; make that an exception so the engine and the
+    # capture writer below are still stopped and flushed.
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    engine.start()
+    ctx = build_context(config, store, engine, base_sha)
+    ctx.capture.start()
+    ctx.capture.replay_spill()
+    try:
+        uvicorn.run(create_app(ctx), host=config.serving.gateway_host, port=config.serving.gateway_port,
+                    log_level="info", access_log=False)
+    except ShutdownRequested:
+        log.info("shutting down on SIGTERM")
+    finally:
+        ctx.capture.close()
+        engine.stop()
+
+
