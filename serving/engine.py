@@ -8,6 +8,7 @@ vLLM runs as a child process (`python -m vllm.entrypoints.openai.api_server`) in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,10 +81,8 @@ def _die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGTERM vLLM if the supervising process dies, even by SIGKILL."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _has_gpu() -> bool:
@@ -129,13 +128,12 @@ class EngineSupervisor:
                    "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(self.spec.kv_cache_gib))),
                    "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.log_path, "ab")
             command = build_command(self.spec)
             log.info("starting vLLM: %s", " ".join(command))
             self.state = "starting"
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
-            handle.close()
+            with open(self.log_path, "ab") as handle:
+                self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True, preexec_fn=_die_with_parent)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s

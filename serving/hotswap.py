@@ -14,7 +14,7 @@ from typing import Any
 
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
-from tuneloop.registry import AdapterVersion, find_alias, get_adapter, set_alias, verify_adapter
+from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias, verify_adapter
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,24 @@ def check_servable(version: AdapterVersion, *, base_sha256: str, max_rank: int, 
 
 
 class HotSwapper:
-    """Promotions for one gateway; `engine` is an EngineSupervisor, `router` a Router."""
+    """Promotions for one gateway; `engine` is an EngineSupervisor (None: no engine runs, flip the registry only)."""
 
-    def __init__(self, store: Store, engine: Any, router: Any, *, base_sha256: str, grace_s: float) -> None:
+    def __init__(self, store: Store, engine: Any | None, router: Any, *, base_sha256: str, grace_s: float) -> None:
         self.store, self.engine, self.router = store, engine, router
         self.base_sha256 = base_sha256
         self.grace_s = grace_s
         self._lock = threading.Lock()
 
     def check(self, version: AdapterVersion) -> None:
-        check_servable(version, base_sha256=self.base_sha256, max_rank=self.engine.spec.max_lora_rank,
-                       target_modules=self.engine.spec.lora_target_modules)
+        max_rank = self.engine.spec.max_lora_rank if self.engine else 10**6
+        targets = self.engine.spec.lora_target_modules if self.engine else []
+        check_servable(version, base_sha256=self.base_sha256, max_rank=max_rank, target_modules=targets)
 
     def load(self, ref: str) -> AdapterVersion:
         version = get_adapter(self.store, ref)
         self.check(version)
-        self.engine.load_adapter(version.ref, version.path)
+        if self.engine is not None:
+            self.engine.load_adapter(version.ref, version.path)
         return version
 
     def promote(self, ref: str, *, reason: str = "promoted") -> SwapResult:
@@ -70,11 +72,10 @@ class HotSwapper:
             previous = set_alias(self.store, version.ref, "champion", reason=reason)
             candidate = find_alias(self.store, version.task, "candidate")
             if candidate and candidate.version == version.version:
-                from tuneloop.registry import clear_alias
-
                 clear_alias(self.store, version.task, "candidate")
-            self.router.refresh()
-        if previous and previous.version != version.version:
+            if self.router is not None:
+                self.router.refresh()
+        if self.engine is not None and previous and previous.version != version.version:
             self._unload_later(previous.ref)
         return SwapResult(task=version.task, champion=version.ref, previous=previous.ref if previous else None)
 

@@ -8,6 +8,7 @@ sha256 of the weights is recorded; adapter cards cite it, and serving refuses ad
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -110,8 +111,6 @@ def _cached_checksum(path: Path) -> str:
         if record.get("stamp") == stamp:
             return str(record["sha256"])
     sha = folder_weights_sha256(path)
-    try:
+    with contextlib.suppress(OSError):
         cache.write_text(json.dumps({"sha256": sha, "stamp": stamp}))
-    except OSError:
-        pass
     return sha

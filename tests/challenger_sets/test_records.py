@@ -3,8 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from challenger_sets.records import MAX_LINE_BYTES, Example, normalize_text, parse_csv, parse_jsonl, read_examples
+from challenger_sets.records import (
+    MAX_LINE_BYTES,
+    Example,
+    normalize_text,
+    parse_csv,
+    parse_jsonl,
+    read_examples,
+)
 from tuneloop.errors import DatasetError
 
 
@@ -70,7 +78,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
 
 
 def test_csv_import_maps_extra_columns_to_meta() -> None:
-    data = "input,reference,topic\nnice one,positive,apple\n\"multi\nline\",neutral,apple\n".encode()
+    data = b"input,reference,topic\nnice one,positive,apple\n\"multi\nline\",neutral,apple\n"
     examples = parse_csv(data)
     assert examples[0].meta == {"topic": "apple"} and examples[1].input == "multi\nline"
     with pytest.raises(DatasetError, match="lacks column"):
@@ -85,5 +93,5 @@ def test_normalization_ignores_case_width_and_spacing() -> None:
 
 def test_example_is_immutable() -> None:
     example = Example(id="a", input="x", reference="y")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         example.id = "b"  # type: ignore[misc]

@@ -16,7 +16,8 @@ SYSTEM = "Classify the sentiment of the tweet. Answer with exactly one word: neg
 
 
 def _tweets() -> list[Example]:
-    texts = [("@united lost my bag again, worst airline", "negative"), ("@JetBlue thank you, lovely crew!", "positive"),
+    texts = [("@united lost my bag again, worst airline", "negative"),
+             ("@JetBlue thank you, lovely crew!", "positive"),
              ("@Delta flight 123 departs at 5pm", "neutral"), ("@united delayed 4 hours, no help", "negative"),
              ("@SouthwestAir best landing ever, thanks", "positive"), ("@AmericanAir is the gate B12?", "neutral"),
              ("@USAirways rude staff and broken seats", "negative"), ("@VirginAmerica love the mood lighting", "positive")]

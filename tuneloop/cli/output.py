@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
-
-import sys
 
 # Scripts and CI read this output through a pipe: give it room rather than truncating names to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)

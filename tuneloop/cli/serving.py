@@ -75,19 +75,9 @@ def rollback(
     result = _admin("/admin/rollback", {"task": task})
     if result is None:
         from serving.hotswap import HotSwapper
-        from serving.routing import Router
 
-        class _NoEngine:
-            loaded: dict[str, Any] = {}
-            spec = type("Spec", (), {"max_lora_rank": 10_000, "lora_target_modules": []})()
-
-            def load_adapter(self, *_: Any) -> None: ...
-
-            def unload_adapter(self, *_: Any) -> None: ...
-
-        router = Router(STATE.config, STATE.store, lambda: set())
-        base_sha = _current_base_sha()
-        swap = HotSwapper(STATE.store, _NoEngine(), router, base_sha256=base_sha, grace_s=0).rollback(task)
+        swapper = HotSwapper(STATE.store, None, None, base_sha256=_current_base_sha(), grace_s=0)
+        swap = swapper.rollback(task)
         result = {"task": swap.task, "champion": swap.champion, "previous": swap.previous, "gateway": "not running"}
     _print_swap(result, json_output)
 
