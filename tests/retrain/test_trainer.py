@@ -20,7 +20,8 @@ def _tweets() -> list[Example]:
              ("@JetBlue thank you, lovely crew!", "positive"),
              ("@Delta flight 123 departs at 5pm", "neutral"), ("@united delayed 4 hours, no help", "negative"),
              ("@SouthwestAir best landing ever, thanks", "positive"), ("@AmericanAir is the gate B12?", "neutral"),
-             ("@USAirways rude staff and broken seats", "negative"), ("@VirginAmerica love the mood lighting", "positive")]
+             ("@USAirways rude staff and broken seats", "negative"),
+             ("@VirginAmerica love the mood lighting", "positive")]
     return [Example(id=str(i), input=t, reference=label) for i, (t, label) in enumerate(texts)]
 
 

@@ -1,0 +1,176 @@
+"""The gateway in front of a real vLLM: routing, streaming, capture, auth, hot-swap and engine failure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.serving.conftest import ADMIN_TOKEN, LiveGateway
+from tuneloop.registry import find_alias
+from tuneloop.tables import TrafficRow
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def chat(url: str, model: str, text: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0,
+            **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def admin(url: str, path: str, body: dict[str, Any], token: str | None = ADMIN_TOKEN) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=180)
+
+
+def test_task_names_route_to_the_champion_and_versions_to_themselves(live_gateway: LiveGateway) -> None:
+    url = live_gateway.url
+    response = chat(url, "sentiment", "@united my bag is lost again")
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "sentiment@1"
+    assert response.json()["choices"][0]["message"]["content"]
+    assert chat(url, "chat", "hi there").json()["model"] == "chat@1"
+    missing = chat(url, "nosuchtask", "x")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    not_loaded = chat(url, "sentiment@2", "x")
+    assert not_loaded.status_code == 404 and "/admin/adapters/load" in not_loaded.json()["error"]["message"]
+    assert admin(url, "/admin/adapters/load", {"version": "sentiment@2"}).status_code == 200
+    assert chat(url, "sentiment@2", "great crew").json()["model"] == "sentiment@2"
+    base = chat(url, live_gateway.config.base_model.name, "hello")
+    assert base.status_code == 200
+
+
+def test_the_official_openai_client_works_unchanged(live_gateway: LiveGateway) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{live_gateway.url}/v1", api_key="unused")
+    assert {"sentiment", "chat"} <= {m.id for m in client.models.list().data}
+    reply = client.chat.completions.create(model="sentiment", messages=[{"role": "user", "content": "great flight"}],
+                                           max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hey"}],
+                                                 max_tokens=8, temperature=0, stream=True))
+    assert len(chunks) >= 2
+    completion = client.completions.create(model="chat", prompt="Hello, my name is", max_tokens=5, temperature=0)
+    assert completion.choices[0].text is not None
+
+
+def test_traffic_is_captured_with_pii_redacted(live_gateway: LiveGateway) -> None:
+    secret_mail, secret_phone = "jane.doe.live@example.com", "+1 415 555 0199"
+    assert chat(live_gateway.url, "sentiment", f"mail {secret_mail} or call {secret_phone}").status_code == 200
+    deadline = time.time() + 10
+    rows: list[TrafficRow] = []
+    while time.time() < deadline and not rows:
+        with live_gateway.store.session() as session:
+            rows = list(session.scalars(select(TrafficRow).where(TrafficRow.prompt_text.like("mail %"))))
+        time.sleep(0.2)
+    assert rows, "the request was not captured"
+    row = rows[0]
+    assert row.prompt_text == "mail [EMAIL] or call [PHONE]"
+    assert row.pii == {"email": 1, "phone": 1}
+    assert row.task == "sentiment" and row.adapter_version is not None and row.status == 200
+    assert row.messages[0]["role"] == "system", "the task's system prompt was added"
+    data_dir = live_gateway.config.data_path
+    for path in data_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".db", ".jsonl", ".wal", ".db-wal"):
+            assert secret_mail.encode() not in path.read_bytes()
+
+
+def test_admin_calls_need_the_token_and_change_nothing_without_it(live_gateway: LiveGateway) -> None:
+    store = live_gateway.store
+    before = find_alias(store, "sentiment", "champion")
+    for token in (None, "wrong"):
+        response = admin(live_gateway.url, "/admin/rollback", {"task": "sentiment"}, token=token)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        response = admin(live_gateway.url, "/admin/promote", {"version": "sentiment@2"}, token=token)
+        assert response.status_code == 401
+    after = find_alias(store, "sentiment", "champion")
+    assert before is not None and after is not None and before.version == after.version
+
+
+def test_promotion_hot_swaps_without_restart_or_failed_requests(live_gateway: LiveGateway) -> None:
+    url, engine = live_gateway.url, live_gateway.engine
+    pid = engine.process.pid  # type: ignore[attr-defined]
+    statuses: list[int] = []
+    models: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            response = chat(url, "sentiment", "@JetBlue thanks for the upgrade")
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                models.append(response.json()["model"])
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(2)
+    promoted = admin(url, "/admin/promote", {"version": "sentiment@2"})
+    time.sleep(2)
+    stop.set()
+    for worker in workers:
+        worker.join(60)
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json() == {"task": "sentiment", "champion": "sentiment@2", "previous": "sentiment@1"}
+    assert statuses and set(statuses) == {200}, f"failed requests during the swap: {statuses}"
+    assert models[0] == "sentiment@1" and models[-1] == "sentiment@2"
+    assert engine.process.pid == pid, "vLLM was restarted"  # type: ignore[attr-defined]
+    rolled = admin(url, "/admin/rollback", {"task": "sentiment"})
+    assert rolled.json()["champion"] == "sentiment@1"
+    assert chat(url, "sentiment", "ok").json()["model"] == "sentiment@1"
+
+
+def test_bad_requests_get_clear_errors(live_gateway: LiveGateway) -> None:
+    url = live_gateway.url
+    response = httpx.post(f"{url}/v1/chat/completions", content=b"\xff\xfe not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid UTF-8 JSON" in response.json()["error"]["message"]
+    response = httpx.post(f"{url}/v1/chat/completions", json={"model": "sentiment", "messages": []})
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+    huge = "x" * 3_000_000
+    response = chat(url, "sentiment", huge)
+    assert response.status_code == 400 and "byte limit" in response.json()["error"]["message"]
+    response = admin(url, "/admin/promote", {"version": "sentiment@99"})
+    assert response.status_code == 400 and "no adapter sentiment@99" in response.json()["error"]["message"]
+
+
+def test_metrics_are_labelled_by_task_and_adapter(live_gateway: LiveGateway) -> None:
+    chat(live_gateway.url, "chat", "metrics please")
+    text = httpx.get(f"{live_gateway.url}/metrics").text
+    assert 'tuneloop_gateway_requests_total{adapter="chat@1",route="champion",status="200",task="chat"}' in text
+    assert "tuneloop_engine_up 1.0" in text
+    assert 'tuneloop_pii_redactions_total{kind="email"}' in text
+
+
+def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) -> None:
+    """Runs last in this module: it kills vLLM and waits for the supervisor to restart it."""
+    import os
+    import signal
+
+    engine = live_gateway.engine
+    os.killpg(engine.process.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    deadline = time.time() + 30
+    saw_503 = None
+    while time.time() < deadline:
+        response = chat(live_gateway.url, "sentiment", "anyone there?")
+        if response.status_code == 503:
+            saw_503 = response
+            break
+        time.sleep(0.2)
+    assert saw_503 is not None, "no 503 while the engine was down"
+    assert saw_503.headers["retry-after"] == "5"
+    assert saw_503.json()["error"]["type"] == "service_unavailable"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if chat(live_gateway.url, "sentiment", "back?").status_code == 200:
+            break
+        time.sleep(2)
+    assert chat(live_gateway.url, "sentiment", "back?").status_code == 200
+    assert engine.restarts == 1  # type: ignore[attr-defined]
+    assert "sentiment@1" in engine.loaded  # type: ignore[attr-defined]
