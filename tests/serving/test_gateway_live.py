@@ -148,6 +148,37 @@ def test_metrics_are_labelled_by_task_and_adapter(live_gateway: LiveGateway) -> 
     assert 'tuneloop_pii_redactions_total{kind="email"}' in text
 
 
+def test_canary_and_shadow_send_traffic_to_the_candidate(live_gateway: LiveGateway) -> None:
+    from tuneloop.registry import clear_alias, set_alias
+
+    url, store, ctx = live_gateway.url, live_gateway.store, live_gateway.ctx
+    rollout = live_gateway.config.tasks["sentiment"].rollout
+    assert admin(url, "/admin/adapters/load", {"version": "sentiment@2"}).status_code == 200
+    set_alias(store, "sentiment@2", "candidate")
+    ctx.router.refresh()  # type: ignore[attr-defined]
+    try:
+        rollout.canary_share = 1.0
+        assert chat(url, "sentiment", "canary please").json()["model"] == "sentiment@2"
+        rollout.canary_share = 0.0
+        rollout.shadow = True
+        served = chat(url, "sentiment", "shadow me please")
+        assert served.json()["model"] == "sentiment@1"
+        deadline = time.time() + 20
+        shadows: list[TrafficRow] = []
+        while time.time() < deadline and not shadows:
+            with store.session() as session:
+                shadows = list(session.scalars(select(TrafficRow).where(TrafficRow.route == "shadow")))
+            time.sleep(0.2)
+        assert shadows and shadows[0].adapter_version == 2 and shadows[0].prompt_text == "shadow me please"
+        with store.session() as session:
+            primary = session.scalars(select(TrafficRow).where(TrafficRow.request_id == shadows[0].shadow_of)).one()
+        assert primary.adapter_version == 1 and primary.route == "champion"
+    finally:
+        rollout.canary_share, rollout.shadow = 0.0, False
+        clear_alias(store, "sentiment", "candidate")
+        ctx.router.refresh()  # type: ignore[attr-defined]
+
+
 def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) -> None:
     """Runs last in this module: it kills vLLM and waits for the supervisor to restart it."""
     import os

@@ -1,0 +1,69 @@
+"""Adapters are checked before vLLM sees them (registry + files, no engine needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.engine import EngineSpec, build_command, vllm_rank
+from serving.hotswap import HotSwapper, check_servable
+from tuneloop.config import Config
+from tuneloop.errors import AdapterError
+from tuneloop.registry import AdapterCard, find_alias, get_adapter, register_adapter, set_alias
+from tuneloop.store import Store
+
+BASE = "b" * 64
+
+
+def _register(store: Store, config: Config, tmp_path: Path, name: str, *, rank: int = 8, base: str = BASE,
+              targets: tuple[str, ...] = ("q_proj", "v_proj")) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(name.encode())
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    card = AdapterCard(task="sentiment", method="lora", base_model={"name": "b", "sha256": base}, datasets=[],
+                       hyperparameters={"rank": rank, "target_modules": list(targets)})
+    return register_adapter(store, config.data_path, folder, card).ref
+
+
+def test_incompatible_adapters_are_refused_with_the_reason(store: Store, config: Config, tmp_path: Path) -> None:
+    ok = get_adapter(store, _register(store, config, tmp_path, "ok"))
+    check_servable(ok, base_sha256=BASE, max_rank=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    high = get_adapter(store, _register(store, config, tmp_path, "high", rank=16))
+    with pytest.raises(AdapterError, match="rank 16, above the engine's --max-lora-rank 8"):
+        check_servable(high, base_sha256=BASE, max_rank=8, target_modules=[])
+    other = get_adapter(store, _register(store, config, tmp_path, "other", base="c" * 64))
+    with pytest.raises(AdapterError, match="trained on base model cccccccccccc"):
+        check_servable(other, base_sha256=BASE, max_rank=8, target_modules=[])
+    mlp = get_adapter(store, _register(store, config, tmp_path, "mlp", targets=("up_proj",)))
+    with pytest.raises(AdapterError, match="adapts \\['up_proj'\\]"):
+        check_servable(mlp, base_sha256=BASE, max_rank=8, target_modules=["q_proj", "v_proj"])
+    (ok.path / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(AdapterError, match="do not match the checksum"):
+        check_servable(ok, base_sha256=BASE, max_rank=8, target_modules=[])
+
+
+def test_registry_only_promotion_and_rollback(store: Store, config: Config, tmp_path: Path) -> None:
+    _register(store, config, tmp_path, "one")
+    _register(store, config, tmp_path, "two")
+    swapper = HotSwapper(store, None, None, base_sha256=BASE, grace_s=0)
+    result = swapper.promote("sentiment@2")
+    assert (result.champion, result.previous) == ("sentiment@2", "sentiment@1")
+    assert swapper.rollback("sentiment").champion == "sentiment@1"
+    champion = find_alias(store, "sentiment", "champion")
+    assert champion is not None and champion.version == 1
+    set_alias(store, "sentiment@2", "candidate")
+    swapper.promote("sentiment@2")
+    assert find_alias(store, "sentiment", "candidate") is None, "a promoted candidate stops being candidate"
+
+
+def test_engine_flags_follow_the_served_adapters(tmp_path: Path) -> None:
+    assert vllm_rank(4) == 8 and vllm_rank(8) == 8 and vllm_rank(12) == 16
+    command = build_command(EngineSpec(model_path=tmp_path, served_name="base", max_lora_rank=8,
+                                       lora_target_modules=["q_proj", "v_proj"],
+                                       lora_modules={"sentiment@1": tmp_path / "a"}))
+    joined = " ".join(command)
+    assert "--max-lora-rank 8" in joined and "--lora-target-modules q_proj v_proj" in joined
+    assert f"--lora-modules sentiment@1={tmp_path / 'a'}" in joined and "--host 127.0.0.1" in joined
