@@ -12,6 +12,7 @@ import time
 BENCHMARKS = {
     "training": "bench.bench_training",
     "accuracy": "bench.bench_accuracy",
+    "serving": "bench.bench_serving",
 }
 
 
