@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,11 +24,8 @@ from tuneloop.store import Store
 
 
 def run(*, quick: bool = False) -> str:
-    import uvicorn
-
     from retrain.finetune import finetune
-    from serving.gateway import create_app
-    from serving.server import build_context, build_engine
+    from serving.server import running_server
 
     levels = [(1, 4), (8, 16)] if quick else [(1, 12), (8, 48), (32, 96)]
     tokens = 16 if quick else 64
@@ -46,23 +42,14 @@ def run(*, quick: bool = False) -> str:
                     check_leakage=False)
         for steps in (2, 3):
             finetune(config, store, "sentiment", max_steps=steps, dataset="sentiment/bench", progress=False)
-        engine, base_sha = build_engine(config, store)
         started = time.perf_counter()
-        engine.start()
-        cold_start = time.perf_counter() - started
-        ctx = build_context(config, store, engine, base_sha, seed=0)
-        ctx.capture.start()
-        server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=gateway_port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.1)
-        try:
+        with running_server(config, store, seed=0) as running:
+            cold_start = time.perf_counter() - started
+            engine = running.engine
             prompts = [e.input or "" for e in random.Random(1).sample(sentiment_sets()["heldout"], 200)]
             system = config.tasks["sentiment"].system_prompt
             direct_url = f"{engine.spec.base_url}/v1/chat/completions"
-            gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+            gateway_url = f"{running.url}/v1/chat/completions"
             asyncio.run(run_load(direct_url, chat_bodies("sentiment@1", prompts[:4], 8, system), 4))
             overhead_rows = []
             for concurrency, n in levels:
@@ -76,7 +63,7 @@ def run(*, quick: bool = False) -> str:
                                         c))
             lora = asyncio.run(run_load(direct_url, chat_bodies("sentiment@1", prompts[:n], tokens, system), c))
             swap_started = time.perf_counter()
-            promoted = httpx.post(f"http://127.0.0.1:{gateway_port}/admin/promote", json={"version": "sentiment@2"},
+            promoted = httpx.post(f"{running.url}/admin/promote", json={"version": "sentiment@2"},
                                   headers={"Authorization": "Bearer bench"}, timeout=300)
             swap_seconds = time.perf_counter() - swap_started
             assert promoted.status_code == 200, promoted.text
@@ -84,12 +71,7 @@ def run(*, quick: bool = False) -> str:
             engine.stop()
             engine.start()
             restart_seconds = time.perf_counter() - restart_started
-        finally:
-            server.should_exit = True
-            thread.join(15)
-            ctx.capture.close()
-            engine.stop()
-            store.close()
+        store.close()
     text = emit(f"Gateway vs direct vLLM ({tokens}-token completions, same prompts, same adapter)",
                 ["concurrency", "requests", "direct tok/s", "gateway tok/s", "throughput ratio", "direct p50 ms",
                  "gateway p50 ms", "added p50 ms", "direct p99 ms", "gateway p99 ms", "failures"], overhead_rows)

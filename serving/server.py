@@ -7,8 +7,12 @@ generous default: vLLM pads to --max-lora-rank and computes every targeted modul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -22,7 +26,7 @@ from serving.redact import Redactor
 from serving.routing import Router
 from tuneloop.basemodel import ensure_base_model
 from tuneloop.config import Config
-from tuneloop.errors import AdapterError
+from tuneloop.errors import AdapterError, EngineUnavailable
 from tuneloop.registry import AdapterVersion, find_alias
 from tuneloop.store import Store
 
@@ -117,3 +121,40 @@ def serve(config: Config, store: Store) -> None:
         engine.stop()
 
 
+
+
+@dataclass
+class RunningServer:
+    """An engine and gateway started by `running_server`; `url` is the gateway's base URL."""
+
+    url: str
+    engine: EngineSupervisor
+    ctx: GatewayContext
+
+
+@contextlib.contextmanager
+def running_server(config: Config, store: Store, *, seed: int | None = None) -> Iterator[RunningServer]:
+    """Engine + gateway (uvicorn on a thread) for the demo, tests and benchmarks; stopped on exit."""
+    import uvicorn
+
+    engine, base_sha = build_engine(config, store)
+    engine.start()
+    ctx = build_context(config, store, engine, base_sha, seed=seed)
+    ctx.capture.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host=config.serving.gateway_host,
+                                           port=config.serving.gateway_port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise EngineUnavailable(f"the gateway did not start on port {config.serving.gateway_port}")
+        yield RunningServer(url=f"http://{config.serving.gateway_host}:{config.serving.gateway_port}",
+                            engine=engine, ctx=ctx)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        ctx.capture.close()
+        engine.stop()

@@ -7,13 +7,10 @@ vLLM and watch the supervisor bring it back.
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from challenger_sets.catalog import add_dataset
@@ -53,11 +50,8 @@ def _tiny_sets(store: Store, data_dir: Path) -> None:
 
 @pytest.fixture(scope="session")
 def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[LiveGateway]:
-    import uvicorn
-
     from retrain.finetune import finetune
-    from serving.gateway import create_app
-    from serving.server import build_context, build_engine
+    from serving.server import running_server
 
     root = tmp_path_factory.mktemp("serving")
     gateway_port, vllm_port = free_port(), free_port()
@@ -72,26 +66,6 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path)
     _tiny_sets(store, config.data_path)
     for task, steps in (("sentiment", 2), ("sentiment", 3), ("chat", 2)):
         finetune(config, store, task, max_steps=steps, dataset=f"{task}/tiny", progress=False)
-    engine, base_sha = build_engine(config, store)
-    engine.start()
-    ctx = build_context(config, store, engine, base_sha, seed=0)
-    ctx.capture.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=gateway_port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{gateway_port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    try:
-        yield LiveGateway(url=url, config=config, store=store, ctx=ctx, engine=engine)
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        ctx.capture.close()
-        engine.stop()
-        store.close()
+    with running_server(config, store, seed=0) as running:
+        yield LiveGateway(url=running.url, config=config, store=store, ctx=running.ctx, engine=running.engine)
+    store.close()

@@ -36,7 +36,38 @@ def demo(
         card = version.card
         console.print(f"registered {version.ref} {' '.join(version.aliases)}: train loss "
                       f"{card.curve[0].train_loss} -> {card.curve[-1].train_loss}, val loss {card.best_val_loss}")
-    console.rule("4. registry")
+    console.rule("4. serve: vLLM + gateway, requests by task name, captured traffic")
+    _serve_a_few_requests()
+    console.rule("5. registry")
     print_table("adapters", ["version", "method", "aliases", "steps", "val loss"],
                 [[v.ref, v.method, ",".join(v.aliases), v.card.steps, v.card.best_val_loss]
                  for v in list_adapters(STATE.store)])
+
+
+def _serve_a_few_requests() -> None:
+    import httpx
+    from sqlalchemy import select
+
+    from serving.server import running_server
+    from tuneloop.tables import TrafficRow
+
+    requests = [("sentiment", "@united lost my bag AGAIN. Call me at +1 415 555 0199"),
+                ("sentiment", "@JetBlue best crew ever, thank you!"),
+                ("chat", "hey! what did you do this weekend?")]
+    with running_server(STATE.config, STATE.store) as running:
+        console.print(f"gateway {running.url}, vLLM {running.engine.spec.base_url} (flags derived from the adapters: "
+                      f"--max-lora-rank {running.engine.spec.max_lora_rank}, "
+                      f"--lora-target-modules {' '.join(running.engine.spec.lora_target_modules)})")
+        for model, text in requests:
+            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 24,
+                    "temperature": 0}
+            reply = httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=120).json()
+            console.print(f"  {model:>9} <- {text!r}\n            -> [{reply['model']}] "
+                          f"{reply['choices'][0]['message']['content']!r}")
+        running.ctx.capture.close()
+        with STATE.store.session() as session:
+            rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id.desc()).limit(len(requests))))
+    print_table("captured traffic (PII redacted before storage)", ["task", "adapter", "prompt", "completion",
+                                                                   "ms", "pii"],
+                [[r.task, f"{r.task}@{r.adapter_version}", r.prompt_text[:60], (r.completion or "")[:40],
+                  f"{r.latency_ms:.0f}", r.pii] for r in reversed(rows)])
