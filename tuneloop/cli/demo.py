@@ -64,8 +64,8 @@ def _serve_a_few_requests() -> None:
             body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 24,
                     "temperature": 0}
             reply = httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=120).json()
-            console.print(f"  {model:>9} <- {text!r}\n            -> [{reply['model']}] "
-                          f"{reply['choices'][0]['message']['content']!r}")
+            console.print(f"  {model:>9} <- {text!r}\n            -> ({reply['model']}) "
+                          f"{reply['choices'][0]['message']['content']!r}", markup=False)
         running.ctx.capture.close()
         with STATE.store.session() as session:
             rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id.desc()).limit(len(requests))))
