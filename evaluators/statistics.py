@@ -41,8 +41,3 @@ def bootstrap_interval(items: Sequence[object], statistic: Callable[[list[int]],
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
     return Interval(value=float(value), low=float(low), high=float(high), level=level, n=n)
-
-
-def mean_interval(values: Sequence[float], **kwargs: float) -> Interval:
-    array = np.asarray(values, dtype=float)
-    return bootstrap_interval(list(array), lambda idx: float(array[idx].mean()), **kwargs)  # type: ignore[arg-type]

@@ -89,7 +89,3 @@ class Router:
         if candidate is None or candidate == route.version:
             return None
         return Route(task=route.task, version=candidate, target=f"{route.task}@{candidate}", kind="shadow")
-
-    def served_models(self) -> list[str]:
-        with self._lock:
-            return sorted(self.champions) + sorted(self.loaded())

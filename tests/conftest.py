@@ -7,7 +7,6 @@ so it is built once per fresh clone, as in CI, and reused by later local runs.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +71,3 @@ def embedded_sets() -> dict[str, list]:
     from challenger_sets.embedded import build_chat, build_sentiment
 
     return {"sentiment": build_sentiment(), "chat": build_chat()}
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
