@@ -13,6 +13,7 @@ BENCHMARKS = {
     "training": "bench.bench_training",
     "accuracy": "bench.bench_accuracy",
     "serving": "bench.bench_serving",
+    "lora": "bench.bench_lora",
 }
 
 

@@ -28,6 +28,7 @@ from tuneloop.hardware import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
+LORA_OPS_ENV = "TUNELOOP_LORA_OPS"  # read by serving/lora_ops.py inside vLLM's processes
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 EngineState = Literal["stopped", "starting", "ready", "restarting", "failed"]
 
@@ -47,6 +48,8 @@ class EngineSpec:
     lora_modules: dict[str, Path] = field(default_factory=dict)
     kv_cache_gib: float = 2.0
     dtype: str = "auto"
+    lora_ops: str = "grouped"
+    enable_lora: bool = True
 
     @property
     def base_url(self) -> str:
@@ -67,9 +70,11 @@ def build_command(spec: EngineSpec) -> list[str]:
         dtype = "bfloat16" if cpu_has_fast_bf16() or _has_gpu() else "float32"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_path),
                "--served-model-name", spec.served_name, "--host", spec.host, "--port", str(spec.port),
-               "--max-model-len", str(spec.max_model_len), "--dtype", dtype, "--enable-lora",
-               "--max-lora-rank", str(vllm_rank(spec.max_lora_rank)), "--max-loras", str(spec.max_loras),
-               "--disable-uvicorn-access-log"]
+               "--max-model-len", str(spec.max_model_len), "--dtype", dtype, "--disable-uvicorn-access-log"]
+    if not spec.enable_lora:
+        return command
+    command += ["--enable-lora", "--max-lora-rank", str(vllm_rank(spec.max_lora_rank)),
+                "--max-loras", str(spec.max_loras)]
     if spec.lora_target_modules:
         command += ["--lora-target-modules", *spec.lora_target_modules]
     if spec.lora_modules:
@@ -126,7 +131,8 @@ class EngineSupervisor:
             self.spec.lora_modules = dict(self.loaded)
             env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                    "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(self.spec.kv_cache_gib))),
-                   "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+                   "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+                   LORA_OPS_ENV: self.spec.lora_ops}
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             command = build_command(self.spec)
             log.info("starting vLLM: %s", " ".join(command))

@@ -125,6 +125,9 @@ class ServingConfig(StrictModel):
     max_lora_rank: int = Field(default=8, ge=1, le=256, description="Largest adapter rank vLLM is started for.")
     max_loras: int = Field(default=4, ge=1, le=64, description="Adapters vLLM keeps resident at once.")
     max_model_len: int = Field(default=1024, ge=64, description="Context length vLLM is started with.")
+    lora_ops: Literal["grouped", "stock"] = Field(
+        default="grouped", description="CPU LoRA kernels: 'grouped' = one GEMM per adapter (serving/lora_ops.py), "
+        "'stock' = vLLM's per-token gather. No effect on GPUs.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
