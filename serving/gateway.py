@@ -29,13 +29,16 @@ from starlette.routing import Route as HttpRoute
 
 from serving.auth import require_admin
 from serving.capture import CaptureWriter, TrafficRecord
+from serving.feedback import FeedbackConflict, UnknownRequest, attach_reference
 from serving.hotswap import HotSwapper
 from serving.metrics import GatewayMetrics
 from serving.protocol import (
+    EVAL_PURPOSE_HEADER,
     MAX_BODY_BYTES,
     AdapterLoadRequest,
     ChatRequest,
     CompletionRequest,
+    FeedbackRequest,
     PromoteRequest,
     RollbackRequest,
     error_response,
@@ -58,6 +61,8 @@ RETRY_AFTER_S = "5"
 STATUS_BY_ERROR: list[tuple[type[TuneloopError], int, str]] = [
     (AuthError, 401, "authentication_error"),
     (ModelNotFound, 404, "not_found_error"),
+    (UnknownRequest, 404, "not_found_error"),
+    (FeedbackConflict, 409, "conflict_error"),
     (EngineUnavailable, 503, "service_unavailable"),
     (AdapterError, 400, "adapter_error"),
     (DatasetError, 400, "invalid_request_error"),
@@ -91,7 +96,8 @@ def create_app(ctx: GatewayContext) -> Starlette:
             messages.insert(0, {"role": "system", "content": ctx.config.tasks[route.task].system_prompt})
         body["messages"] = messages
         users = [text_content(m.get("content")) for m in messages if m["role"] == "user"]
-        return await _forward(ctx, route, body, "chat", users[-1] if users else "", messages, parsed.stream)
+        return await _forward(ctx, route, body, "chat", users[-1] if users else "", messages, parsed.stream,
+                              evaluation=_is_eval(request))
 
     async def completions(request: Request) -> Response:
         body = await _read_json(request)
@@ -99,7 +105,7 @@ def create_app(ctx: GatewayContext) -> Starlette:
         route = ctx.router.resolve(parsed.model)
         prompt = parsed.prompt if isinstance(parsed.prompt, str) else "\n".join(parsed.prompt)
         return await _forward(ctx, route, body, "completion", prompt, [{"role": "user", "content": prompt}],
-                              parsed.stream)
+                              parsed.stream, evaluation=_is_eval(request))
 
     async def models(_: Request) -> Response:
         now = int(time.time())
@@ -147,6 +153,14 @@ def create_app(ctx: GatewayContext) -> Starlette:
         await run_in_threadpool(ctx.engine.unload_adapter, parsed.version)
         return JSONResponse({"unloaded": parsed.version})
 
+    async def feedback(request: Request) -> Response:
+        parsed = _validate(FeedbackRequest, await _read_json(request))
+        if parsed.overwrite:
+            require_admin(request, ctx.config.admin_token)
+        result = await run_in_threadpool(attach_reference, ctx.capture.store, ctx.config, parsed.request_id,
+                                         parsed.reference, overwrite=parsed.overwrite)
+        return JSONResponse(result.model_dump(mode="json"))
+
     async def on_error(_: Request, exc: Exception) -> Response:
         for error_type, status, name in STATUS_BY_ERROR:
             if isinstance(exc, error_type):
@@ -170,6 +184,7 @@ def create_app(ctx: GatewayContext) -> Starlette:
         HttpRoute("/v1/chat/completions", chat_completions, methods=["POST"]),
         HttpRoute("/v1/completions", completions, methods=["POST"]),
         HttpRoute("/v1/models", models, methods=["GET"]),
+        HttpRoute("/v1/feedback", feedback, methods=["POST"]),
         HttpRoute("/healthz", healthz, methods=["GET"]),
         HttpRoute("/metrics", metrics, methods=["GET"]),
         HttpRoute("/admin/promote", admin_promote, methods=["POST"]),
@@ -204,16 +219,22 @@ def _validate(model: Any, body: dict[str, Any]) -> Any:
         raise DatasetError(f"invalid request: {problems}") from None
 
 
+def _is_eval(request: Request) -> bool:
+    return request.headers.get(EVAL_PURPOSE_HEADER, "").lower() == "eval"
+
+
 async def _forward(ctx: GatewayContext, route: Route, body: dict[str, Any], endpoint: str, prompt_text: str,
-                   messages: list[dict[str, Any]], stream: bool) -> Response:
+                   messages: list[dict[str, Any]], stream: bool, *, evaluation: bool = False) -> Response:
+    """Proxy to vLLM. Evaluation requests are counted (route="eval") but neither captured nor shadowed: they are
+    not user traffic and must not reach drift detection or challenger sets."""
     if ctx.engine.state != "ready" or ctx.client is None:
         raise EngineUnavailable(f"the engine is {ctx.engine.state}; retry shortly")
     body["model"] = route.target
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     request_id = uuid.uuid4().hex
     started = time.perf_counter()
-    labels = {"task": route.task or "base", "adapter": route.adapter, "route": route.kind}
-    shadow = ctx.router.shadow_for(route)
+    labels = {"task": route.task or "base", "adapter": route.adapter, "route": "eval" if evaluation else route.kind}
+    shadow = None if evaluation else ctx.router.shadow_for(route)
     if shadow is not None:
         task = asyncio.create_task(_shadow(ctx, shadow, dict(body), path, endpoint, prompt_text, messages,
                                            request_id))
@@ -231,7 +252,8 @@ async def _forward(ctx: GatewayContext, route: Route, body: dict[str, Any], endp
         completion, usage = _completion_of(payload, endpoint)
         _finish(ctx, route, labels, request_id, endpoint, prompt_text, messages, completion, usage,
                 upstream.status_code, started, stream=False)
-        return Response(raw, status_code=upstream.status_code, media_type="application/json")
+        return Response(raw, status_code=upstream.status_code, media_type="application/json",
+                        headers={"X-Request-Id": request_id})
     return StreamingResponse(_relay(ctx, upstream, route, labels, request_id, endpoint, prompt_text, messages,
                                     started), media_type="text/event-stream",
                              headers={"X-Request-Id": request_id})
@@ -293,6 +315,8 @@ def _finish(ctx: GatewayContext, route: Route, labels: dict[str, str], request_i
         ctx.metrics.prompt_tokens.labels(**labels).inc(usage["prompt_tokens"])
     if usage.get("completion_tokens"):
         ctx.metrics.completion_tokens.labels(**labels).inc(usage["completion_tokens"])
+    if labels["route"] == "eval":
+        return
     pii: dict[str, int] = {}
     clean_messages = []
     for message in messages:

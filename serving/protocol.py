@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 2_000_000
+EVAL_PURPOSE_HEADER = "X-Tuneloop-Purpose"  # "eval": counted, never captured as user traffic
 
 
 class ChatMessage(BaseModel):
@@ -53,6 +54,14 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(description="task@N")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=64, description="X-Request-Id the gateway answered with.")
+    reference: str = Field(min_length=1, max_length=32_000, description="The right answer (a label, or a reply).")
+    overwrite: bool = Field(default=False, description="Replace an earlier reference (needs the admin token).")
 
 
 class ErrorBody(BaseModel):

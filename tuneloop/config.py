@@ -101,6 +101,8 @@ class TaskConfig(StrictModel):
     train_dataset: str = Field(description="Dataset the adapter is trained on (task/name).")
     heldout_dataset: str = Field(description="Held-out set from the training distribution (task/name).")
     challenger_datasets: list[str] = Field(default_factory=list, description="Fresh real-world eval sets.")
+    slice_by: list[str] = Field(default_factory=list, description="Example `meta` fields whose values get their "
+                                "own scores (bias across groups).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Canary and shadow traffic.")
 
@@ -142,6 +144,19 @@ class ServingConfig(StrictModel):
         description="PII kinds redacted before traffic is stored.")
 
 
+class EvaluationConfig(StrictModel):
+    """How evaluations run and how their statistics are computed."""
+
+    concurrency: int = Field(default=8, ge=1, le=256, description="Requests in flight at once during an eval.")
+    confidence_level: float = Field(default=0.95, gt=0.5, lt=1, description="Level of every confidence interval.")
+    bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000, description="Bootstrap resamples per CI.")
+    seed: int = Field(default=12345, description="Seed of the bootstrap and of decoding.")
+    power: float = Field(default=0.8, gt=0, lt=1, description="Power the minimum detectable effect is given at.")
+    max_attempts: int = Field(default=6, ge=1, le=50, description="Tries per request on 503/429/connection errors.")
+    request_timeout_s: float = Field(default=300, gt=0, description="Timeout of one eval request.")
+    min_slice_size: int = Field(default=10, ge=1, description="Slices with fewer examples are not scored.")
+
+
 class Config(StrictModel):
     """The whole tuneloop configuration."""
 
@@ -151,6 +166,7 @@ class Config(StrictModel):
                                      "Postgres works too: postgresql+psycopg://user:pass@host/db")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The base model.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation runs.")
     tasks: dict[str, TaskConfig] = Field(default_factory=lambda: default_tasks(), description="Tasks by name.")
 
     @field_validator("tasks")
@@ -207,6 +223,7 @@ def default_tasks() -> dict[str, TaskConfig]:
             train_dataset="sentiment/train",
             heldout_dataset="sentiment/heldout",
             challenger_datasets=["sentiment/other-topics"],
+            slice_by=["topic"],
             train=TrainConfig(max_seq_len=128),
         ),
         "chat": TaskConfig(

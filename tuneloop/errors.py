@@ -90,3 +90,15 @@ class StoreError(TuneloopError):
     """The database could not be reached or migrated."""
 
     exit_code = 8
+
+
+class EvaluationError(TuneloopError):
+    """An evaluation cannot run or be compared as asked (empty set, mismatched runs, wrong task)."""
+
+    exit_code = 12
+
+
+class FeedbackError(TuneloopError):
+    """Feedback names an unknown request, gives an invalid label, or would overwrite an earlier answer."""
+
+    exit_code = 13

@@ -103,3 +103,61 @@ class TrafficRow(Base):
     shadow_of: Mapped[str | None] = mapped_column(String(64), nullable=True)
     pii: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     reference: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reference_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EvalRunRow(Base):
+    """One evaluation of one model on one dataset version; `run_key` finds an interrupted run to resume."""
+
+    __tablename__ = "eval_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_key: Mapped[str] = mapped_column(String(64), index=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dataset_ref: Mapped[str] = mapped_column(String(300))
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    n_examples: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EvalPredictionRow(Base):
+    """What the model answered for one example of a run, and that example's scores."""
+
+    __tablename__ = "eval_predictions"
+    __table_args__ = (UniqueConstraint("run_id", "example_id", name="uq_eval_prediction"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    example_id: Mapped[str] = mapped_column(String(200))
+    prediction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    scores: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EvalScoreRow(Base):
+    """An aggregate of a run: one metric, overall (slice_field null) or for one slice, with its interval."""
+
+    __tablename__ = "eval_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    metric: Mapped[str] = mapped_column(String(40))
+    slice_field: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    slice_value: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    value: Mapped[float] = mapped_column(Float)
+    ci_low: Mapped[float] = mapped_column(Float)
+    ci_high: Mapped[float] = mapped_column(Float)
+    level: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    mde: Mapped[float | None] = mapped_column(Float, nullable=True)
+    empty: Mapped[int] = mapped_column(Integer)
+    signature: Mapped[str] = mapped_column(Text)

@@ -10,6 +10,7 @@ import typer
 from tuneloop.cli import adapters as adapters_cli
 from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
+from tuneloop.cli import evaluate as evaluate_cli
 from tuneloop.cli import serving as serving_cli
 from tuneloop.cli import train as train_cli
 from tuneloop.cli.context import STATE, configure_logging
@@ -30,6 +31,9 @@ app.command("serve")(serving_cli.serve)
 app.command("status")(serving_cli.status)
 app.command("promote")(serving_cli.promote)
 app.command("rollback")(serving_cli.rollback)
+app.command("eval")(evaluate_cli.evaluate)
+app.command("compare")(evaluate_cli.compare)
+app.add_typer(evaluate_cli.feedback_app, name="feedback")
 
 
 @app.callback()

@@ -78,3 +78,28 @@ def show(
         console.print(f"  {key}: {value}")
     for example in examples:
         console.print(f"- {example.id}: {example.last_user_text()[:100]!r} -> {example.reference[:60]!r}")
+
+
+@app.command("from-traffic")
+def from_traffic(
+    task: Annotated[str, typer.Option("--task", "-t", help="Task whose labelled traffic to use.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Challenger set name (stored as task/name).")],
+    since: Annotated[str, typer.Option("--since", help="Start of the window: ISO date/time, or an age like 7d, "
+                                       "12h, 30m.")] = "30d",
+    until: Annotated[str | None, typer.Option("--until", help="End of the window (default: now).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Turn captured requests that got feedback into a new challenger set version (deduplicated, no training
+    inputs)."""
+    from challenger_sets.from_traffic import build_from_traffic
+    from tuneloop.timewindow import parse_instant
+
+    result = build_from_traffic(STATE.config, STATE.store, task, name=name, since=parse_instant(since, "--since"),
+                                until=parse_instant(until, "--until") if until else None)
+    m = result.dataset.manifest
+    if json_output:
+        print_json({"manifest": m, "labelled": result.labelled, "duplicates": result.duplicates,
+                    "leaked": result.leaked})
+        return
+    console.print(f"added {m.ref}: {m.rows} challenger rows from {result.labelled} labelled requests "
+                  f"({result.duplicates} duplicates, {result.leaked} also in training data, dropped)")

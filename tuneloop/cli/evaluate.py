@@ -1,0 +1,155 @@
+"""`tuneloop eval`, `tuneloop compare` and `tuneloop feedback`: scores with intervals, paired comparisons, labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneloop.cli.context import STATE
+from tuneloop.cli.output import console, print_json, print_table
+from tuneloop.errors import EvaluationError
+
+feedback_app = typer.Typer(no_args_is_help=True, help="Attach reference answers to captured requests.")
+
+EndpointOption = Annotated[str | None, typer.Option(
+    "--endpoint", help="OpenAI-compatible base URL to send requests to (default: the gateway from config; give "
+                       "vLLM's URL to score a loaded candidate that is not routed yet).")]
+LimitOption = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the first N examples.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Ask again even if an identical finished run exists.")]
+
+
+def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | None) -> tuple[str, object]:
+    from evaluators.runner import EvalTarget
+    from tuneloop.registry import find_alias, get_adapter
+
+    config = STATE.config
+    url = (endpoint or f"http://{config.serving.gateway_host}:{config.serving.gateway_port}").rstrip("/")
+    if base and adapter:
+        raise EvaluationError("give --adapter or --base, not both")
+    if adapter and adapter != "base":
+        version = get_adapter(STATE.store, adapter)
+        if task and task != version.task:
+            raise EvaluationError(f"{version.ref} is an adapter of task '{version.task}', not '{task}'")
+        return version.task, EvalTarget(version.task, version.ref, version.version, url)
+    if not task:
+        raise EvaluationError("--task is needed with --base or without --adapter")
+    config.task(task)
+    if base or adapter == "base":
+        return task, EvalTarget(task, config.base_model.name, None, url)
+    champion = find_alias(STATE.store, task, "champion")
+    if champion is None:
+        raise EvaluationError(f"task '{task}' has no champion; train one or pass --adapter/--base")
+    return task, EvalTarget(task, champion.ref, champion.version, url)
+
+
+def _dataset(task: str, name: str | None):  # type: ignore[no-untyped-def]
+    from challenger_sets.catalog import get_dataset
+
+    return get_dataset(STATE.store, name or STATE.config.task(task).heldout_dataset, task=task)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def evaluate(
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task (implied by --adapter).")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="task@N, task@champion, task@candidate "
+                                                "(default: the task's champion).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="name, task/name or task/name@version "
+                                                "(default: the task's held-out set).")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Score the base model zero-shot instead of an adapter.")] = False,
+    limit: LimitOption = None,
+    slice_by: Annotated[list[str] | None, typer.Option("--slice", help="Also score per value of this meta field "
+                                                       "(repeatable; the task's slice_by always applies).")] = None,
+    endpoint: EndpointOption = None,
+    fresh: FreshOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Score a model on a dataset through the served endpoint: every metric with its CI, stored and resumable."""
+    from evaluators.runner import EvalRunner, EvalTarget
+
+    task_name, target = _target(task, adapter, base, endpoint)
+    assert isinstance(target, EvalTarget)
+    version = _dataset(task_name, dataset)
+    runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
+    report = runner.run(target, version, limit=limit, fresh=fresh, slice_by=slice_by or [])
+    if json_output:
+        print_json(report.to_json())
+        return
+    level = f"{report.scores[0].level:.0%}" if report.scores else "95%"
+    note = " (stored run reused)" if report.reused else (
+        f" (resumed after {report.resumed_from} stored answers)" if report.resumed_from else "")
+    print_table(f"{report.model} on {report.dataset}, n={report.n}{note}",
+                ["metric", "value", f"{level} CI", "n", "MDE", "empty"],
+                [[s.metric, _fmt(s.value), f"[{_fmt(s.ci_low)}, {_fmt(s.ci_high)}]", s.n, _fmt(s.mde), s.empty]
+                 for s in report.scores])
+    primary = STATE.config.task(task_name).primary_metric
+    slices = [s for s in report.slices if s.metric == primary]
+    if slices:
+        print_table(f"{primary} by slice", ["slice", "value", f"{level} CI", "n"],
+                    [[f"{s.slice_field}={s.slice_value}", _fmt(s.value), f"[{_fmt(s.ci_low)}, {_fmt(s.ci_high)}]",
+                      s.n] for s in slices])
+    timings = report.timings
+    console.print(f"run {report.run_id}: {report.errors} failed requests; "
+                  f"{timings.get('examples_per_s', 0):.2f} examples/s, metrics {timings.get('metrics_s', 0):.2f} s "
+                  f"({100 * timings.get('metrics_share', 0):.1f} % of wall time). MDE = smallest difference a "
+                  "comparison on this set would detect with 80 % power.")
+
+
+def compare(
+    first: Annotated[str, typer.Argument(help="Version A: task@N (or 'base' with --task).")],
+    second: Annotated[str, typer.Argument(help="Version B: task@N.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset (default: held-out set).")] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task, when A or B is 'base'.")] = None,
+    limit: LimitOption = None,
+    endpoint: EndpointOption = None,
+    fresh: FreshOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Paired comparison B - A on the same examples: delta, CI and p-value per metric (McNemar for accuracy)."""
+    from evaluators.compare import compare_runs
+    from evaluators.runner import EvalRunner
+
+    targets = []
+    for ref in (first, second):
+        targets.append(_target(task, ref if ref != "base" else None, ref == "base", endpoint))
+    tasks = {t for t, _ in targets}
+    if len(tasks) != 1:
+        raise EvaluationError(f"{first} and {second} belong to different tasks: {sorted(tasks)}")
+    task_name = tasks.pop()
+    version = _dataset(task_name, dataset)
+    runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
+    runs = [runner.run(target, version, limit=limit, fresh=fresh) for _, target in targets]  # type: ignore[arg-type]
+    report = compare_runs(runner, runs[0].run_id, runs[1].run_id)
+    if json_output:
+        print_json(report.to_json())
+        return
+    print_table(f"{report.b} - {report.a} on {report.dataset}, n={report.n} (paired)",
+                ["metric", "A", "B", "B - A", "CI", "p-value", "McNemar p", "MDE", "verdict"],
+                [[m.metric, _fmt(m.a), _fmt(m.b), f"{m.delta:+.3f}", f"[{m.ci_low:+.3f}, {m.ci_high:+.3f}]",
+                  _fmt(m.p_value, 4), _fmt(m.mcnemar_p_value, 4), _fmt(m.mde),
+                  ("B better" if m.delta > 0 else "A better") if m.significant else
+                  ("no difference detectable" if abs(m.delta) < m.mde else "not significant")]
+                 for m in report.metrics])
+
+
+@feedback_app.command("import")
+def feedback_import(
+    file: Annotated[Path, typer.Argument(help="JSONL lines of {\"request_id\": ..., \"reference\": ...}.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace references given earlier.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Attach references to captured requests; one bad line and nothing is imported."""
+    from serving.feedback import import_feedback
+
+    results = import_feedback(STATE.store, STATE.config, file, overwrite=overwrite)
+    if json_output:
+        print_json([r.model_dump() for r in results])
+        return
+    changed = sum(1 for r in results if r.changed)
+    console.print(f"imported {len(results)} references ({changed} new or changed, {len(results) - changed} "
+                  "already there)")
