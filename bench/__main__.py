@@ -14,6 +14,7 @@ BENCHMARKS = {
     "accuracy": "bench.bench_accuracy",
     "serving": "bench.bench_serving",
     "lora": "bench.bench_lora",
+    "eval": "bench.bench_eval",
 }
 
 

@@ -37,3 +37,10 @@ def results_dir() -> Path:
     path = REPO / "bench" / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@cache
+def chat_sets() -> dict[str, list[Example]]:
+    from challenger_sets.embedded import build_chat
+
+    return {built.name: built.examples for built in build_chat()}

@@ -53,20 +53,29 @@ class UnicodeTokenizer:
 
         self._stemmer = porter.PorterStemmer() if stem else None
         self.tokenize = lru_cache(maxsize=200_000)(self._tokenize)  # type: ignore[method-assign]
+        self._stem = lru_cache(maxsize=500_000)(self._stemmer.stem) if self._stemmer else None
 
     def _tokenize(self, text: str) -> list[str]:
         spaced = _CJK.sub(r" \1 ", unicodedata.normalize("NFKC", text).lower())
         tokens = _WORD.findall(spaced)
-        if self._stemmer is None:
+        if self._stem is None:
             return tokens
-        return [self._stemmer.stem(t) if t.isascii() and len(t) > 3 else t for t in tokens]
+        return [self._stem(t) if t.isascii() and len(t) > 3 else t for t in tokens]
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 @lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
+def _tokenizer() -> UnicodeTokenizer:
+    return UnicodeTokenizer()
+
+
+@lru_cache(maxsize=16)
+def _rouge_scorer(types: tuple[str, ...] = ROUGE_TYPES) -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], tokenizer=UnicodeTokenizer())
+    return rouge_scorer.RougeScorer(list(types), tokenizer=_tokenizer())
 
 
 # Generation metrics ------------------------------------------------------------------------------------------
@@ -89,10 +98,13 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> MetricResult:
                         empty=_empties(predictions))
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, MetricResult]:
-    """ROUGE F-measures; rougeLsum splits summaries on newlines, as rouge-score does."""
-    scorer = _rouge_scorer()
-    per: dict[str, list[float]] = {k: [] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+def rouge(predictions: Sequence[str], references: Sequence[str],
+          types: Sequence[str] = ROUGE_TYPES) -> dict[str, MetricResult]:
+    """ROUGE F-measures; rougeLsum splits summaries on newlines, as rouge-score does. Only `types` are computed
+    (rougeLsum's summary-level LCS costs as much as the other three together)."""
+    wanted = tuple(t for t in ROUGE_TYPES if t in types)
+    scorer = _rouge_scorer(wanted)
+    per: dict[str, list[float]] = {k: [] for k in wanted}
     for prediction, reference in zip(predictions, references, strict=True):
         scores = scorer.score(reference, prediction or "")
         for key in per:

@@ -124,9 +124,8 @@ def score_examples(metric_names: Sequence[str], predictions: Sequence[str | None
         tables["chrf"] = _sacrebleu_table("chrf", sacrebleu.CHRF(), texts, list(references), empty)
     rouge_names = wanted & {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     if rouge_names:
-        for name, result in m.rouge(texts, references).items():
-            if name in rouge_names:
-                tables[name] = _mean_table(name, result.per_example or [], result.signature, empty)
+        for name, result in m.rouge(texts, references, types=tuple(rouge_names)).items():
+            tables[name] = _mean_table(name, result.per_example or [], result.signature, empty)
     if "token_f1" in wanted:
         result = m.token_f1(texts, references)
         tables["token_f1"] = _mean_table("token_f1", result.per_example or [], result.signature, empty)
