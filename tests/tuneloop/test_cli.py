@@ -101,3 +101,25 @@ def test_train_registers_a_champion_with_a_card(workspace: Path, base_model_dir:
     assert card["datasets"][0]["ref"] == "sentiment/train@1" and len(card["datasets"][0]["sha256"]) == 64
     assert len(card["base_model"]["sha256"]) == 64 and card["weights_sha256"]
     assert card["curve"][-1]["val_loss"] is not None
+
+
+def test_eval_and_compare_refuse_bad_requests_before_sending_anything(workspace: Path) -> None:
+    both = run(workspace, "eval", "--task", "sentiment", "--base", "--adapter", "sentiment@1", ok=False)
+    assert both.returncode == 12 and "not both" in both.stderr
+    no_champion = run(workspace, "eval", "--task", "sentiment", ok=False)
+    assert no_champion.returncode == 12 and "no champion" in no_champion.stderr
+    no_dataset = run(workspace, "eval", "--task", "sentiment", "--base", "--dataset", "nope", ok=False)
+    assert no_dataset.returncode == 4 and "sentiment/nope" in no_dataset.stderr
+    unknown = run(workspace, "compare", "sentiment@7", "sentiment@8", ok=False)
+    assert unknown.returncode != 0 and "sentiment@7" in unknown.stderr
+    down = run(workspace, "eval", "--task", "sentiment", "--base", "--limit", "2", "--endpoint",
+               "http://127.0.0.1:9", ok=False)
+    assert down.returncode == 9 and "resume" in down.stderr
+
+
+def test_feedback_import_reports_bad_lines(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "fb.jsonl"
+    bad.write_text('{"request_id": "missing", "reference": "positive"}\n{"oops": 1}\n')
+    done = run(workspace, "feedback", "import", str(bad), ok=False)
+    assert done.returncode == 3
+    assert "fb.jsonl:1: request_id: no captured request" in done.stderr and "fb.jsonl:2:" in done.stderr

@@ -38,15 +38,15 @@ def demo(
         card = version.card
         console.print(f"registered {version.ref} {' '.join(version.aliases)}: train loss "
                       f"{card.curve[0].train_loss} -> {card.curve[-1].train_loss}, val loss {card.best_val_loss}")
-    console.rule("4. serve: vLLM + gateway, requests by task name, captured traffic")
-    _serve_a_few_requests()
+    console.rule("4. serve: vLLM + gateway, requests by task name, captured traffic, evaluation through it")
+    _serve_a_few_requests(eval_limit=40 if fast else 200)
     console.rule("5. registry")
     print_table("adapters", ["version", "method", "aliases", "steps", "val loss"],
                 [[v.ref, v.method, ",".join(v.aliases), v.card.steps, v.card.best_val_loss]
                  for v in list_adapters(STATE.store)])
 
 
-def _serve_a_few_requests() -> None:
+def _serve_a_few_requests(eval_limit: int) -> None:
     import httpx
     from sqlalchemy import select
 
@@ -69,7 +69,33 @@ def _serve_a_few_requests() -> None:
         running.ctx.capture.close()
         with STATE.store.session() as session:
             rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id.desc()).limit(len(requests))))
-    print_table("captured traffic (PII redacted before storage)", ["task", "adapter", "prompt", "completion",
-                                                                   "ms", "pii"],
-                [[r.task, f"{r.task}@{r.adapter_version}", r.prompt_text[:60], (r.completion or "")[:40],
-                  f"{r.latency_ms:.0f}", r.pii] for r in reversed(rows)])
+        print_table("captured traffic (PII redacted before storage)", ["task", "adapter", "prompt", "completion",
+                                                                       "ms", "pii"],
+                    [[r.task, f"{r.task}@{r.adapter_version}", r.prompt_text[:60], (r.completion or "")[:40],
+                      f"{r.latency_ms:.0f}", r.pii] for r in reversed(rows)])
+        _evaluate(running.url, eval_limit)
+
+
+def _evaluate(url: str, limit: int) -> None:
+    """Champion vs the base model on each task's held-out and challenger sets, paired, through the gateway."""
+    from challenger_sets.catalog import get_dataset
+    from evaluators.compare import compare_runs
+    from evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.registry import find_alias
+
+    config = STATE.config
+    runner = EvalRunner(config, STATE.store)
+    for task_name, task in config.tasks.items():
+        champion = find_alias(STATE.store, task_name, "champion")
+        if champion is None:
+            continue
+        for dataset_name in (task.heldout_dataset, *task.challenger_datasets):
+            dataset = get_dataset(STATE.store, dataset_name)
+            n = limit if task.kind == "classification" else max(10, limit // 4)
+            base = runner.run(EvalTarget(task_name, config.base_model.name, None, url), dataset, limit=n)
+            tuned = runner.run(EvalTarget(task_name, champion.ref, champion.version, url), dataset, limit=n)
+            report = compare_runs(runner, base.run_id, tuned.run_id)
+            print_table(f"{champion.ref} vs base model on {dataset.manifest.ref}, n={report.n} (paired)",
+                        ["metric", "base", champion.ref, "delta [95 % CI]", "p-value", "MDE"],
+                        [[m.metric, f"{m.a:.3f}", f"{m.b:.3f}", f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}]",
+                          f"{m.p_value:.4f}", f"{m.mde:.3f}"] for m in report.metrics])
