@@ -90,7 +90,7 @@ def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: st
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     if train.method == "lora":
-        peft_config: Any = LoraConfig(task_type=TaskType.CAUSAL_LM, r=train.rank, lora_alpha=train.alpha,
+        peft_config: Any = LoraConfig(task_type=TaskType.CAUSAL_LM, r=train.rank, lora_alpha=train.alpha,  # type: ignore[arg-type]
                                       lora_dropout=train.dropout, target_modules=list(train.target_modules))
     else:
         peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=train.num_virtual_tokens,
@@ -179,8 +179,8 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     if best_state is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():
-            for name, value in best_state.items():
-                named[name].copy_(value)
+            for name, weights in best_state.items():
+                named[name].copy_(weights)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     if train.method == "full":

@@ -100,6 +100,8 @@ class HotSwapper:
                                                       find_alias(self.store, task, "candidate")) if v}
             if name in active:
                 return
+            if self.engine is None:
+                return
             try:
                 self.engine.unload_adapter(name)
                 log.info("unloaded %s after the %.0f s grace period", name, self.grace_s)

@@ -23,6 +23,8 @@ ADMIN_TOKEN_ENV = "TUNELOOP_ADMIN_TOKEN"
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TrainMethod = Literal["lora", "prompt-tuning", "full"]
+PiiKind = Literal["email", "phone", "card", "iban"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "iban")
 TaskKind = Literal["classification", "generation"]
 MetricName = Literal["accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL",
                      "rougeLsum", "token_f1"]
@@ -139,8 +141,8 @@ class ServingConfig(StrictModel):
     request_timeout_s: float = Field(default=300, gt=0, description="Gateway timeout for one vLLM request.")
     capture_queue_size: int = Field(default=10_000, ge=1, description="Captured requests buffered in memory "
                                     "before they spill to disk.")
-    redact: list[Literal["email", "phone", "card", "iban"]] = Field(
-        default_factory=lambda: ["email", "phone", "card", "iban"],
+    redact: list[PiiKind] = Field(
+        default_factory=lambda: list(PII_KINDS),
         description="PII kinds redacted before traffic is stored.")
 
 
@@ -338,12 +340,13 @@ def _suggest(loc: tuple[Any, ...]) -> str | None:
         if model == "tasks":
             model = TaskConfig
             continue
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        field = model.model_fields.get(str(part)) if is_model else None  # type: ignore[union-attr]
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
-    if not isinstance(model, type):
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return None
     names = [n for n in model.model_fields if n != "config_dir"]
     close = difflib.get_close_matches(str(loc[-1]), names, n=1)
