@@ -30,7 +30,7 @@ def run(*, quick: bool = False) -> str:
     from serving.server import running_server
     from tuneloop.registry import get_adapter
 
-    sizes = {"sentiment": 16, "chat": 8} if quick else {"sentiment": 160, "chat": 48}
+    sizes = {"sentiment": 16, "chat": 8} if quick else {"sentiment": 96, "chat": 32}
     rows, share_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         config = parse_config(
