@@ -142,3 +142,38 @@ def test_feedback_turns_traffic_into_a_challenger_set(live_gateway: LiveGateway)
     overwritten = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                              json={"request_id": request_id, "reference": "neutral", "overwrite": True})
     assert overwritten.status_code == 200 and overwritten.json()["changed"] is True
+
+
+def test_vllm_with_grouped_lora_ops_answers_what_peft_answers(live_gateway: LiveGateway, sets) -> None:
+    """End to end check of serving/lora_ops.py with real adapter weights: the plugin is active in vLLM's engine
+    process, and greedy answers through it match the PEFT model run by transformers on the same prompts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.lora_ops import INSTALLED_MESSAGE
+    from tuneloop.registry import get_adapter
+
+    assert INSTALLED_MESSAGE in live_gateway.engine.log_path.read_text(errors="replace")
+    sentiment, _ = sets
+    runner = _runner(live_gateway)
+    report = runner.run(EvalTarget("sentiment", "sentiment@1", 1, live_gateway.url), sentiment)
+    with live_gateway.store.session() as session:
+        served = dict(session.execute(select(EvalPredictionRow.example_id, EvalPredictionRow.prediction)
+                                      .where(EvalPredictionRow.run_id == report.run_id)).all())
+    base = live_gateway.config.base_model.path
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      get_adapter(live_gateway.store, "sentiment@1").path).eval()
+    system = live_gateway.config.tasks["sentiment"].system_prompt
+    max_tokens = live_gateway.config.tasks["sentiment"].max_new_tokens
+    same = 0
+    examples = sentiment.load()[:8]
+    for example in examples:
+        ids = tokenizer.apply_chat_template(example.chat_messages(system), add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        same += text.strip() == (served[example.id] or "").strip()
+    assert same >= 7, f"only {same}/8 greedy answers matched between vLLM (grouped LoRA ops) and PEFT"
