@@ -81,6 +81,7 @@ def _evaluate(url: str, limit: int) -> None:
     from challenger_sets.catalog import get_dataset
     from evaluators.compare import compare_runs
     from evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.cli.evaluate import _signed
     from tuneloop.registry import find_alias
 
     config = STATE.config
@@ -97,5 +98,6 @@ def _evaluate(url: str, limit: int) -> None:
             report = compare_runs(runner, base.run_id, tuned.run_id)
             print_table(f"{champion.ref} vs base model on {dataset.manifest.ref}, n={report.n} (paired)",
                         ["metric", "base", champion.ref, "delta [95 % CI]", "p-value", "MDE"],
-                        [[m.metric, f"{m.a:.3f}", f"{m.b:.3f}", f"{m.delta:+.3f} [{m.ci_low:+.3f}, {m.ci_high:+.3f}]",
+                        [[m.metric, f"{m.a:.3f}", f"{m.b:.3f}",
+                          f"{_signed(m.delta)} [{_signed(m.ci_low)}, {_signed(m.ci_high)}]",
                           f"{m.p_value:.4f}", f"{m.mde:.3f}"] for m in report.metrics])

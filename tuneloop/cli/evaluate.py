@@ -55,6 +55,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _signed(value: float) -> str:
+    """+0.012 / -0.012, and +0.000 rather than -0.000 for a difference that rounds to zero."""
+    return f"{round(value, 3) + 0.0:+.3f}"
+
+
 def evaluate(
     task: Annotated[str | None, typer.Option("--task", "-t", help="Task (implied by --adapter).")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="task@N, task@champion, task@candidate "
@@ -130,7 +135,7 @@ def compare(
         return
     print_table(f"{report.b} - {report.a} on {report.dataset}, n={report.n} (paired)",
                 ["metric", "A", "B", "B - A", "CI", "p-value", "McNemar p", "MDE", "verdict"],
-                [[m.metric, _fmt(m.a), _fmt(m.b), f"{m.delta:+.3f}", f"[{m.ci_low:+.3f}, {m.ci_high:+.3f}]",
+                [[m.metric, _fmt(m.a), _fmt(m.b), _signed(m.delta), f"[{_signed(m.ci_low)}, {_signed(m.ci_high)}]",
                   _fmt(m.p_value, 4), _fmt(m.mcnemar_p_value, 4), _fmt(m.mde),
                   ("B better" if m.delta > 0 else "A better") if m.significant else
                   ("no difference detectable" if abs(m.delta) < m.mde else "not significant")]
