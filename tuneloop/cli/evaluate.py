@@ -22,27 +22,31 @@ FreshOption = Annotated[bool, typer.Option("--fresh", help="Ask again even if an
 
 
 def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | None) -> tuple[str, object]:
+    """(task, EvalTarget): which model answers, and at which URL (see evaluators/endpoint.py)."""
+    from evaluators.endpoint import endpoint_for
     from evaluators.runner import EvalTarget
     from tuneloop.registry import find_alias, get_adapter
 
     config = STATE.config
-    url = (endpoint or f"http://{config.serving.gateway_host}:{config.serving.gateway_port}").rstrip("/")
     if base and adapter:
         raise EvaluationError("give --adapter or --base, not both")
+    version = None
     if adapter and adapter != "base":
         version = get_adapter(STATE.store, adapter)
         if task and task != version.task:
             raise EvaluationError(f"{version.ref} is an adapter of task '{version.task}', not '{task}'")
-        return version.task, EvalTarget(version.task, version.ref, version.version, url)
-    if not task:
+        task = version.task
+    elif not task:
         raise EvaluationError("--task is needed with --base or without --adapter")
+    elif not (base or adapter == "base"):
+        version = find_alias(STATE.store, task, "champion")
+        if version is None:
+            raise EvaluationError(f"task '{task}' has no champion; train one or pass --adapter/--base")
     config.task(task)
-    if base or adapter == "base":
+    url = endpoint.rstrip("/") if endpoint else endpoint_for(config, version)
+    if version is None:
         return task, EvalTarget(task, config.base_model.name, None, url)
-    champion = find_alias(STATE.store, task, "champion")
-    if champion is None:
-        raise EvaluationError(f"task '{task}' has no champion; train one or pass --adapter/--base")
-    return task, EvalTarget(task, champion.ref, champion.version, url)
+    return task, EvalTarget(task, version.ref, version.version, url)
 
 
 def _dataset(task: str, name: str | None):  # type: ignore[no-untyped-def]
