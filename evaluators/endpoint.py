@@ -48,6 +48,6 @@ def endpoint_for(config: Config, version: AdapterVersion | None) -> str:
         return engine
     response = httpx.post(f"{engine}/v1/load_lora_adapter", timeout=120,
                           json={"lora_name": version.ref, "lora_path": str(version.path)})
-    if response.status_code != 200:
+    if response.status_code != 200 and "has already been" not in response.text:
         raise AdapterError(f"vLLM at {engine} refused to load {version.ref} for evaluation: {response.text[:400]}")
     return engine

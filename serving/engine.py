@@ -225,7 +225,8 @@ class EngineSupervisor:
             self._require_ready()
             response = httpx.post(f"{self.spec.base_url}/v1/load_lora_adapter",
                                   json={"lora_name": name, "lora_path": str(path)}, timeout=120.0)
-            if response.status_code != 200:
+            already = "has already been" in response.text  # loaded straight into vLLM, e.g. by an eval
+            if response.status_code != 200 and not already:
                 raise AdapterError(f"vLLM refused to load {name} from {path}: {response.text[:500]}")
             self.loaded[name] = path
 

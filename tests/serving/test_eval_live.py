@@ -177,3 +177,22 @@ def test_vllm_with_grouped_lora_ops_answers_what_peft_answers(live_gateway: Live
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         same += text.strip() == (served[example.id] or "").strip()
     assert same >= 7, f"only {same}/8 greedy answers matched between vLLM (grouped LoRA ops) and PEFT"
+
+
+def test_a_version_the_gateway_does_not_route_is_evaluated_on_vllm_directly(live_gateway: LiveGateway,
+                                                                            sets) -> None:
+    from evaluators.endpoint import endpoint_for, served_models
+    from tuneloop.registry import get_adapter
+
+    config = live_gateway.config
+    version = get_adapter(live_gateway.store, "sentiment@2")
+    assert "sentiment@2" not in served_models(live_gateway.url)
+    url = endpoint_for(config, version)
+    assert url == live_gateway.engine.spec.base_url and "sentiment@2" in served_models(url)
+    assert endpoint_for(config, get_adapter(live_gateway.store, "sentiment@1")) == live_gateway.url
+    report = _runner(live_gateway).run(EvalTarget("sentiment", "sentiment@2", 2, url), sets[0], limit=6)
+    assert report.n == 6 and report.errors == 0
+    # the gateway still does not route it; an admin load later succeeds although vLLM already has it
+    assert "sentiment@2" not in served_models(live_gateway.url)
+    live_gateway.engine.load_adapter("sentiment@2", version.path)
+    live_gateway.engine.unload_adapter("sentiment@2")  # leave it as the gateway tests expect: not loaded
