@@ -106,8 +106,10 @@ def test_train_registers_a_champion_with_a_card(workspace: Path, base_model_dir:
 def test_eval_and_compare_refuse_bad_requests_before_sending_anything(workspace: Path) -> None:
     both = run(workspace, "eval", "--task", "sentiment", "--base", "--adapter", "sentiment@1", ok=False)
     assert both.returncode == 12 and "not both" in both.stderr
-    no_champion = run(workspace, "eval", "--task", "sentiment", ok=False)
+    no_champion = run(workspace, "eval", "--task", "chat", ok=False)
     assert no_champion.returncode == 12 and "no champion" in no_champion.stderr
+    not_serving = run(workspace, "eval", "--task", "sentiment", ok=False)  # an earlier test trained sentiment@1
+    assert not_serving.returncode == 9 and "start `tuneloop serve`" in not_serving.stderr
     no_dataset = run(workspace, "eval", "--task", "sentiment", "--base", "--dataset", "nope", ok=False)
     assert no_dataset.returncode == 4 and "sentiment/nope" in no_dataset.stderr
     unknown = run(workspace, "compare", "sentiment@7", "sentiment@8", ok=False)
