@@ -51,7 +51,7 @@ def run(*, quick: bool = False) -> str:
             direct_url = f"{engine.spec.base_url}/v1/chat/completions"
             gateway_url = f"{running.url}/v1/chat/completions"
             asyncio.run(run_load(direct_url, chat_bodies("sentiment@1", prompts[:4], 8, system), 4))
-            probe = _latency_probe(direct_url, gateway_url, prompts[:20 if quick else 60], system)
+            probe = _latency_probe(direct_url, gateway_url, prompts[:20 if quick else 150], system)
             overhead_rows = []
             for concurrency, n in levels:
                 batch = prompts[:n]
