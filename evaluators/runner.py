@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from tqdm import tqdm
 
 from challenger_sets.catalog import DatasetVersion
@@ -149,7 +149,7 @@ class EvalRunner:
             raise
         generation_s = time.perf_counter() - started
         metrics_started = time.perf_counter()
-        scores, slices, errors = self._score(run.id, task, examples, [*task.slice_by, *slice_by])
+        scores, slices = self._score(run.id, task, examples, [*task.slice_by, *slice_by])
         metrics_s = time.perf_counter() - metrics_started
         with self.store.session() as session:
             row = session.get(EvalRunRow, run.id)
@@ -165,7 +165,6 @@ class EvalRunner:
             session.add_all(EvalScoreRow(run_id=run.id, **asdict(s)) for s in [*scores, *slices])
         report = self._report(self.get_run(run.id), reused=False)
         report.resumed_from = resumed_from
-        report.errors = errors
         return report
 
     def tables(self, run_id: int) -> tuple[list[str], dict[str, MetricTable]]:
@@ -298,7 +297,7 @@ class EvalRunner:
     # scoring ---------------------------------------------------------------------------------------------
 
     def _score(self, run_id: int, task: TaskConfig, examples: list[Example],
-               slice_fields: Sequence[str]) -> tuple[list[MetricScore], list[MetricScore], int]:
+               slice_fields: Sequence[str]) -> tuple[list[MetricScore], list[MetricScore]]:
         with self.store.session() as session:
             rows = {r.example_id: r for r in session.scalars(select(EvalPredictionRow)
                                                               .where(EvalPredictionRow.run_id == run_id))}
@@ -321,7 +320,7 @@ class EvalRunner:
         per_example = self._per_example(tables, ordered)
         with self.store.session() as session:
             session.execute(update(EvalPredictionRow), per_example)
-        return scores, slices, sum(1 for r in ordered if r.error)
+        return scores, slices
 
     def _interval(self, table: MetricTable, slice_field: str | None = None,
                   slice_value: str | None = None) -> MetricScore:
@@ -350,8 +349,8 @@ class EvalRunner:
         with self.store.session() as session:
             rows = list(session.scalars(select(EvalScoreRow).where(EvalScoreRow.run_id == run.id)
                                         .order_by(EvalScoreRow.id)))
-            errors = len(list(session.scalars(select(EvalPredictionRow.id).where(
-                EvalPredictionRow.run_id == run.id, EvalPredictionRow.error.is_not(None)))))
+            errors = session.scalar(select(func.count(EvalPredictionRow.id)).where(
+                EvalPredictionRow.run_id == run.id, EvalPredictionRow.error.is_not(None))) or 0
         scores = [MetricScore(r.metric, r.value, r.ci_low, r.ci_high, r.level, r.n, r.mde, r.empty, r.signature,
                               r.slice_field, r.slice_value) for r in rows]
         return EvalReport(run_id=run.id, task=run.task, model=run.model, adapter_version=run.adapter_version,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tuneloop.cli.context import STATE
 from tuneloop.cli.output import console, print_json, print_table
 from tuneloop.errors import EvaluationError
+
+if TYPE_CHECKING:
+    from challenger_sets.catalog import DatasetVersion
+    from evaluators.runner import EvalTarget
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Attach reference answers to captured requests.")
 
@@ -21,7 +25,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Ask again even if an identical finished run exists.")]
 
 
-def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | None) -> tuple[str, object]:
+def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | None) -> tuple[str, EvalTarget]:
     """(task, EvalTarget): which model answers, and at which URL (see evaluators/endpoint.py)."""
     from evaluators.endpoint import endpoint_for
     from evaluators.runner import EvalTarget
@@ -49,7 +53,7 @@ def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | N
     return task, EvalTarget(task, version.ref, version.version, url)
 
 
-def _dataset(task: str, name: str | None):  # type: ignore[no-untyped-def]
+def _dataset(task: str, name: str | None) -> DatasetVersion:
     from challenger_sets.catalog import get_dataset
 
     return get_dataset(STATE.store, name or STATE.config.task(task).heldout_dataset, task=task)
@@ -79,10 +83,9 @@ def evaluate(
     json_output: JsonOption = False,
 ) -> None:
     """Score a model on a dataset through the served endpoint: every metric with its CI, stored and resumable."""
-    from evaluators.runner import EvalRunner, EvalTarget
+    from evaluators.runner import EvalRunner
 
     task_name, target = _target(task, adapter, base, endpoint)
-    assert isinstance(target, EvalTarget)
     version = _dataset(task_name, dataset)
     runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
     report = runner.run(target, version, limit=limit, fresh=fresh, slice_by=slice_by or [])
@@ -132,7 +135,7 @@ def compare(
     task_name = tasks.pop()
     version = _dataset(task_name, dataset)
     runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
-    runs = [runner.run(target, version, limit=limit, fresh=fresh) for _, target in targets]  # type: ignore[arg-type]
+    runs = [runner.run(target, version, limit=limit, fresh=fresh) for _, target in targets]
     report = compare_runs(runner, runs[0].run_id, runs[1].run_id)
     if json_output:
         print_json(report.to_json())
