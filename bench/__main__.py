@@ -1,17 +1,20 @@
-"""`make bench` / `python -m bench [NAME ...]`: run benchmarks and print their tables.
+"""`make bench` / `python -m bench [NAME ...]`: run benchmarks, print their tables, save them with provenance.
 
-Tables are also written to bench/results/NAME.md so the README can quote the last run.
+`python -m bench report` rewrites the README's tables from the saved results (`--check`: only compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import time
 
 BENCHMARKS = {
     "training": "bench.bench_training",
     "accuracy": "bench.bench_accuracy",
+    "budget": "bench.bench_budget",
+    "labels": "bench.bench_labels",
     "serving": "bench.bench_serving",
     "lora": "bench.bench_lora",
     "eval": "bench.bench_eval",
@@ -19,19 +22,28 @@ BENCHMARKS = {
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        from bench.report import main as report
+
+        sys.exit(report(check="--check" in sys.argv[2:]))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, a smoke run (results go to .cache/bench-quick/, never bench/results/)")
     args = parser.parse_args()
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    from bench.results import save_results
+
     for name in args.names or list(BENCHMARKS):
         started = time.perf_counter()
-        print(f"== bench {name}", flush=True)
-        module = importlib.import_module(BENCHMARKS[name])
-        text = module.run(quick=args.quick)
-        from bench.setup import results_dir
-
-        (results_dir() / f"{name}.md").write_text(text)
-        print(f"== bench {name} done in {time.perf_counter() - started:.0f} s\n", flush=True)
+        print(f"== bench {name}{' (quick)' if args.quick else ''}", flush=True)
+        tables = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick)
+        seconds = time.perf_counter() - started
+        path = save_results(name, tables, quick=args.quick, seconds=seconds)
+        print(f"== bench {name} done in {seconds:.0f} s -> {path}\n", flush=True)
 
 
 if __name__ == "__main__":

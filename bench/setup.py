@@ -33,12 +33,6 @@ def sentiment_sets() -> dict[str, list[Example]]:
     return {built.name: built.examples for built in build_sentiment()}
 
 
-def results_dir() -> Path:
-    path = REPO / "bench" / "results"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @cache
 def chat_sets() -> dict[str, list[Example]]:
     from challenger_sets.embedded import build_chat
