@@ -105,13 +105,13 @@ def run(*, quick: bool = False) -> list[Table]:
         return predict_labels(m, tokenizer, examples, system_prompt=task.system_prompt, labels=labels,
                               shots=shots, shot_format=fmt)
 
-    def prompt(examples: list[Example], variant: FewShotVariant | None, shots: Sequence[Example],
-               draw: int) -> dict[bool, Scored]:
+    def prompt(m: Any, examples: list[Example], variant: FewShotVariant | None,
+               shots: Sequence[Example]) -> dict[bool, Scored]:
         """Raw and calibrated predictions of one prompt (same forward passes)."""
         fmt: ShotFormat = variant.shot_format if variant else "turns"
-        scores = score_labels(model, tokenizer, examples, system_prompt=task.system_prompt, labels=labels,
+        scores = score_labels(m, tokenizer, examples, system_prompt=task.system_prompt, labels=labels,
                               shots=shots, shot_format=fmt)
-        bias = content_free_log_probs(model, tokenizer, system_prompt=task.system_prompt, labels=labels,
+        bias = content_free_log_probs(m, tokenizer, system_prompt=task.system_prompt, labels=labels,
                                       shots=shots, shot_format=fmt)
         name = variant.name if variant else "base model, zero-shot"
         return {False: score(name, examples, scores.predictions),
@@ -127,7 +127,7 @@ def run(*, quick: bool = False) -> list[Table]:
     variant_rows: list[list[Any]] = []
     candidates: list[tuple[float, FewShotVariant | None, bool]] = []
     for variant, draws in options:
-        runs = [prompt(validation, variant, shots, i) for i, shots in enumerate(draws)]
+        runs = [prompt(model, validation, variant, shots) for shots in draws]
         for calibrated in (False, True):
             scored = [r[calibrated] for r in runs]
             accuracies = [r.accuracy for r in scored]
@@ -153,14 +153,14 @@ def run(*, quick: bool = False) -> list[Table]:
     truth = [e.reference for e in test]
     majority = Counter(truth).most_common(1)[0][0]
     majority_test = score(f"majority class ('{majority}')", test, [majority] * len(test))
-    zero_test = prompt(test, None, [], 0)
-    test_draws = [prompt(test, chosen_variant, shots, i)[chosen_calibrated] for i, shots in enumerate(chosen_draws)]
+    zero_test = prompt(model, test, None, [])
+    test_draws = [prompt(model, test, chosen_variant, shots)[chosen_calibrated] for shots in chosen_draws]
     accuracies = [d.accuracy for d in test_draws]
     chosen_name = test_draws[0].name
     # The baseline the claims are tested against: the chosen prompt averaged over its draws per example, i.e. the
     # accuracy to expect from a draw of that prompt (not its luckiest or unluckiest draw on the test set).
-    prompting = Scored((f"base model, {chosen_name}" if chosen_variant else chosen_name) + (f", mean of {len(test_draws)} draws" if len(test_draws) > 1
-                                                       else ""),
+    suffix = f", mean of {len(test_draws)} draws" if len(test_draws) > 1 else ""
+    prompting = Scored((f"base model, {chosen_name}" if chosen_variant else chosen_name) + suffix,
                        [p for d in test_draws for p in d.predictions],
                        {m: _pool([d.tables[m] for d in test_draws]) for m in ("accuracy", "macro_f1")},
                        draws=len(test_draws))
@@ -183,7 +183,7 @@ def run(*, quick: bool = False) -> list[Table]:
                                    f"{result.train_seconds:.0f}", prediction_counts(scored.predictions, labels)])
                 trials.append((scored.accuracy, scored.macro_f1, lr, out, result))
             _, _, best_lr, best_dir, best_result = max(trials, key=lambda t: (t[0], t[1]))
-            for _, _, lr, out, _ in trials:
+            for *_, out, _ in trials:
                 if out != best_dir:
                     shutil.rmtree(out, ignore_errors=True)
             share = 100 * best_result.trainable_params / best_result.total_params
@@ -244,9 +244,11 @@ def _claims(prompting: Scored, finetuned: dict[str, list[Scored]], chosen_name: 
 
 def _equivalence(name: str, full: MetricTable, lora: MetricTable) -> list[Any]:
     paired = paired_bootstrap(full, lora, level=0.90)
-    inside = -EQUIVALENCE_MARGIN < paired.low and paired.high < EQUIVALENCE_MARGIN
-    verdict = "equivalent" if inside else ("LoRA worse" if paired.high < 0 else "LoRA better" if paired.low > 0
-                                            else "not shown equivalent")
+    inside = paired.low > -EQUIVALENCE_MARGIN and paired.high < EQUIVALENCE_MARGIN
+    if inside:
+        verdict = "equivalent"
+    else:
+        verdict = "LoRA worse" if paired.high < 0 else "LoRA better" if paired.low > 0 else "not shown equivalent"
     return [name, "90 %", f"{paired.delta:+.3f} [{paired.low:+.3f}, {paired.high:+.3f}]",
             f"{paired.delta / max(paired.a, 1e-9):+.1%}", f"{verdict} (margin +-{EQUIVALENCE_MARGIN:.2f})"]
 

@@ -18,7 +18,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from challenger_sets.leakage import check_no_leakage, input_keys
-from challenger_sets.records import Example, read_examples, write_jsonl
+from challenger_sets.records import Example, read_examples, read_numbered_examples, write_jsonl
+from challenger_sets.task_check import check_for_task
+from tuneloop.config import TaskConfig
 from tuneloop.errors import DatasetError, DatasetNotFound
 from tuneloop.events import record_event
 from tuneloop.store import Store
@@ -117,10 +119,11 @@ def add_dataset(store: Store, data_dir: Path, examples: list[Example], *, task: 
     return DatasetVersion(manifest=manifest, path=final)
 
 
-def import_dataset_file(store: Store, data_dir: Path, path: Path, *, task: str, name: str,
-                        kind: DatasetKind) -> DatasetVersion:
-    """Validate a user's JSONL/CSV file whole, then add it; a bad file imports nothing."""
-    examples = read_examples(path)
+def import_dataset_file(store: Store, data_dir: Path, path: Path, *, task: str, task_config: TaskConfig,
+                        name: str, kind: DatasetKind) -> DatasetVersion:
+    """Validate a user's JSONL/CSV file whole, its format and its content for the task, then add it; a bad file
+    imports nothing."""
+    examples = check_for_task(read_numbered_examples(path), task, task_config, str(path))
     return add_dataset(store, data_dir, examples, task=task, name=name, kind=kind, source=f"file:{path.resolve()}")
 
 

@@ -91,6 +91,11 @@ def normalize_text(text: str) -> str:
 
 def read_examples(path: str | Path) -> list[Example]:
     """Read a JSONL or CSV dataset file, validating every row; raises DatasetError listing every problem."""
+    return [example for _, example in read_numbered_examples(path)]
+
+
+def read_numbered_examples(path: str | Path) -> list[tuple[int, Example]]:
+    """Like `read_examples`, with each example's line number in the file (for errors found later)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -103,7 +108,7 @@ def read_examples(path: str | Path) -> list[Example]:
     return parse_jsonl(data, source=str(path))
 
 
-def parse_jsonl(data: bytes, *, source: str = "<jsonl>") -> list[Example]:
+def parse_jsonl(data: bytes, *, source: str = "<jsonl>") -> list[tuple[int, Example]]:
     errors: list[DatasetError] = []
     rows: list[tuple[int, Any]] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
@@ -127,7 +132,7 @@ def parse_jsonl(data: bytes, *, source: str = "<jsonl>") -> list[Example]:
     return _validate_rows(rows, errors, source)
 
 
-def parse_csv(data: bytes, *, source: str = "<csv>") -> list[Example]:
+def parse_csv(data: bytes, *, source: str = "<csv>") -> list[tuple[int, Example]]:
     """CSV with columns `input` and `reference` (optional `id`); any other column becomes `meta`."""
     try:
         text = data.decode("utf-8-sig")
@@ -152,8 +157,9 @@ def parse_csv(data: bytes, *, source: str = "<csv>") -> list[Example]:
     return _validate_rows(rows, [], source)
 
 
-def _validate_rows(rows: Iterable[tuple[int, Any]], errors: list[DatasetError], source: str) -> list[Example]:
-    examples: list[Example] = []
+def _validate_rows(rows: Iterable[tuple[int, Any]], errors: list[DatasetError],
+                   source: str) -> list[tuple[int, Example]]:
+    examples: list[tuple[int, Example]] = []
     seen: dict[str, int] = {}
     for line, row in rows:
         if not isinstance(row, dict):
@@ -174,17 +180,21 @@ def _validate_rows(rows: Iterable[tuple[int, Any]], errors: list[DatasetError], 
                                        path=source, line=line, field="id"))
             continue
         seen[example.id] = line
-        examples.append(example)
+        examples.append((line, example))
     if errors:
-        errors.sort(key=lambda e: e.line or 0)
-        shown = "\n  - ".join(str(e) for e in errors[:MAX_ERRORS_SHOWN])
-        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
-        first = errors[0]
-        raise DatasetError(f"{len(errors)} invalid row(s); nothing was imported:\n  - {shown}{more}",
-                           path=source, line=first.line)
+        raise_all(errors, source)
     if not examples:
         raise DatasetError("no examples in the file", path=source)
     return examples
+
+
+def raise_all(errors: list[DatasetError], source: str) -> None:
+    """One DatasetError listing every problem (the first MAX_ERRORS_SHOWN, sorted by line)."""
+    errors = sorted(errors, key=lambda e: e.line or 0)
+    shown = "\n  - ".join(str(e) for e in errors[:MAX_ERRORS_SHOWN])
+    more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+    raise DatasetError(f"{len(errors)} invalid row(s); nothing was imported:\n  - {shown}{more}", path=source,
+                       line=errors[0].line)
 
 
 def _message(err: Any) -> str:

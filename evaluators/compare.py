@@ -1,5 +1,8 @@
 """Paired comparison of two finished evaluation runs on the same examples: B minus A, per metric.
 
+Both runs' metric tables are rebuilt from the per-example statistics stored when they were scored, so a
+comparison uses exactly what each run reported, not a fresh scoring that a metric change could alter.
+
 Every metric gets a paired bootstrap interval and p-value; accuracy also gets the exact McNemar test, which uses
 only the examples the two versions disagree on. The minimum detectable effect is printed beside each delta so a
 "no significant difference" on a small set reads as "this set cannot tell", not as "they are equal".
@@ -54,7 +57,7 @@ class CompareReport:
 
 
 def compare_runs(runner: EvalRunner, run_a: int, run_b: int) -> CompareReport:
-    first, second = runner.get_run(run_a), runner.get_run(run_b)
+    first, second = runner.runs.get(run_a), runner.runs.get(run_b)
     if first.status != "complete" or second.status != "complete":
         raise EvaluationError(f"runs {run_a} and {run_b} must both be complete to compare")
     if (first.task, first.dataset_sha256, first.n_examples) != (second.task, second.dataset_sha256,
@@ -63,6 +66,8 @@ def compare_runs(runner: EvalRunner, run_a: int, run_b: int) -> CompareReport:
                               f"({second.dataset_ref}, n={second.n_examples}) are not on the same examples")
     ids_a, tables_a = runner.tables(run_a)
     ids_b, tables_b = runner.tables(run_b)
+    if set(tables_a) != set(tables_b):
+        raise EvaluationError(f"runs {run_a} and {run_b} were scored with different metrics")
     if ids_a != ids_b:
         raise EvaluationError("the two runs scored different examples")
     settings = runner.settings

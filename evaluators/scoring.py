@@ -57,22 +57,60 @@ def _mean_reduce(summed: np.ndarray) -> np.ndarray:
     return np.divide(summed[:, 0], summed[:, 1], out=np.zeros(len(summed)), where=summed[:, 1] > 0)
 
 
+def _sacrebleu_metric(name: str) -> Any:
+    import sacrebleu
+
+    return sacrebleu.BLEU() if name == "bleu" else sacrebleu.CHRF()
+
+
+def _sacrebleu_reducer(metric: Any) -> Callable[[np.ndarray], np.ndarray]:
+    def reduce(summed: np.ndarray) -> np.ndarray:
+        return np.array([metric._compute_score_from_stats([int(v) for v in row]).score / 100 for row in summed])
+
+    return reduce
+
+
+def _macro_f1_reducer(k: int) -> Callable[[np.ndarray], np.ndarray]:
+    def reduce(summed: np.ndarray) -> np.ndarray:
+        tp, true, pred = summed[:, :k], summed[:, k:2 * k], summed[:, 2 * k:]
+        denominator = true + pred
+        f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+        return f1.mean(axis=1)
+
+    return reduce
+
+
+def reducer_for(name: str, labels: Sequence[str] = ()) -> Callable[[np.ndarray], np.ndarray]:
+    """How a metric's summed statistics become its score; enough to rebuild a table from stored statistics."""
+    if name in MEAN_METRICS:
+        return _mean_reduce
+    if name == "macro_f1":
+        if not labels:
+            raise ValueError("macro_f1 needs the task's labels")
+        return _macro_f1_reducer(len(labels))
+    if name in ("bleu", "chrf"):
+        return _sacrebleu_reducer(_sacrebleu_metric(name))
+    raise ValueError(f"unknown metric '{name}'")
+
+
+def table_from_stats(name: str, stats: np.ndarray, signature: str, labels: Sequence[str] = (),
+                     empty: int = 0) -> MetricTable:
+    """A MetricTable rebuilt from stored per-example statistics (see EvalPredictionRow.stats)."""
+    return MetricTable(name, np.asarray(stats, dtype=float), reducer_for(name, labels), signature, empty)
+
+
 def _mean_table(name: str, values: Sequence[float], signature: str, empty: int) -> MetricTable:
     stats = np.column_stack([np.asarray(values, dtype=float), np.ones(len(values))]) if len(values) else \
         np.zeros((0, 2))
     return MetricTable(name, stats, _mean_reduce, signature, empty)
 
 
-def _sacrebleu_table(name: str, metric: Any, predictions: list[str], references: list[str],
-                     empty: int) -> MetricTable:
+def _sacrebleu_table(name: str, predictions: list[str], references: list[str], empty: int) -> MetricTable:
+    metric = _sacrebleu_metric(name)
     stats = np.asarray(metric._extract_corpus_statistics(predictions, [references]), dtype=float)
     if stats.size == 0:
         stats = np.zeros((0, 1))
-
-    def reduce(summed: np.ndarray) -> np.ndarray:
-        return np.array([metric._compute_score_from_stats([int(v) for v in row]).score / 100 for row in summed])
-
-    return MetricTable(name, stats, reduce, str(metric.get_signature()), empty)
+    return MetricTable(name, stats, _sacrebleu_reducer(metric), str(metric.get_signature()), empty)
 
 
 def _macro_f1_table(parsed: list[str], references: Sequence[str], labels: Sequence[str], signature: str,
@@ -87,21 +125,12 @@ def _macro_f1_table(parsed: list[str], references: Sequence[str], labels: Sequen
             stats[row, 2 * k + index[predicted]] = 1
             if predicted == truth:
                 stats[row, index[truth]] = 1
-
-    def reduce(summed: np.ndarray) -> np.ndarray:
-        tp, true, pred = summed[:, :k], summed[:, k:2 * k], summed[:, 2 * k:]
-        denominator = true + pred
-        f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-        return f1.mean(axis=1)
-
-    return MetricTable("macro_f1", stats, reduce, signature + "|macro-f1:zero_division=0", empty)
+    return MetricTable("macro_f1", stats, _macro_f1_reducer(k), signature + "|macro-f1:zero_division=0", empty)
 
 
 def score_examples(metric_names: Sequence[str], predictions: Sequence[str | None], references: Sequence[str],
                    labels: Sequence[str] = ()) -> dict[str, MetricTable]:
     """The requested metrics over aligned predictions and references (None or "" = empty prediction, scores 0)."""
-    import sacrebleu
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     texts = [p or "" for p in predictions]
@@ -119,9 +148,9 @@ def score_examples(metric_names: Sequence[str], predictions: Sequence[str | None
         for table in (tables["accuracy"], tables["macro_f1"]):
             table.details.update(invalid=invalid, parsed=parsed)
     if "bleu" in wanted:
-        tables["bleu"] = _sacrebleu_table("bleu", sacrebleu.BLEU(), texts, list(references), empty)
+        tables["bleu"] = _sacrebleu_table("bleu", texts, list(references), empty)
     if "chrf" in wanted:
-        tables["chrf"] = _sacrebleu_table("chrf", sacrebleu.CHRF(), texts, list(references), empty)
+        tables["chrf"] = _sacrebleu_table("chrf", texts, list(references), empty)
     rouge_names = wanted & {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     if rouge_names:
         for name, result in m.rouge(texts, references, types=tuple(rouge_names)).items():

@@ -7,6 +7,7 @@ macro-F1) are recomputed at the corpus level on every resample, at the cost of o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -88,13 +89,29 @@ def bootstrap_draws(table: MetricTable, *, resamples: int = DEFAULT_RESAMPLES, s
     return np.concatenate([table.from_weights(w) for w in resample_weights(table.n, resamples, seed)])
 
 
+def standard_error_floor(value: float, n: int) -> float:
+    """The smallest standard error a score in [0, 1] over n examples is given: the binomial SE at the add-one
+    smoothed rate (k + 1) / (n + 2).
+
+    A bootstrap SE is 0 when every example scores the same (all right, all wrong), which would claim that any
+    difference is detectable; n examples that all agree still leave the rate uncertain by about this much.
+    """
+    if n <= 0:
+        return 0.0
+    rate = (min(max(value, 0.0), 1.0) * n + 1) / (n + 2)
+    return math.sqrt(rate * (1 - rate) / n)
+
+
 def table_interval(table: MetricTable, *, level: float = 0.95, resamples: int = DEFAULT_RESAMPLES,
                    seed: int = DEFAULT_SEED) -> tuple[Interval, float]:
-    """The metric with its percentile-bootstrap interval, and the bootstrap standard error."""
+    """The metric with its percentile-bootstrap interval, and its standard error (bootstrap, floored by
+    `standard_error_floor`)."""
     draws = bootstrap_draws(table, resamples=resamples, seed=seed)
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
-    return Interval(table.value(), float(low), float(high), level, table.n), float(draws.std(ddof=1))
+    value = table.value()
+    se = max(float(draws.std(ddof=1)), standard_error_floor(value, table.n))
+    return Interval(value, float(low), float(high), level, table.n), se
 
 
 def minimum_detectable_effect(standard_error: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -112,7 +129,7 @@ def paired_bootstrap(a: MetricTable, b: MetricTable, *, level: float = 0.95, res
     The p-value is the null-centred bootstrap one, (1 + #{|d* - d| >= |d|}) / (R + 1): how often a resample
     strays from the observed difference by as much as the difference strays from zero. The MDE uses the
     unpaired standard error sqrt(SE_a^2 + SE_b^2), an upper bound for the paired design that stays meaningful
-    when both systems answer identically.
+    when both systems answer identically, each SE floored by `standard_error_floor`.
     """
     if a.n != b.n:
         raise ValueError(f"paired comparison needs the same examples: {a.n} vs {b.n}")
@@ -130,7 +147,9 @@ def paired_bootstrap(a: MetricTable, b: MetricTable, *, level: float = 0.95, res
     alpha = (1 - level) / 2
     low, high = np.quantile(delta_draws, [alpha, 1 - alpha])
     p_value = (1 + np.sum(np.abs(delta_draws - delta) >= abs(delta) - 1e-12)) / (len(delta_draws) + 1)
-    se = float(np.hypot(np.concatenate(draws_a).std(ddof=1), np.concatenate(draws_b).std(ddof=1)))
+    se_a = max(float(np.concatenate(draws_a).std(ddof=1)), standard_error_floor(value_a, a.n))
+    se_b = max(float(np.concatenate(draws_b).std(ddof=1)), standard_error_floor(value_b, b.n))
+    se = float(np.hypot(se_a, se_b))
     return PairedResult(a.name, value_a, value_b, delta, float(low), float(high), float(min(1.0, p_value)),
                         "paired bootstrap", level, a.n, minimum_detectable_effect(se, alpha=1 - level))
 

@@ -18,11 +18,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import httpx
 
+from serving.engine_client import EngineClient, EngineLimits
 from tuneloop.errors import AdapterError, EngineUnavailable
 from tuneloop.hardware import cpu_has_fast_bf16
 
@@ -47,13 +49,27 @@ class EngineSpec:
     lora_target_modules: list[str] = field(default_factory=list)
     lora_modules: dict[str, Path] = field(default_factory=dict)
     kv_cache_gib: float = 2.0
-    dtype: str = "auto"
-    lora_ops: str = "grouped"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora_ops: Literal["grouped", "stock"] = "grouped"
     enable_lora: bool = True
+    prefix_caching: bool | None = field(default=None, metadata={"help": "None: vLLM's default."})
+    base_sha256: str = field(default="", metadata={"help": "Checksum of the base model; adapters must match."})
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype vLLM runs in: bf16 only where the CPU multiplies bf16 natively (or on a GPU)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if cpu_has_fast_bf16() or _has_gpu() else "float32"
+
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.base_sha256, vllm_rank(self.max_lora_rank) if self.enable_lora else 0,
+                            tuple(self.lora_target_modules))
 
 
 def vllm_rank(rank: int) -> int:
@@ -65,12 +81,12 @@ def vllm_rank(rank: int) -> int:
 
 
 def build_command(spec: EngineSpec) -> list[str]:
-    dtype = spec.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if cpu_has_fast_bf16() or _has_gpu() else "float32"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_path),
                "--served-model-name", spec.served_name, "--host", spec.host, "--port", str(spec.port),
-               "--max-model-len", str(spec.max_model_len), "--dtype", dtype, "--disable-uvicorn-access-log"]
+               "--max-model-len", str(spec.max_model_len), "--dtype", spec.resolved_dtype,
+               "--disable-uvicorn-access-log"]
+    if spec.prefix_caching is not None:
+        command.append("--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching")
     if not spec.enable_lora:
         return command
     command += ["--enable-lora", "--max-lora-rank", str(vllm_rank(spec.max_lora_rank)),
@@ -90,6 +106,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@cache
 def _has_gpu() -> bool:
     try:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=5).returncode == 0
@@ -98,7 +115,11 @@ def _has_gpu() -> bool:
 
 
 class EngineSupervisor:
-    """Owns the vLLM process. Thread-safe; `state` and `restarts` are read by the gateway and the exporter."""
+    """Owns the vLLM process. Thread-safe; `state` and `restarts` are read by the gateway and the exporter.
+
+    Adapters go in and out through `client` (the one engine client); after a restart the engine is started with
+    every adapter the client holds.
+    """
 
     def __init__(self, spec: EngineSpec, log_path: Path, *, start_timeout_s: float = 600.0,
                  restart: bool = True, max_backoff_s: float = 60.0) -> None:
@@ -113,7 +134,13 @@ class EngineSupervisor:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.loaded: dict[str, Path] = dict(spec.lora_modules)
+        self.client = EngineClient(spec.base_url, spec.limits, ready=lambda: self.state == "ready")
+        for name, path in spec.lora_modules.items():
+            self.client.adopt(name, path)
+
+    @property
+    def base_url(self) -> str:
+        return self.spec.base_url
 
     # lifecycle -------------------------------------------------------------------------------------------
 
@@ -128,7 +155,7 @@ class EngineSupervisor:
 
     def _launch(self) -> None:
         with self._lock:
-            self.spec.lora_modules = dict(self.loaded)
+            self.spec.lora_modules = dict(self.client.loaded)
             env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                    "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(self.spec.kv_cache_gib))),
                    "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
@@ -195,6 +222,10 @@ class EngineSupervisor:
         self._terminate(timeout_s)
         self.state = "stopped"
 
+    def started_message(self, text: str) -> bool:
+        """Whether vLLM's log says `text` (e.g. that a plugin installed itself in the engine process)."""
+        return text in self.log_path.read_text(errors="replace") if self.log_path.exists() else False
+
     def _terminate(self, timeout_s: float = 30.0) -> None:
         process = self.process
         if process is None or process.poll() is not None:
@@ -215,32 +246,14 @@ class EngineSupervisor:
         except OSError:
             return "(no log)"
 
-    # adapters --------------------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: Path) -> None:
-        """Load an adapter into the running engine under `name` (idempotent)."""
-        with self._lock:
-            if name in self.loaded:
-                return
-            self._require_ready()
-            response = httpx.post(f"{self.spec.base_url}/v1/load_lora_adapter",
-                                  json={"lora_name": name, "lora_path": str(path)}, timeout=120.0)
-            already = "has already been" in response.text  # loaded straight into vLLM, e.g. by an eval
-            if response.status_code != 200 and not already:
-                raise AdapterError(f"vLLM refused to load {name} from {path}: {response.text[:500]}")
-            self.loaded[name] = path
+class ServingEngine(Protocol):
+    """What the gateway needs of an engine: its state, its restarts, where it listens and its adapter client.
+    `EngineSupervisor` is one; fast tests give a stand-in in front of a stub vLLM."""
 
-    def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            if name not in self.loaded:
-                return
-            self._require_ready()
-            response = httpx.post(f"{self.spec.base_url}/v1/unload_lora_adapter", json={"lora_name": name},
-                                  timeout=60.0)
-            if response.status_code != 200:
-                raise AdapterError(f"vLLM refused to unload {name}: {response.text[:500]}")
-            del self.loaded[name]
+    state: EngineState
+    restarts: int
+    client: EngineClient
 
-    def _require_ready(self) -> None:
-        if self.state != "ready":
-            raise EngineUnavailable(f"vLLM is {self.state}; try again shortly")
+    @property
+    def base_url(self) -> str: ...

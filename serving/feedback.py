@@ -16,17 +16,9 @@ from sqlalchemy import select
 
 from challenger_sets.records import MAX_TEXT_CHARS
 from tuneloop.config import Config
-from tuneloop.errors import DatasetError, FeedbackError
+from tuneloop.errors import DatasetError, FeedbackConflict, FeedbackError, UnknownRequest
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
-
-
-class UnknownRequest(FeedbackError):
-    """No captured request has this id (or its capture has not been written yet)."""
-
-
-class FeedbackConflict(FeedbackError):
-    """The request already has a different reference."""
 
 
 class FeedbackItem(BaseModel):

@@ -1,8 +1,8 @@
-"""Promotion and rollback on a running engine: load the new adapter, flip the alias atomically, unload the old
-one after a grace period so in-flight requests finish on it.
+"""Promotion and rollback: load the new adapter through the engine client, flip the alias atomically, unload the
+old one after a grace period so in-flight requests finish on it.
 
-An adapter is checked before vLLM sees it: it must be a registered LoRA version whose files match their
-checksum, trained on the served base model, with a rank and target modules the running engine was started for.
+With no engine (`tuneloop promote` while nothing serves) the same checks run against the limits the next
+`tuneloop serve` will start with, and only the registry changes.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
 
+from serving.engine_client import EngineClient, EngineLimits, check_servable
+from serving.routing import Router
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
-from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias, verify_adapter
+from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,45 +26,24 @@ class SwapResult:
     task: str
     champion: str
     previous: str | None
-    seconds: float = 0.0
-
-
-def check_servable(version: AdapterVersion, *, base_sha256: str, max_rank: int, target_modules: list[str]) -> None:
-    if version.method != "lora":
-        raise AdapterError(f"{version.ref} is a {version.method} model; only LoRA adapters are served")
-    verify_adapter(version)
-    if version.base_model_sha256 != base_sha256:
-        raise AdapterError(f"{version.ref} was trained on base model {version.base_model_sha256[:12]}, but the "
-                           f"engine serves {base_sha256[:12]}; retrain it on the served base")
-    rank = int(version.card.hyperparameters.get("rank", 0))
-    if rank > max_rank:
-        raise AdapterError(f"{version.ref} has LoRA rank {rank}, above the engine's --max-lora-rank {max_rank}; "
-                           "raise serving.max_lora_rank and restart `tuneloop serve`")
-    targets = set(version.card.hyperparameters.get("target_modules", []))
-    if target_modules and not targets <= set(target_modules):
-        raise AdapterError(f"{version.ref} adapts {sorted(targets)}, but the engine was started for "
-                           f"{sorted(target_modules)}; restart `tuneloop serve` to serve it")
 
 
 class HotSwapper:
-    """Promotions for one gateway; `engine` is an EngineSupervisor (None: no engine runs, flip the registry only)."""
+    """Promotions for one gateway (`client` and `router` set) or for the registry alone (both None)."""
 
-    def __init__(self, store: Store, engine: Any | None, router: Any, *, base_sha256: str, grace_s: float) -> None:
-        self.store, self.engine, self.router = store, engine, router
-        self.base_sha256 = base_sha256
+    def __init__(self, store: Store, limits: EngineLimits, *, client: EngineClient | None = None,
+                 router: Router | None = None, grace_s: float = 0.0) -> None:
+        self.store, self.limits, self.client, self.router = store, limits, client, router
         self.grace_s = grace_s
         self._lock = threading.Lock()
 
-    def check(self, version: AdapterVersion) -> None:
-        max_rank = self.engine.spec.max_lora_rank if self.engine else 10**6
-        targets = self.engine.spec.lora_target_modules if self.engine else []
-        check_servable(version, base_sha256=self.base_sha256, max_rank=max_rank, target_modules=targets)
-
     def load(self, ref: str) -> AdapterVersion:
+        """Check a version and, with an engine, load it (no routing change)."""
         version = get_adapter(self.store, ref)
-        self.check(version)
-        if self.engine is not None:
-            self.engine.load_adapter(version.ref, version.path)
+        if self.client is not None:
+            self.client.load(version)
+        else:
+            check_servable(version, self.limits)
         return version
 
     def promote(self, ref: str, *, reason: str = "promoted") -> SwapResult:
@@ -75,7 +55,7 @@ class HotSwapper:
                 clear_alias(self.store, version.task, "candidate")
             if self.router is not None:
                 self.router.refresh()
-        if self.engine is not None and previous and previous.version != version.version:
+        if self.client is not None and previous and previous.version != version.version:
             self._unload_later(previous.ref)
         return SwapResult(task=version.task, champion=version.ref, previous=previous.ref if previous else None)
 
@@ -94,18 +74,20 @@ class HotSwapper:
         raise AdapterError(f"{current.ref} has no previous champion to roll back to")
 
     def _unload_later(self, name: str) -> None:
+        client = self.client
+        if client is None:
+            return
+
         def unload() -> None:
             task = name.split("@")[0]
-            active = {f"{task}@{v.version}" for v in (find_alias(self.store, task, "champion"),
-                                                      find_alias(self.store, task, "candidate")) if v}
+            active = {v.ref for v in (find_alias(self.store, task, "champion"),
+                                      find_alias(self.store, task, "candidate")) if v}
             if name in active:
                 return
-            if self.engine is None:
-                return
             try:
-                self.engine.unload_adapter(name)
+                client.unload(name)
                 log.info("unloaded %s after the %.0f s grace period", name, self.grace_s)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed unload only costs memory; say so and go on
                 log.warning("could not unload %s: %s", name, exc)
 
         timer = threading.Timer(self.grace_s, unload)

@@ -45,7 +45,7 @@ class ServingStateCollector(Collector):
         restarts.add_metric([], float(self.engine.restarts))
         yield restarts
         loaded = GaugeMetricFamily("tuneloop_engine_adapters_loaded", "LoRA adapters loaded in vLLM.")
-        loaded.add_metric([], float(len(self.engine.loaded)))
+        loaded.add_metric([], float(len(self.engine.client.loaded)))
         yield loaded
         records = CounterMetricFamily("tuneloop_capture_records", "Captured traffic records by outcome "
                                       "(captured, spilled_*, replayed, dropped).", labels=["outcome"])

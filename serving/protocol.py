@@ -6,13 +6,44 @@ the gateway itself relies on and keep every other field (`extra="allow"`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from tuneloop.errors import (
+    AdapterError,
+    AuthError,
+    DatasetError,
+    EngineUnavailable,
+    FeedbackConflict,
+    ModelNotFound,
+    RequestTooLarge,
+    TuneloopError,
+    UnknownRequest,
+)
 
 MAX_BODY_BYTES = 2_000_000
 EVAL_PURPOSE_HEADER = "X-Tuneloop-Purpose"  # "eval": counted, never captured as user traffic
+RETRY_AFTER_S = "5"
+Endpoint = Literal["chat", "completion"]
+Purpose = Literal["user", "eval"]
+ErrorType = Literal["authentication_error", "not_found_error", "conflict_error", "service_unavailable",
+                    "adapter_error", "request_too_large", "invalid_request_error"]
+# Exception type -> HTTP status and error type, most specific first. The admin client maps the type back.
+ERROR_TYPES: list[tuple[type[TuneloopError], int, ErrorType]] = [
+    (AuthError, 401, "authentication_error"),
+    (ModelNotFound, 404, "not_found_error"),
+    (UnknownRequest, 404, "not_found_error"),
+    (FeedbackConflict, 409, "conflict_error"),
+    (EngineUnavailable, 503, "service_unavailable"),
+    (AdapterError, 400, "adapter_error"),
+    (RequestTooLarge, 413, "request_too_large"),
+    (DatasetError, 400, "invalid_request_error"),
+    (TuneloopError, 400, "invalid_request_error"),
+]
 
 
 class ChatMessage(BaseModel):
@@ -76,6 +107,47 @@ def error_response(status: int, message: str, error_type: str, *,
     """The OpenAI-style error body used for every gateway failure."""
     body = {"error": ErrorBody(message=message, type=error_type, code=status).model_dump()}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def status_of(exc: TuneloopError) -> tuple[int, ErrorType]:
+    for error_type, status, name in ERROR_TYPES:
+        if isinstance(exc, error_type):
+            return status, name
+    return 400, "invalid_request_error"
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def read_json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, refusing bodies over MAX_BODY_BYTES before reading them when they say so."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"request body is {int(length):,} bytes, over the {MAX_BODY_BYTES:,}-byte limit")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"request body is over the {MAX_BODY_BYTES:,}-byte limit")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") \
+            from None
+    if not isinstance(body, dict):
+        raise DatasetError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def validate_body(model: type[Model], body: dict[str, Any]) -> Model:
+    """`model` parsed from `body`, or a DatasetError naming every bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise DatasetError(f"invalid request: {problems}") from None
 
 
 def text_content(content: str | list[Any] | None) -> str:

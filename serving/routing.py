@@ -11,19 +11,24 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from tuneloop.config import Config
 from tuneloop.errors import ModelNotFound
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
 
+RouteKind = Literal["champion", "candidate", "explicit", "base", "shadow"]
+
 
 @dataclass(frozen=True)
 class Route:
+    """Who answers: `target` is the name vLLM knows (`task@N` or the base model's served name)."""
+
     task: str | None
     version: int | None
     target: str = ""
-    kind: str = "champion"
+    kind: RouteKind = "champion"
 
     @property
     def adapter(self) -> str:

@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from serving.capture import CaptureWriter
-from serving.engine import EngineSpec, EngineSupervisor
+from serving.engine import EngineSpec, EngineSupervisor, ServingEngine
+from serving.engine_client import EngineLimits, check_servable
 from serving.gateway import GatewayContext, create_app
 from serving.hotswap import HotSwapper
 from serving.metrics import GatewayMetrics, ServingStateCollector
@@ -50,8 +52,6 @@ class ServedAdapters:
 
 def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapters:
     """Champions and candidates of every task, checked, plus the LoRA flags they and the recipes need."""
-    from serving.hotswap import check_servable
-
     adapters: list[AdapterVersion] = []
     ranks = [t.train.rank for t in config.tasks.values() if t.train.method == "lora"]
     targets: set[str] = {m for t in config.tasks.values() if t.train.method == "lora" for m in t.train.target_modules}
@@ -61,8 +61,7 @@ def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapt
             if version is None or version in adapters:
                 continue
             try:
-                check_servable(version, base_sha256=base_sha256, max_rank=config.serving.max_lora_rank,
-                               target_modules=[])
+                check_servable(version, offline_limits(config, base_sha256))
             except AdapterError as exc:
                 log.error("not serving %s %s: %s", alias, version.ref, exc)
                 continue
@@ -73,6 +72,12 @@ def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapt
                           target_modules=sorted(targets))
 
 
+def offline_limits(config: Config, base_sha256: str) -> EngineLimits:
+    """What the next `tuneloop serve` can serve: the configured base, ranks up to serving.max_lora_rank, any
+    targets (its --lora-target-modules are derived from the adapters). Used where no engine runs."""
+    return EngineLimits(base_sha256, config.serving.max_lora_rank, ())
+
+
 def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
     base = ensure_base_model(config)
     plan = plan_adapters(config, store, base.sha256)
@@ -81,35 +86,38 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
                       max_lora_rank=plan.max_rank, max_loras=config.serving.max_loras,
                       lora_target_modules=plan.target_modules,
                       lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib,
-                      lora_ops=config.serving.lora_ops)
+                      lora_ops=config.serving.lora_ops, base_sha256=base.sha256)
     engine = EngineSupervisor(spec, config.data_path / "logs" / "vllm.log",
                               start_timeout_s=config.serving.start_timeout_s)
     return engine, base.sha256
 
 
-def build_context(config: Config, store: Store, engine: EngineSupervisor, base_sha256: str, *,
-                  seed: int | None = None) -> GatewayContext:
+def build_context(config: Config, store: Store, engine: ServingEngine, *, seed: int | None = None,
+                  upstream_transport: httpx.AsyncBaseTransport | None = None) -> GatewayContext:
+    """The gateway's shared state around an engine (a supervised vLLM, or a test's stand-in)."""
     registry = CollectorRegistry()
-    router = Router(config, store, lambda: set(engine.loaded), seed=seed)
+    router = Router(config, store, lambda: set(engine.client.loaded), seed=seed)
     router.refresh()
     capture = CaptureWriter(store, config.data_path / "spill", max_queue=config.serving.capture_queue_size)
     redactor = Redactor(config.serving.redact)
-    swapper = HotSwapper(store, engine, router, base_sha256=base_sha256, grace_s=config.serving.unload_grace_s)
+    swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
+                         grace_s=config.serving.unload_grace_s)
     registry.register(ServingStateCollector(engine, capture, redactor))
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
-                          redactor=redactor, registry=registry, metrics=GatewayMetrics(registry))
+                          redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
+                          upstream_transport=upstream_transport)
 
 
 def serve(config: Config, store: Store) -> None:
     """Run until interrupted: vLLM first (blocking until ready), then the gateway on its port."""
     import uvicorn
 
-    engine, base_sha = build_engine(config, store)
+    engine, _ = build_engine(config, store)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; make that an exception so the engine and the
     # capture writer below are still stopped and flushed.
     signal.signal(signal.SIGTERM, _raise_shutdown)
     engine.start()
-    ctx = build_context(config, store, engine, base_sha)
+    ctx = build_context(config, store, engine)
     ctx.capture.start()
     ctx.capture.replay_spill()
     try:
@@ -120,8 +128,6 @@ def serve(config: Config, store: Store) -> None:
     finally:
         ctx.capture.close()
         engine.stop()
-
-
 
 
 @dataclass
@@ -138,9 +144,9 @@ def running_server(config: Config, store: Store, *, seed: int | None = None) -> 
     """Engine + gateway (uvicorn on a thread) for the demo, tests and benchmarks; stopped on exit."""
     import uvicorn
 
-    engine, base_sha = build_engine(config, store)
+    engine, _ = build_engine(config, store)
     engine.start()
-    ctx = build_context(config, store, engine, base_sha, seed=seed)
+    ctx = build_context(config, store, engine, seed=seed)
     ctx.capture.start()
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), host=config.serving.gateway_host,
                                            port=config.serving.gateway_port, log_level="warning"))

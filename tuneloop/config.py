@@ -100,6 +100,9 @@ class TaskConfig(StrictModel):
     metrics: list[MetricName] = Field(description="Metrics reported for this task.")
     primary_metric: MetricName = Field(description="The metric alerts and promotion decisions use.")
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Decoding budget for one answer.")
+    constrain_labels: bool = Field(
+        default=True, description="Classification only: the gateway restricts decoding to `labels` (vLLM "
+        "structured outputs), so every answer is a label; a request with its own structured outputs keeps them.")
     train_dataset: str = Field(description="Dataset the adapter is trained on (task/name).")
     heldout_dataset: str = Field(description="Held-out set from the training distribution (task/name).")
     challenger_datasets: list[str] = Field(default_factory=list, description="Fresh real-world eval sets.")

@@ -102,3 +102,17 @@ class FeedbackError(TuneloopError):
     """Feedback names an unknown request, gives an invalid label, or would overwrite an earlier answer."""
 
     exit_code = 13
+
+
+class RequestTooLarge(TuneloopError):
+    """A request body is over the gateway's size limit."""
+
+    exit_code = 14
+
+
+class UnknownRequest(FeedbackError):
+    """No captured request has this id (or its capture has not been written yet)."""
+
+
+class FeedbackConflict(FeedbackError):
+    """The request already has a different reference."""

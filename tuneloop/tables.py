@@ -141,6 +141,7 @@ class EvalPredictionRow(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     scores: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stats: Mapped[dict[str, list[float]] | None] = mapped_column(JSON, nullable=True)
 
 
 class EvalScoreRow(Base):

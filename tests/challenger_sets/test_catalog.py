@@ -49,9 +49,41 @@ def test_bad_file_imports_nothing(store: Store, config: Config, tmp_path: Path) 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id":"a","input":"hello","reference":"positive"}\n{"id":"b", "input": 3\nnot json\n')
     with pytest.raises(DatasetError, match="line 2"):
-        import_dataset_file(store, config.data_path, bad, task="sentiment", name="hostile", kind="challenger")
+        import_dataset_file(store, config.data_path, bad, task="sentiment", task_config=config.tasks["sentiment"],
+                            name="hostile", kind="challenger")
     assert list_datasets(store) == []
     assert not (config.data_path / "datasets").exists()
+
+
+def test_a_label_task_refuses_references_that_are_not_its_labels(store: Store, config: Config,
+                                                                  tmp_path: Path) -> None:
+    lines = ['{"id": "a", "input": "lost my bag", "reference": "Negative"}',
+             '{"id": "b", "input": "meh", "reference": "mixed"}',
+             '',
+             '{"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, '
+             '{"role": "user", "content": "great"}], "reference": "positive"}',
+             '{"id": "d", "input": "ok", "reference": "furious"}']
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    task = config.tasks["sentiment"]
+    with pytest.raises(DatasetError) as caught:
+        import_dataset_file(store, config.data_path, bad, task="sentiment", task_config=task, name="x",
+                            kind="challenger")
+    message = str(caught.value)
+    assert "3 invalid row(s); nothing was imported" in message
+    assert "line 2, field 'reference': 'mixed' is not a label of task 'sentiment'" in message
+    assert "line 4, field 'messages'" in message and "line 5, field 'reference': 'furious'" in message
+    assert "line 1" not in message, "'Negative' is the label 'negative' in another case"
+    assert list_datasets(store) == [] and not (config.data_path / "datasets").exists()
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(lines[0] + "\n" + '{"id": "e", "input": "fine", "reference": " NEUTRAL "}\n')
+    version = import_dataset_file(store, config.data_path, good, task="sentiment", task_config=task, name="x",
+                                  kind="challenger")
+    assert [e.reference for e in version.load()] == ["negative", "neutral"], "stored in the labels' spelling"
+    chat = import_dataset_file(store, config.data_path, bad, task="chat", task_config=config.tasks["chat"],
+                               name="anything", kind="challenger")
+    assert chat.manifest.rows == 4, "a generation task takes any reply as its reference"
 
 
 def test_unknown_dataset_lists_the_known_ones(store: Store, config: Config) -> None:

@@ -21,7 +21,9 @@ def test_valid_jsonl_with_messages_and_input() -> None:
             b'\n'
             b'{"id": "b", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},'
             b' {"role": "user", "content": "how are you"}], "reference": "good"}\n')
-    examples = parse_jsonl(data)
+    numbered = parse_jsonl(data)
+    assert [line for line, _ in numbered] == [1, 3], "blank lines are skipped but keep their numbers"
+    examples = [e for _, e in numbered]
     assert [e.id for e in examples] == ["a", "b"]
     assert examples[0].meta == {"topic": "airline"}
     assert examples[1].last_user_text() == "how are you"
@@ -79,7 +81,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
 
 def test_csv_import_maps_extra_columns_to_meta() -> None:
     data = b"input,reference,topic\nnice one,positive,apple\n\"multi\nline\",neutral,apple\n"
-    examples = parse_csv(data)
+    examples = [e for _, e in parse_csv(data)]
     assert examples[0].meta == {"topic": "apple"} and examples[1].input == "multi\nline"
     with pytest.raises(DatasetError, match="lacks column"):
         parse_csv(b"text,label\na,b\n")

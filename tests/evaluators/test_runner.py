@@ -10,13 +10,13 @@ import json
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from challenger_sets.catalog import add_dataset
 from challenger_sets.records import Example
 from evaluators.compare import compare_runs
 from evaluators.runner import EvalRunner, EvalTarget
-from tuneloop.errors import EngineUnavailable, ModelNotFound
+from tuneloop.errors import EngineUnavailable, EvaluationError, ModelNotFound
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, EvalScoreRow
 
 TOPICS = ["airlines", "sports", "music"]
@@ -42,6 +42,8 @@ class ScriptedEndpoint:
             raise httpx.ConnectError("connection refused")
         assert request.headers["X-Tuneloop-Purpose"] == "eval"
         assert body["temperature"] == 0 and body["messages"][0]["role"] == "system"
+        assert body["structured_outputs"] == {"choice": ["negative", "neutral", "positive"]}, "labels by construction"
+        assert body["max_tokens"] >= len("negative") + 1
         text = self.answers.get(body["messages"][-1]["content"], "")
         return httpx.Response(200, json={"choices": [{"message": {"content": text}}],
                                          "usage": {"completion_tokens": 1}})
@@ -127,3 +129,31 @@ def test_compare_finds_the_better_version_and_reports_p_values(config, store, he
     accuracy = next(m for m in report.metrics if m.metric == "accuracy")
     assert accuracy.delta > 0.3 and accuracy.p_value < 0.01 and accuracy.mcnemar_p_value < 0.01
     assert accuracy.significant and "p_value" in report.to_json()["metrics"]["macro_f1"]
+    backwards = next(m for m in compare_runs(runner_b, better.run_id, worse.run_id).metrics if m.metric == "accuracy")
+    assert backwards.delta == pytest.approx(-accuracy.delta) and backwards.significant
+
+
+def test_the_same_answers_compare_as_no_difference(config, store, heldout):
+    answers = _answers(heldout, 3)
+    first = _runner(config, store, ScriptedEndpoint(answers)).run(TARGET, heldout)
+    runner = _runner(config, store, ScriptedEndpoint(answers))
+    second = runner.run(EvalTarget("sentiment", "sentiment@2", 2, "http://endpoint.test"), heldout)
+    for metric in compare_runs(runner, first.run_id, second.run_id).metrics:
+        assert metric.delta == 0 and metric.ci_low == metric.ci_high == 0 and metric.p_value == 1
+        assert not metric.significant and metric.mde > 0.05
+
+
+def test_compare_uses_the_statistics_stored_when_the_runs_were_scored(config, store, heldout):
+    runner = _runner(config, store, ScriptedEndpoint(_answers(heldout, 2)))
+    a = runner.run(TARGET, heldout)
+    b = _runner(config, store, ScriptedEndpoint(_answers(heldout, 36))).run(
+        EvalTarget("sentiment", "sentiment@2", 2, "http://endpoint.test"), heldout)
+    with store.session() as session:  # answers edited after scoring must not change what the runs reported
+        session.execute(update(EvalPredictionRow).where(EvalPredictionRow.run_id == b.run_id)
+                        .values(prediction="positive"))
+    accuracy = next(m for m in compare_runs(runner, a.run_id, b.run_id).metrics if m.metric == "accuracy")
+    assert accuracy.b == pytest.approx(b.score("accuracy").value)
+    with store.session() as session:
+        session.execute(update(EvalPredictionRow).where(EvalPredictionRow.run_id == b.run_id).values(stats=None))
+    with pytest.raises(EvaluationError, match="no stored statistics"):
+        compare_runs(runner, a.run_id, b.run_id)

@@ -10,6 +10,7 @@ from evaluators.statistics import (
     mcnemar,
     minimum_detectable_effect,
     paired_bootstrap,
+    standard_error_floor,
     table_interval,
 )
 
@@ -80,3 +81,22 @@ def test_mde_formula_and_interval_width_shrinking_with_n():
     small, _ = table_interval(_accuracy_table(np.arange(100) % 2 == 0), resamples=400)
     large, _ = table_interval(_accuracy_table(np.arange(400) % 2 == 0), resamples=400)
     assert large.high - large.low < 0.6 * (small.high - small.low)
+
+
+@pytest.mark.parametrize("correct", [np.zeros(40, bool), np.ones(40, bool)], ids=["all-wrong", "all-right"])
+def test_an_mde_is_never_zero_even_when_every_example_scores_the_same(correct):
+    table = _accuracy_table(correct)
+    interval, se = table_interval(table, resamples=200)
+    assert interval.low == interval.high == interval.value, "the bootstrap itself sees no spread"
+    assert se == pytest.approx(standard_error_floor(interval.value, 40)) and se > 0.02
+    paired = paired_bootstrap(table, table, resamples=200)
+    assert paired.delta == 0 and paired.mde == pytest.approx(minimum_detectable_effect(np.sqrt(2) * se))
+    assert 0.05 < paired.mde < 0.2, "40 identical outcomes cannot detect a few points' difference"
+
+
+def test_the_floor_shrinks_with_n_and_never_binds_a_spread_sample():
+    assert standard_error_floor(0.0, 10) > standard_error_floor(0.0, 100) > standard_error_floor(0.0, 1000) > 0
+    assert standard_error_floor(0.5, 100) == pytest.approx(0.05, rel=0.01)
+    spread = _accuracy_table(np.arange(400) % 2 == 0)
+    _, se = table_interval(spread, resamples=500)
+    assert se > standard_error_floor(0.5, 400) * 0.8, "on a spread sample the bootstrap SE is the real one"

@@ -65,8 +65,10 @@ def test_eval_through_the_gateway_is_stored_deterministic_and_resumable(live_gat
     assert {s.slice_value for s in first.slices} == {"bags", "crew", "info", "delays"}
     time.sleep(1.5)  # capture flushes every 0.5 s: eval requests must not have been captured as user traffic
     assert _traffic_rows(live_gateway) == traffic_before
-    metrics = httpx.get(f"{live_gateway.url}/metrics").text
-    assert 'route="eval"' in metrics
+    eval_requests = live_gateway.ctx.registry.get_sample_value(  # type: ignore[attr-defined]
+        "tuneloop_gateway_requests_total", {"task": "sentiment", "adapter": "sentiment@1", "route": "eval",
+                                            "status": "200"})
+    assert eval_requests is not None and eval_requests >= 24
 
     with live_gateway.store.session() as session:  # simulate a crash half way: drop half the answers
         answers = session.scalars(select(EvalPredictionRow).where(EvalPredictionRow.run_id == first.run_id)
@@ -96,6 +98,14 @@ def test_base_model_and_adapter_compare_with_p_values(live_gateway: LiveGateway,
     accuracy = by_metric["accuracy"]
     assert accuracy.ci_low <= accuracy.delta <= accuracy.ci_high
     assert 0 < accuracy.p_value <= 1 and accuracy.mcnemar_p_value is not None
+    labels = set(live_gateway.config.tasks["sentiment"].labels)
+    for run in (base, adapter):  # both answered through the label constraint: every answer is a label
+        with live_gateway.store.session() as session:
+            answers = set(session.scalars(select(EvalPredictionRow.prediction)
+                                          .where(EvalPredictionRow.run_id == run.run_id)))
+        assert answers <= labels, answers
+    same = compare_runs(runner, adapter.run_id, adapter.run_id)
+    assert all(m.delta == 0 and m.p_value == 1 and not m.significant for m in same.metrics)
 
 
 def test_generation_task_gets_bleu_rouge_and_chrf(live_gateway: LiveGateway, sets) -> None:
@@ -144,55 +154,105 @@ def test_feedback_turns_traffic_into_a_challenger_set(live_gateway: LiveGateway)
     assert overwritten.status_code == 200 and overwritten.json()["changed"] is True
 
 
-def test_vllm_with_grouped_lora_ops_answers_what_peft_answers(live_gateway: LiveGateway, sets) -> None:
-    """End to end check of serving/lora_ops.py with real adapter weights: the plugin is active in vLLM's engine
-    process, and greedy answers through it match the PEFT model run by transformers on the same prompts."""
+def _random_lora(live_gateway: LiveGateway, tmp_path) -> str:
+    """A chat adapter with random (not zero) B matrices, registered like a trained one: its answers differ from
+    the base model's, so serving it can be told from ignoring it. Loaded through the admin API's checks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneloop.registry import AdapterCard, register_adapter
+
+    engine = live_gateway.engine
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(live_gateway.config.base_model.path, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "random-lora")
+    card = AdapterCard(task="chat", method="lora", datasets=[],
+                       base_model={"name": live_gateway.config.base_model.name,
+                                   "sha256": engine.spec.base_sha256},  # type: ignore[attr-defined]
+                       hyperparameters={"rank": 8, "target_modules": targets, "alpha": 16})
+    version = register_adapter(live_gateway.store, live_gateway.config.data_path, tmp_path / "random-lora", card)
+    loaded = httpx.post(f"{live_gateway.url}/admin/adapters/load", json={"version": version.ref}, timeout=180,
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert loaded.status_code == 200, loaded.text
+    return version.ref
+
+
+def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_gateway: LiveGateway,
+                                                                          tmp_path) -> None:
+    """End to end check of serving/lora_ops.py with real weights: the grouped ops run inside vLLM's engine in the
+    precision it serves (no fallback), the adapter changes the model's answers, and vLLM's next-token
+    log-probabilities match the PEFT model run by transformers in that same precision."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.lora_ops import INSTALLED_MESSAGE
+    from serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
     from tuneloop.registry import get_adapter
 
-    assert INSTALLED_MESSAGE in live_gateway.engine.log_path.read_text(errors="replace")
-    sentiment, _ = sets
-    runner = _runner(live_gateway)
-    report = runner.run(EvalTarget("sentiment", "sentiment@1", 1, live_gateway.url), sentiment)
-    with live_gateway.store.session() as session:
-        served = dict(session.execute(select(EvalPredictionRow.example_id, EvalPredictionRow.prediction)
-                                      .where(EvalPredictionRow.run_id == report.run_id)).all())
+    engine = live_gateway.engine
+    dtype_name = engine.spec.resolved_dtype  # type: ignore[attr-defined]
+    dtype = getattr(torch, dtype_name)
+    ref = _random_lora(live_gateway, tmp_path)
+    system = live_gateway.config.tasks["chat"].system_prompt
+    prompts = ["hey! what did you do this weekend?", "I love pizza", "where are you from?", "tell me about your dog",
+               "what's your favourite movie?", "good morning!", "I just got back from work", "do you like music?"]
+
+    def served(model: str, prompt: str) -> dict[str, float]:
+        response = httpx.post(f"{live_gateway.url}/v1/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]})
+        assert response.status_code == 200, response.text
+        first = response.json()["choices"][0]["logprobs"]["content"][0]
+        return {"token": first["token"], "logprob": first["logprob"]}  # type: ignore[dict-item]
+
     base = live_gateway.config.base_model.path
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                      get_adapter(live_gateway.store, "sentiment@1").path).eval()
-    system = live_gateway.config.tasks["sentiment"].system_prompt
-    max_tokens = live_gateway.config.tasks["sentiment"].max_new_tokens
-    same = 0
-    examples = sentiment.load()[:8]
-    for example in examples:
-        ids = tokenizer.apply_chat_template(example.chat_messages(system), add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype),
+                                          get_adapter(live_gateway.store, ref).path).eval()
+    tolerance = 0.02 if dtype == torch.float32 else 0.15
+    agree, differ_from_base, shifts = 0, 0, []
+    for prompt in prompts:
+        via_adapter, via_base = served(ref, prompt), served(live_gateway.config.base_model.name, prompt)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
         with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        same += text.strip() == (served[example.id] or "").strip()
-    assert same >= 7, f"only {same}/8 greedy answers matched between vLLM (grouped LoRA ops) and PEFT"
+            log_probs = torch.log_softmax(reference(**ids).logits[0, -1].float(), dim=-1)
+        top = int(log_probs.argmax())
+        if tokenizer.decode([top]) == via_adapter["token"] and \
+                abs(float(log_probs[top]) - via_adapter["logprob"]) < tolerance:
+            agree += 1
+        differ_from_base += via_adapter["token"] != via_base["token"]
+        shifts.append(abs(via_adapter["logprob"] - via_base["logprob"]))
+    log = engine.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+    assert INSTALLED_MESSAGE in log and GROUPED_RAN_MESSAGE in log
+    assert FELL_BACK_MESSAGE not in log, f"a LoRA op fell back to vLLM's in {dtype_name}"
+    assert differ_from_base >= 4, f"the adapter changed only {differ_from_base}/8 first tokens: is it applied?"
+    assert agree >= 7, f"only {agree}/8 first tokens agree between vLLM ({dtype_name}) and PEFT ({dtype_name})"
 
 
-def test_a_version_the_gateway_does_not_route_is_evaluated_on_vllm_directly(live_gateway: LiveGateway,
-                                                                            sets) -> None:
-    from evaluators.endpoint import endpoint_for, served_models
-    from tuneloop.registry import get_adapter
+def test_a_version_the_gateway_does_not_route_is_loaded_through_its_checks_and_evaluated_there(
+        live_gateway: LiveGateway, sets) -> None:
+    from evaluators.targets import resolve_target
+    from serving.admin_client import AdminClient
 
     config = live_gateway.config
-    version = get_adapter(live_gateway.store, "sentiment@2")
-    assert "sentiment@2" not in served_models(live_gateway.url)
-    url = endpoint_for(config, version)
-    assert url == live_gateway.engine.spec.base_url and "sentiment@2" in served_models(url)
-    assert endpoint_for(config, get_adapter(live_gateway.store, "sentiment@1")) == live_gateway.url
-    report = _runner(live_gateway).run(EvalTarget("sentiment", "sentiment@2", 2, url), sets[0], limit=6)
+    admin = AdminClient(config)
+    assert "sentiment@2" not in admin.served_models()
+    target = resolve_target(config, live_gateway.store, task=None, adapter="sentiment@2")
+    assert target.base_url == live_gateway.url and target.model == "sentiment@2"
+    assert "sentiment@2" in admin.served_models() and "sentiment@2" in live_gateway.engine.client.served_models()  # type: ignore[attr-defined]
+    champion = resolve_target(config, live_gateway.store, task="sentiment")
+    assert champion.model == "sentiment@1" and champion.base_url == live_gateway.url
+    report = _runner(live_gateway).run(target, sets[0], limit=6)
     assert report.n == 6 and report.errors == 0
-    # the gateway still does not route it; an admin load later succeeds although vLLM already has it
-    assert "sentiment@2" not in served_models(live_gateway.url)
-    live_gateway.engine.load_adapter("sentiment@2", version.path)
-    live_gateway.engine.unload_adapter("sentiment@2")  # leave it as the gateway tests expect: not loaded
+    labels = set(config.tasks["sentiment"].labels)
+    with live_gateway.store.session() as session:
+        answers = session.scalars(select(EvalPredictionRow.prediction)
+                                  .where(EvalPredictionRow.run_id == report.run_id)).all()
+    assert set(answers) <= labels, "eval requests are constrained to the labels too"
+    admin.unload("sentiment@2")  # leave it as the gateway tests expect: not loaded
+    assert "sentiment@2" not in admin.served_models()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from serving.engine import EngineSpec, build_command, vllm_rank
-from serving.hotswap import HotSwapper, check_servable
+from serving.engine_client import EngineLimits, check_servable
+from serving.hotswap import HotSwapper
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError
 from tuneloop.registry import AdapterCard, find_alias, get_adapter, register_adapter, set_alias
@@ -30,25 +31,25 @@ def _register(store: Store, config: Config, tmp_path: Path, name: str, *, rank: 
 
 def test_incompatible_adapters_are_refused_with_the_reason(store: Store, config: Config, tmp_path: Path) -> None:
     ok = get_adapter(store, _register(store, config, tmp_path, "ok"))
-    check_servable(ok, base_sha256=BASE, max_rank=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    check_servable(ok, EngineLimits(BASE, 8, ("q_proj", "v_proj", "o_proj")))
     high = get_adapter(store, _register(store, config, tmp_path, "high", rank=16))
     with pytest.raises(AdapterError, match="rank 16, above the engine's --max-lora-rank 8"):
-        check_servable(high, base_sha256=BASE, max_rank=8, target_modules=[])
+        check_servable(high, EngineLimits(BASE, 8))
     other = get_adapter(store, _register(store, config, tmp_path, "other", base="c" * 64))
     with pytest.raises(AdapterError, match="trained on base model cccccccccccc"):
-        check_servable(other, base_sha256=BASE, max_rank=8, target_modules=[])
+        check_servable(other, EngineLimits(BASE, 8))
     mlp = get_adapter(store, _register(store, config, tmp_path, "mlp", targets=("up_proj",)))
     with pytest.raises(AdapterError, match="adapts \\['up_proj'\\]"):
-        check_servable(mlp, base_sha256=BASE, max_rank=8, target_modules=["q_proj", "v_proj"])
+        check_servable(mlp, EngineLimits(BASE, 8, ("q_proj", "v_proj")))
     (ok.path / "adapter_model.safetensors").write_bytes(b"corrupt")
     with pytest.raises(AdapterError, match="do not match the checksum"):
-        check_servable(ok, base_sha256=BASE, max_rank=8, target_modules=[])
+        check_servable(ok, EngineLimits(BASE, 8))
 
 
 def test_registry_only_promotion_and_rollback(store: Store, config: Config, tmp_path: Path) -> None:
     _register(store, config, tmp_path, "one")
     _register(store, config, tmp_path, "two")
-    swapper = HotSwapper(store, None, None, base_sha256=BASE, grace_s=0)
+    swapper = HotSwapper(store, EngineLimits(BASE, 8))
     result = swapper.promote("sentiment@2")
     assert (result.champion, result.previous) == ("sentiment@2", "sentiment@1")
     assert swapper.rollback("sentiment").champion == "sentiment@1"
@@ -57,6 +58,11 @@ def test_registry_only_promotion_and_rollback(store: Store, config: Config, tmp_
     set_alias(store, "sentiment@2", "candidate")
     swapper.promote("sentiment@2")
     assert find_alias(store, "sentiment", "candidate") is None, "a promoted candidate stops being candidate"
+    high = _register(store, config, tmp_path, "high", rank=16)
+    with pytest.raises(AdapterError, match="rank 16"):
+        swapper.promote(high)
+    champion = find_alias(store, "sentiment", "champion")
+    assert champion is not None and champion.version == 2, "a refused promotion changes nothing"
 
 
 def test_engine_flags_follow_the_served_adapters(tmp_path: Path) -> None:

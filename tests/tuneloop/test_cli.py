@@ -103,13 +103,34 @@ def test_train_registers_a_champion_with_a_card(workspace: Path, base_model_dir:
     assert card["curve"][-1]["val_loss"] is not None
 
 
+def _register_fake_adapter(workspace: Path, task: str, *, rank: int = 8, base_sha256: str = "f" * 64) -> str:
+    """A registered LoRA version without training (its files are placeholders): enough for the CLI's checks."""
+    from tuneloop.config import load_config
+    from tuneloop.registry import AdapterCard, register_adapter
+    from tuneloop.store import Store
+
+    config = load_config(workspace / "tuneloop.yaml")
+    store = Store(config.resolved_database_url)
+    folder = workspace / f"fake-{task}-{rank}-{base_sha256[:4]}"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"placeholder")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    card = AdapterCard(task=task, method="lora", base_model={"name": "b", "sha256": base_sha256}, datasets=[],
+                       hyperparameters={"rank": rank, "target_modules": ["q_proj", "v_proj"]})
+    try:
+        return register_adapter(store, config.data_path, folder, card).ref
+    finally:
+        store.close()
+
+
 def test_eval_and_compare_refuse_bad_requests_before_sending_anything(workspace: Path) -> None:
     both = run(workspace, "eval", "--task", "sentiment", "--base", "--adapter", "sentiment@1", ok=False)
     assert both.returncode == 12 and "not both" in both.stderr
     no_champion = run(workspace, "eval", "--task", "chat", ok=False)
     assert no_champion.returncode == 12 and "no champion" in no_champion.stderr
-    not_serving = run(workspace, "eval", "--task", "sentiment", ok=False)  # an earlier test trained sentiment@1
-    assert not_serving.returncode == 9 and "start `tuneloop serve`" in not_serving.stderr
+    _register_fake_adapter(workspace, "sentiment")
+    not_serving = run(workspace, "eval", "--task", "sentiment", ok=False)
+    assert not_serving.returncode == 9 and "start `tuneloop serve`" in not_serving.stderr, not_serving.stderr
     no_dataset = run(workspace, "eval", "--task", "sentiment", "--base", "--dataset", "nope", ok=False)
     assert no_dataset.returncode == 4 and "sentiment/nope" in no_dataset.stderr
     unknown = run(workspace, "compare", "sentiment@7", "sentiment@8", ok=False)
@@ -117,6 +138,39 @@ def test_eval_and_compare_refuse_bad_requests_before_sending_anything(workspace:
     down = run(workspace, "eval", "--task", "sentiment", "--base", "--limit", "2", "--endpoint",
                "http://127.0.0.1:9", ok=False)
     assert down.returncode == 9 and "resume" in down.stderr
+
+
+@pytest.mark.integration
+def test_offline_promote_applies_the_admin_api_checks_and_changes_nothing_when_refused(
+        workspace: Path, base_model_dir: Path) -> None:
+    from tuneloop.basemodel import ensure_base_model
+    from tuneloop.config import load_config, parse_config
+    from tuneloop.registry import find_alias
+    from tuneloop.store import Store
+
+    config_file = workspace / "served-base.yaml"
+    config_file.write_text(f"data_dir: {workspace / '.tuneloop'}\nbase_model:\n  path: {base_model_dir}\n")
+    base_sha = ensure_base_model(parse_config(config_file.read_text(), config_dir=workspace)).sha256
+
+    def champion() -> str | None:
+        store = Store(load_config(workspace / "tuneloop.yaml").resolved_database_url)
+        try:
+            found = find_alias(store, "chat", "champion")
+            return found.ref if found else None
+        finally:
+            store.close()
+
+    first = _register_fake_adapter(workspace, "chat", base_sha256=base_sha)
+    wrong_base = _register_fake_adapter(workspace, "chat", base_sha256="0" * 64)
+    too_big = _register_fake_adapter(workspace, "chat", rank=32, base_sha256=base_sha)
+    before = champion()
+    assert before is not None
+    for ref, reason in ((wrong_base, "trained on base model 000000000000"), (too_big, "rank 32")):
+        done = run(workspace, "--config", str(config_file), "promote", ref, ok=False)
+        assert done.returncode == 5 and reason in done.stderr, done.stderr
+        assert champion() == before, "a refused promotion changes nothing"
+    promoted = json.loads(run(workspace, "--config", str(config_file), "promote", first, "--json").stdout)
+    assert promoted["champion"] == first and promoted["gateway"] is False
 
 
 def test_feedback_import_reports_bad_lines(workspace: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,13 @@ import typer
 
 from tuneloop.cli.context import STATE
 from tuneloop.cli.output import console, print_json, print_table
+
+
+class DatasetKindChoice(StrEnum):
+    train = "train"
+    heldout = "heldout"
+    challenger = "challenger"
+
 
 app = typer.Typer(no_args_is_help=True, help="Versioned train, held-out and challenger datasets.")
 
@@ -19,18 +27,15 @@ def add(
                                           "reference, [id], other columns -> meta).")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task the data belongs to.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name (stored as task/name).")],
-    kind: Annotated[str, typer.Option("--kind", "-k", help="train, heldout or challenger.")] = "challenger",
+    kind: Annotated[DatasetKindChoice, typer.Option("--kind", "-k", help="train, heldout or challenger.")] = \
+        DatasetKindChoice.challenger,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Validate a file whole and register it as the next version of task/name (nothing is imported on error)."""
     from challenger_sets.catalog import import_dataset_file
-    from tuneloop.errors import DatasetError
 
-    if kind not in ("train", "heldout", "challenger"):
-        raise DatasetError(f"--kind must be train, heldout or challenger, got '{kind}'")
-    STATE.config.task(task)
-    version = import_dataset_file(STATE.store, STATE.config.data_path, file, task=task, name=name,
-                                  kind=kind)  # type: ignore[arg-type]
+    version = import_dataset_file(STATE.store, STATE.config.data_path, file, task=task,
+                                  task_config=STATE.config.task(task), name=name, kind=kind.value)
     if json_output:
         print_json(version.manifest)
         return

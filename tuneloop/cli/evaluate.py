@@ -13,44 +13,15 @@ from tuneloop.errors import EvaluationError
 
 if TYPE_CHECKING:
     from challenger_sets.catalog import DatasetVersion
-    from evaluators.runner import EvalTarget
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Attach reference answers to captured requests.")
 
 EndpointOption = Annotated[str | None, typer.Option(
-    "--endpoint", help="OpenAI-compatible base URL to send requests to (default: the gateway from config; give "
-                       "vLLM's URL to score a loaded candidate that is not routed yet).")]
+    "--endpoint", help="OpenAI-compatible base URL to send requests to as they are (default: the gateway from "
+                       "config, which loads a version it does not serve yet through its admin API).")]
 LimitOption = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the first N examples.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Ask again even if an identical finished run exists.")]
-
-
-def _target(task: str | None, adapter: str | None, base: bool, endpoint: str | None) -> tuple[str, EvalTarget]:
-    """(task, EvalTarget): which model answers, and at which URL (see evaluators/endpoint.py)."""
-    from evaluators.endpoint import endpoint_for
-    from evaluators.runner import EvalTarget
-    from tuneloop.registry import find_alias, get_adapter
-
-    config = STATE.config
-    if base and adapter:
-        raise EvaluationError("give --adapter or --base, not both")
-    version = None
-    if adapter and adapter != "base":
-        version = get_adapter(STATE.store, adapter)
-        if task and task != version.task:
-            raise EvaluationError(f"{version.ref} is an adapter of task '{version.task}', not '{task}'")
-        task = version.task
-    elif not task:
-        raise EvaluationError("--task is needed with --base or without --adapter")
-    elif not (base or adapter == "base"):
-        version = find_alias(STATE.store, task, "champion")
-        if version is None:
-            raise EvaluationError(f"task '{task}' has no champion; train one or pass --adapter/--base")
-    config.task(task)
-    url = endpoint.rstrip("/") if endpoint else endpoint_for(config, version)
-    if version is None:
-        return task, EvalTarget(task, config.base_model.name, None, url)
-    return task, EvalTarget(task, version.ref, version.version, url)
 
 
 def _dataset(task: str, name: str | None) -> DatasetVersion:
@@ -84,8 +55,10 @@ def evaluate(
 ) -> None:
     """Score a model on a dataset through the served endpoint: every metric with its CI, stored and resumable."""
     from evaluators.runner import EvalRunner
+    from evaluators.targets import resolve_target
 
-    task_name, target = _target(task, adapter, base, endpoint)
+    target = resolve_target(STATE.config, STATE.store, task=task, adapter=adapter, base=base, endpoint=endpoint)
+    task_name = target.task
     version = _dataset(task_name, dataset)
     runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
     report = runner.run(target, version, limit=limit, fresh=fresh, slice_by=slice_by or [])
@@ -125,17 +98,19 @@ def compare(
     """Paired comparison B - A on the same examples: delta, CI and p-value per metric (McNemar for accuracy)."""
     from evaluators.compare import compare_runs
     from evaluators.runner import EvalRunner
+    from evaluators.targets import resolve_target, resolve_version
 
-    targets = []
-    for ref in (first, second):
-        targets.append(_target(task, ref if ref != "base" else None, ref == "base", endpoint))
-    tasks = {t for t, _ in targets}
+    # Both sides are resolved (and checked to share a task) before any request is sent or adapter loaded.
+    tasks = {resolve_version(STATE.config, STATE.store, task=task, adapter=None if ref == "base" else ref,
+                             base=ref == "base")[0] for ref in (first, second)}
     if len(tasks) != 1:
         raise EvaluationError(f"{first} and {second} belong to different tasks: {sorted(tasks)}")
     task_name = tasks.pop()
+    targets = [resolve_target(STATE.config, STATE.store, task=task_name, adapter=None if ref == "base" else ref,
+                              base=ref == "base", endpoint=endpoint) for ref in (first, second)]
     version = _dataset(task_name, dataset)
     runner = EvalRunner(STATE.config, STATE.store, progress=not json_output)
-    runs = [runner.run(target, version, limit=limit, fresh=fresh) for _, target in targets]
+    runs = [runner.run(target, version, limit=limit, fresh=fresh) for target in targets]
     report = compare_runs(runner, runs[0].run_id, runs[1].run_id)
     if json_output:
         print_json(report.to_json())

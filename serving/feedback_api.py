@@ -1,0 +1,27 @@
+"""`POST /v1/feedback`: attach the right answer to a captured request (serving/feedback.py validates it)."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from serving.auth import require_admin
+from serving.feedback import attach_reference
+from serving.protocol import FeedbackRequest, read_json_body, validate_body
+from serving.state import context
+
+
+async def feedback(request: Request) -> Response:
+    ctx = context(request)
+    parsed = validate_body(FeedbackRequest, await read_json_body(request))
+    if parsed.overwrite:
+        require_admin(request, ctx.config.admin_token)
+    result = await run_in_threadpool(attach_reference, ctx.capture.store, ctx.config, parsed.request_id,
+                                     parsed.reference, overwrite=parsed.overwrite)
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/v1/feedback", feedback, methods=["POST"])]

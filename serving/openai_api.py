@@ -1,0 +1,76 @@
+"""The OpenAI-compatible routes: chat completions, completions and the model list, by task name.
+
+A task name routes to its champion (or the canary's candidate), `task@N` to a loaded version, the base model's
+name to no adapter. The gateway adds the task's system prompt when a chat has none, so serving sees the format
+training used, and constrains a classification task's answers to its labels (serving/constraints.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from serving.constraints import constrain_to_labels
+from serving.protocol import (
+    EVAL_PURPOSE_HEADER,
+    ChatRequest,
+    CompletionRequest,
+    Purpose,
+    read_json_body,
+    text_content,
+    validate_body,
+)
+from serving.proxy import ProxiedRequest, forward
+from serving.state import context
+
+
+def _purpose(request: Request) -> Purpose:
+    return "eval" if request.headers.get(EVAL_PURPOSE_HEADER, "").lower() == "eval" else "user"
+
+
+async def chat_completions(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_json_body(request)
+    parsed = validate_body(ChatRequest, body)
+    route = ctx.router.resolve(parsed.model)
+    messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
+    if route.task:
+        task = ctx.config.tasks[route.task]
+        if not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": task.system_prompt})
+        constrain_to_labels(body, task)
+    body["messages"] = messages
+    users = [text_content(m.get("content")) for m in messages if m["role"] == "user"]
+    return await forward(ctx, ProxiedRequest(route=route, endpoint="chat", body=body,
+                                             prompt_text=users[-1] if users else "", messages=messages,
+                                             stream=parsed.stream, purpose=_purpose(request)))
+
+
+async def completions(request: Request) -> Response:
+    ctx = context(request)
+    body = await read_json_body(request)
+    parsed = validate_body(CompletionRequest, body)
+    route = ctx.router.resolve(parsed.model)
+    if route.task:
+        constrain_to_labels(body, ctx.config.tasks[route.task])
+    prompt = parsed.prompt if isinstance(parsed.prompt, str) else "\n".join(parsed.prompt)
+    return await forward(ctx, ProxiedRequest(route=route, endpoint="completion", body=body, prompt_text=prompt,
+                                             messages=[{"role": "user", "content": prompt}], stream=parsed.stream,
+                                             purpose=_purpose(request)))
+
+
+async def models(request: Request) -> Response:
+    ctx = context(request)
+    now = int(time.time())
+    names = [*sorted(ctx.router.champions), *sorted(ctx.engine.client.loaded), ctx.config.base_model.name]
+    return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "created": now,
+                                                     "owned_by": "tuneloop"} for n in dict.fromkeys(names)]})
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"])]

@@ -1,0 +1,40 @@
+"""What the gateway's handlers share, built once by `tuneloop serve` (or a test) and reached from a request."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from serving.capture import CaptureWriter
+from serving.engine import ServingEngine
+from serving.hotswap import HotSwapper
+from serving.metrics import GatewayMetrics
+from serving.redact import Redactor
+from serving.routing import Router
+from tuneloop.config import Config
+
+
+@dataclass
+class GatewayContext:
+    config: Config
+    engine: ServingEngine
+    router: Router
+    capture: CaptureWriter
+    swapper: HotSwapper
+    redactor: Redactor
+    registry: CollectorRegistry
+    metrics: GatewayMetrics
+    upstream_transport: httpx.AsyncBaseTransport | None = field(
+        default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})
+    client: httpx.AsyncClient | None = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+def context(request: Request) -> GatewayContext:
+    ctx: GatewayContext = request.app.state.ctx
+    return ctx

@@ -1,0 +1,271 @@
+"""The gateway in-process against a stub vLLM: routing, label constraints, error mapping, body limits, admin auth,
+capture and metrics, fast enough for `make test-fast`. The same features against a real vLLM are in
+test_gateway_live.py; here the upstream is scripted so every request the gateway forwards can be inspected."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+from starlette.testclient import TestClient
+
+from serving.engine import EngineState
+from serving.engine_client import EngineClient, EngineLimits
+from serving.gateway import create_app
+from serving.protocol import MAX_BODY_BYTES
+from serving.server import build_context
+from serving.state import GatewayContext
+from tuneloop.config import Config, parse_config
+from tuneloop.registry import AdapterCard, find_alias, register_adapter
+from tuneloop.store import Store
+from tuneloop.tables import TrafficRow
+
+BASE_SHA = "b" * 64
+TOKEN = "fast-admin-token"
+VLLM = "http://vllm.test"
+
+
+class SentEvents(httpx.AsyncByteStream):
+    """A response body that arrives in chunks, as server-sent events do (not read up front)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+class FakeVllm:
+    """Answers like vLLM's OpenAI server and records what it was sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.loaded: set[str] = {"sentiment@1", "chat@1"}
+        self.load_calls: list[str] = []
+        self.down = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused")
+        path = request.url.path
+        if path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": n} for n in sorted(self.loaded | {"smollm2-base"})]})
+        body = json.loads(request.content)
+        if path == "/v1/load_lora_adapter":
+            self.load_calls.append(body["lora_name"])
+            self.loaded.add(body["lora_name"])
+            return httpx.Response(200, text="ok")
+        if path == "/v1/unload_lora_adapter":
+            self.loaded.discard(body["lora_name"])
+            return httpx.Response(200, text="ok")
+        self.bodies.append(body)
+        choices = (body.get("structured_outputs") or {}).get("choice")
+        text = choices[0] if choices else "a free-text answer"
+        usage = {"prompt_tokens": 11, "completion_tokens": 2}
+        if body.get("stream"):
+            events = [{"choices": [{"delta": {"content": part}}]} for part in ("a free", "-text", " answer")]
+            events.append({"choices": [], "usage": usage})
+            chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+            return httpx.Response(200, stream=SentEvents(chunks), headers={"content-type": "text/event-stream"})
+        message = {"message": {"role": "assistant", "content": text}} if path.endswith("chat/completions") \
+            else {"text": text}
+        return httpx.Response(200, json={"model": body["model"], "choices": [message], "usage": usage})
+
+
+@dataclass
+class StubEngine:
+    client: EngineClient
+    state: EngineState = "ready"
+    restarts: int = 0
+    base_url: str = VLLM
+
+
+@dataclass
+class Gateway:
+    http: TestClient
+    ctx: GatewayContext
+    vllm: FakeVllm
+    store: Store
+    config: Config
+    engine: StubEngine = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def chat(self, model: str, text: str, **extra: Any) -> httpx.Response:
+        return self.http.post("/v1/chat/completions", json={"model": model, "messages": [
+            {"role": "user", "content": text}], **extra})
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.ctx.registry.get_sample_value(name, labels) or 0.0
+
+
+def _adapter(store: Store, config: Config, tmp_path: Path, task: str, *, base: str = BASE_SHA) -> str:
+    folder = tmp_path / f"{task}-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(folder.name.encode())
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    card = AdapterCard(task=task, method="lora", base_model={"name": "b", "sha256": base}, datasets=[],
+                       hyperparameters={"rank": 8, "target_modules": ["q_proj", "v_proj"]})
+    return register_adapter(store, config.data_path, folder, card).ref
+
+
+def _gateway(tmp_path: Path, extra_config: str = "") -> Iterator[Gateway]:
+    config = parse_config(f"data_dir: data\nbase_model:\n  name: smollm2-base\nserving:\n  admin_token: {TOKEN}\n"
+                          + extra_config, config_dir=tmp_path)
+    store = Store(config.resolved_database_url)
+    adapters = tmp_path / "adapters-src"
+    adapters.mkdir()
+    for task in ("sentiment", "chat", "sentiment"):
+        _adapter(store, config, adapters, task)
+    _adapter(store, config, adapters, "sentiment", base="c" * 64)  # sentiment@3: another base model
+    vllm = FakeVllm()
+    engine = StubEngine(EngineClient(VLLM, EngineLimits(BASE_SHA, 8, ("q_proj", "v_proj")),
+                                     transport=httpx.MockTransport(vllm)))
+    for name in ("sentiment@1", "chat@1"):
+        engine.client.adopt(name, tmp_path)
+    ctx = build_context(config, store, engine, seed=0, upstream_transport=httpx.MockTransport(vllm))
+    ctx.capture.start()
+    try:
+        with TestClient(create_app(ctx)) as http:
+            yield Gateway(http, ctx, vllm, store, config, engine)
+    finally:
+        ctx.capture.close()
+        store.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    yield from _gateway(tmp_path)
+
+
+def test_a_task_name_routes_to_its_champion_with_the_task_prompt(gateway: Gateway) -> None:
+    response = gateway.chat("chat", "hello there")
+    assert response.status_code == 200 and response.headers["X-Request-Id"]
+    sent = gateway.vllm.bodies[-1]
+    assert sent["model"] == "chat@1"
+    assert sent["messages"][0] == {"role": "system", "content": gateway.config.tasks["chat"].system_prompt}
+    assert "structured_outputs" not in sent, "a generation task is not constrained"
+    gateway.chat("smollm2-base", "hello")
+    assert gateway.vllm.bodies[-1]["model"] == "smollm2-base" and "structured_outputs" not in gateway.vllm.bodies[-1]
+
+
+def test_a_classification_task_is_constrained_to_its_labels(gateway: Gateway) -> None:
+    labels = gateway.config.tasks["sentiment"].labels
+    response = gateway.chat("sentiment", "What is the capital of Australia?", max_tokens=1)
+    assert response.status_code == 200
+    sent = gateway.vllm.bodies[-1]
+    assert sent["structured_outputs"] == {"choice": labels}
+    assert sent["max_tokens"] >= len("negative") + 1, "room for the longest label"
+    assert response.json()["choices"][0]["message"]["content"] in labels
+    completion = gateway.http.post("/v1/completions", json={"model": "sentiment", "prompt": "Wie spät ist es?"})
+    assert completion.status_code == 200 and gateway.vllm.bodies[-1]["structured_outputs"] == {"choice": labels}
+    own = {"choice": ["yes", "no"]}
+    gateway.chat("sentiment", "is this a question?", structured_outputs=own)
+    assert gateway.vllm.bodies[-1]["structured_outputs"] == own, "a request's own structured outputs are kept"
+    gateway.chat("sentiment", "json please", response_format={"type": "json_object"})
+    assert "structured_outputs" not in gateway.vllm.bodies[-1]
+
+
+def test_the_label_constraint_can_be_turned_off_per_task(tmp_path: Path) -> None:
+    for gateway in _gateway(tmp_path, "tasks:\n  sentiment:\n    constrain_labels: false\n"):
+        gateway.chat("sentiment", "anything", max_tokens=1)
+        assert "structured_outputs" not in gateway.vllm.bodies[-1] and gateway.vllm.bodies[-1]["max_tokens"] == 1
+
+
+@pytest.mark.parametrize(("send", "status", "kind", "fragment"), [
+    (lambda c: c.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_request_error", "not valid JSON"),
+    (lambda c: c.post("/v1/chat/completions", content=b'{"model": "chat", "messages": ["\xff"]}'), 400,
+     "invalid_request_error", "not valid UTF-8"),
+    (lambda c: c.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_request_error", "must be a JSON object"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat"}), 400, "invalid_request_error",
+     "messages: Field required"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "wizard",
+                                                                                  "content": "x"}]}),
+     400, "invalid_request_error", "messages.0.role"),
+    (lambda c: c.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [{"role": "user", '
+                      b'"content": "' + b"x" * MAX_BODY_BYTES + b'"}]}'), 413, "request_too_large", "limit"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "nosuchtask", "messages": [{"role": "user",
+                                                                                        "content": "x"}]}),
+     404, "not_found_error", "does not exist"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "sentiment@2", "messages": [{"role": "user",
+                                                                                         "content": "x"}]}),
+     404, "not_found_error", "/admin/adapters/load"),
+], ids=["bad-json", "not-utf8", "not-an-object", "missing-field", "bad-role", "too-large", "unknown-model",
+        "version-not-loaded"])
+def test_bad_requests_get_one_error_shape_and_reach_nothing(gateway: Gateway, send, status, kind,
+                                                            fragment) -> None:
+    response = send(gateway.http)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and error["code"] == status and fragment in error["message"]
+    assert gateway.vllm.bodies == [], "nothing was forwarded"
+
+
+def test_a_dead_or_restarting_engine_fails_fast_with_retry_after(gateway: Gateway) -> None:
+    gateway.engine.state = "restarting"
+    response = gateway.chat("chat", "hi")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert gateway.vllm.bodies == []
+    assert gateway.http.get("/healthz").status_code == 503
+    gateway.engine.state = "ready"
+    gateway.vllm.down = True
+    response = gateway.chat("chat", "hi")
+    assert response.status_code == 503 and response.json()["error"]["type"] == "service_unavailable"
+    assert gateway.sample("tuneloop_gateway_requests_total", task="chat", adapter="chat@1", route="champion",
+                          status="503") == 1
+
+
+def test_admin_calls_need_the_token_and_a_refused_call_changes_nothing(gateway: Gateway) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = gateway.http.post("/admin/promote", json={"version": "sentiment@2"}, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    champion = find_alias(gateway.store, "sentiment", "champion")
+    assert champion is not None and champion.version == 1 and gateway.vllm.load_calls == []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    refused = gateway.http.post("/admin/adapters/load", json={"version": "sentiment@3"}, headers=auth)
+    assert refused.status_code == 400 and "trained on base model cccccccccccc" in refused.json()["error"]["message"]
+    assert gateway.vllm.load_calls == [], "an incompatible adapter never reaches vLLM"
+    loaded = gateway.http.post("/admin/adapters/load", json={"version": "sentiment@2"}, headers=auth)
+    assert loaded.status_code == 200 and gateway.vllm.load_calls == ["sentiment@2"]
+    again = gateway.http.post("/admin/adapters/load", json={"version": "sentiment@2"}, headers=auth)
+    assert again.status_code == 200 and gateway.vllm.load_calls == ["sentiment@2"], "vLLM's list says loaded"
+    assert gateway.chat("sentiment@2", "hi").json()["model"] == "sentiment@2"
+    promoted = gateway.http.post("/admin/promote", json={"version": "sentiment@2"}, headers=auth)
+    assert promoted.json() == {"task": "sentiment", "champion": "sentiment@2", "previous": "sentiment@1"}
+    assert gateway.chat("sentiment", "hi").json()["model"] == "sentiment@2"
+
+
+def test_user_traffic_is_captured_redacted_and_eval_traffic_only_counted(gateway: Gateway) -> None:
+    assert gateway.chat("sentiment", "mail me at jane@example.com").status_code == 200
+    streamed = gateway.chat("chat", "tell me a story", stream=True)
+    assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+    evaluation = gateway.http.post("/v1/chat/completions", headers={"X-Tuneloop-Purpose": "eval"},
+                                   json={"model": "sentiment", "messages": [{"role": "user", "content": "eval"}]})
+    assert evaluation.status_code == 200
+    rows: list[TrafficRow] = []
+    deadline = time.monotonic() + 10
+    while len(rows) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        with gateway.store.session() as session:
+            rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id)))
+    assert [(r.task, r.prompt_text) for r in rows] == [("sentiment", "mail me at [EMAIL]"),
+                                                        ("chat", "tell me a story")]
+    assert rows[0].completion == "negative" and rows[1].completion == "a free-text answer" and rows[1].stream
+    assert gateway.sample("tuneloop_gateway_requests_total", task="sentiment", adapter="sentiment@1", route="eval",
+                          status="200") == 1
+    assert gateway.sample("tuneloop_gateway_requests_total", task="sentiment", adapter="sentiment@1",
+                          route="champion", status="200") == 1
+    assert gateway.sample("tuneloop_gateway_completion_tokens_total", task="chat", adapter="chat@1",
+                          route="champion") == 2
+    assert gateway.sample("tuneloop_engine_adapters_loaded") == 2
+
+
+def test_the_model_list_names_tasks_loaded_versions_and_the_base(gateway: Gateway) -> None:
+    names = [m["id"] for m in gateway.http.get("/v1/models").json()["data"]]
+    assert names == ["chat", "sentiment", "chat@1", "sentiment@1", "smollm2-base"]
