@@ -56,7 +56,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check tuneloop serving monitor evaluators challenger_sets retrain tests bench
-	$(BIN)/mypy tuneloop challenger_sets retrain evaluators serving
+	$(BIN)/mypy tuneloop challenger_sets retrain evaluators serving bench
 
 clean:
 	rm -rf $(VENV) .tuneloop .cache

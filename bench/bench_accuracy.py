@@ -25,7 +25,7 @@ import shutil
 import statistics
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class Sizes:
     steps: int
     draws: int
     seeds: tuple[int, ...]
-    learning_rates: dict[str, tuple[float, ...]]
+    learning_rates: Mapping[str, tuple[float, ...]]
     variants: list[FewShotVariant]
 
 
@@ -126,8 +126,8 @@ def run(*, quick: bool = False) -> list[Table]:
                                   for draw in range(sizes.draws)]))
     variant_rows: list[list[Any]] = []
     candidates: list[tuple[float, FewShotVariant | None, bool]] = []
-    for variant, draws in options:
-        runs = [prompt(model, validation, variant, shots) for shots in draws]
+    for option, draws in options:
+        runs = [prompt(model, validation, option, shots) for shots in draws]
         for calibrated in (False, True):
             scored = [r[calibrated] for r in runs]
             accuracies = [r.accuracy for r in scored]
@@ -136,7 +136,7 @@ def run(*, quick: bool = False) -> list[Table]:
                                  f"[{min(accuracies):.3f}, {max(accuracies):.3f}]",
                                  f"{statistics.mean(r.macro_f1 for r in scored):.3f}",
                                  _mean_counts([p for r in scored for p in r.predictions], labels, len(scored))])
-            candidates.append((statistics.mean(accuracies), variant, calibrated))
+            candidates.append((statistics.mean(accuracies), option, calibrated))
     majority_val = Counter(e.reference for e in validation).most_common(1)[0]
     tables.append(emit(
         f"Prompting baselines on the validation split (n={len(validation)}, carved from training)",
@@ -178,10 +178,10 @@ def run(*, quick: bool = False) -> list[Table]:
             for lr in rates:
                 out = Path(tmp) / f"{method}-{lr:g}-s0"
                 result = _train(base, pool, task, method, lr, sizes.steps, seed=0, out=out)
-                scored = score(f"{method} lr {lr:g}", validation, ask(_load(base, out, method), validation))
-                sweep_rows.append([method, f"{lr:g}", f"{scored.accuracy:.3f}", f"{scored.macro_f1:.3f}",
-                                   f"{result.train_seconds:.0f}", prediction_counts(scored.predictions, labels)])
-                trials.append((scored.accuracy, scored.macro_f1, lr, out, result))
+                trial = score(f"{method} lr {lr:g}", validation, ask(_load(base, out, method), validation))
+                sweep_rows.append([method, f"{lr:g}", f"{trial.accuracy:.3f}", f"{trial.macro_f1:.3f}",
+                                   f"{result.train_seconds:.0f}", prediction_counts(trial.predictions, labels)])
+                trials.append((trial.accuracy, trial.macro_f1, lr, out, result))
             _, _, best_lr, best_dir, best_result = max(trials, key=lambda t: (t[0], t[1]))
             for *_, out, _ in trials:
                 if out != best_dir:

@@ -1,19 +1,32 @@
 """LoRA shape vs quality vs serving speed, and where LoRA serving time goes on vLLM's CPU backend.
 
-For each adapter shape (rank, target modules): train it on the same data and steps, score it on the sentiment
-held-out set (label likelihood, 95 % bootstrap CI), then start vLLM with LoRA flags that match it exactly (as
-`tuneloop serve` does) and measure LoRA vs base throughput in that same engine at 32 concurrent 64-token requests,
-base and LoRA rounds interleaved so machine noise hits both. Each shape is served with tuneloop's grouped CPU LoRA
-ops (serving/lora_ops.py); the default shape is also served with vLLM's stock ops, and the adapter merged into the
-base weights is served as a plain model, which bounds what any LoRA kernel can reach.
+1. Quality: each adapter shape (rank, target modules) trained on the same data and steps, scored on the sentiment
+   held-out set (label likelihood, 95 % bootstrap CI).
+2. Served speed, for the shapes users run: chat replies (64 tokens, decode-bound) and classification requests
+   (system prompt + tweet, the label constraint, a few answer tokens: prefill-bound), each on the adapter and on
+   the base model in the same engine, rounds alternated base, adapter, adapter, base. Each engine is started
+   with LoRA flags matching its adapter (as `tuneloop serve` does), prefix caching off so no round reuses
+   another's KV cache; reference rows: vLLM without --enable-lora, and the adapter merged into the weights.
+3. The LoRA ops themselves in both precisions (float32; bf16 activations and weights with vLLM's float32 shrink
+   buffer, as a bf16 model runs), vLLM's stock ops against tuneloop's grouped ops, for a decode batch and a
+   prefill batch, beside the base projection they ride on.
+4. Where the time goes: a sampling profile (py-spy) of vLLM's engine process during the classification workload,
+   base vs adapter, attributed to the code the samples are in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +35,16 @@ import torch
 
 from bench.load import LoadResult, chat_bodies, free_port, run_load
 from bench.setup import base_model_path, sentiment_sets
-from bench.tables import emit
+from bench.tables import Table, emit
 from evaluators.label_likelihood import predict_labels
-from evaluators.statistics import bootstrap_interval
+from evaluators.scoring import score_examples
+from evaluators.statistics import table_interval
 from retrain.trainer import fit
+from serving.constraints import constrain_to_labels
 from serving.engine import EngineSpec, EngineSupervisor
-from serving.lora_ops import INSTALLED_MESSAGE
-from tuneloop.config import Config
+from serving.lora_ops import FELL_BACK_MESSAGE, INSTALLED_MESSAGE
+from tuneloop.config import Config, TaskConfig
+from tuneloop.hardware import cpu_has_fast_bf16
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]
@@ -49,17 +65,35 @@ class Shape:
 DEFAULT = Shape(8, tuple(ATTENTION))
 
 
-def run(*, quick: bool = False) -> str:
-    steps, n_eval = (3, 40) if quick else (40, 300)
-    concurrency, rounds, tokens = (8, 1, 16) if quick else (32, 2, 64)
-    shapes = [Shape(8, ("q_proj", "v_proj")), DEFAULT] if quick else [
-        Shape(8, ("q_proj", "v_proj")), DEFAULT, Shape(16, tuple(ATTENTION)), Shape(8, tuple(ALL_LINEAR))]
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    concurrency: int
+    build: Callable[[str], list[dict[str, Any]]]
+    unit: str  # what throughput counts: "tok" (completion tokens) or "req" (answered requests)
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    steps, n_eval = (2, 24) if quick else (40, 300)
+    rounds = 1 if quick else 2
+    shapes = [DEFAULT] if quick else [Shape(8, ("q_proj", "v_proj")), DEFAULT, Shape(16, tuple(ATTENTION)),
+                                      Shape(8, tuple(ALL_LINEAR))]
     task = Config().tasks["sentiment"]
     sets = sentiment_sets()
     heldout = random.Random(1).sample(sets["heldout"], n_eval)
-    prompts = [e.input or "" for e in random.Random(2).sample(sets["heldout"], concurrency * 2)]
+    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 16 if quick else 96)]
+    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 8 if quick else 32)]
+    workloads = [
+        Workload(f"chat replies ({16 if quick else 64} tokens, {len(chats)} concurrent)", len(chats),
+                 lambda model: chat_bodies(model, chats, 16 if quick else 64, task.system_prompt), "tok"),
+        Workload(f"classification (system + tweet, label constraint, {len(tweets)} requests, 16 concurrent)", 16,
+                 lambda model: _classification_bodies(model, tweets, task), "req"),
+    ]
     base = base_model_path()
-    quality_rows, speed_rows = [], []
+    quality_rows: list[list[Any]] = []
+    speed_rows: list[list[Any]] = []
+    profile_rows: list[list[Any]] = []
+    tables: list[Table] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters: dict[Shape, Path] = {}
         for shape in shapes:
@@ -71,48 +105,97 @@ def run(*, quick: bool = False) -> str:
                          progress=False)
             adapters[shape] = out
             quality_rows.append([shape.label, f"{result.trainable_params:,}",
-                                 _accuracy(base, out, heldout, task.system_prompt, task.labels),
-                                 f"{result.train_seconds:.0f}"])
+                                 _accuracy(base, out, heldout, task), f"{result.train_seconds:.0f}"])
+        tables.append(emit(f"LoRA shape vs held-out accuracy ({steps} steps x batch 16, lr 1e-3, alpha = 2r)",
+                           ["adapter", "trainable params", f"accuracy [95 % CI], n={n_eval}", "train s"],
+                           quality_rows, key="lora-quality",
+                           notes="Label-likelihood scoring on sentiment held-out tweets; 2000 bootstrap resamples. "
+                                 "train s is wall time on a machine that may run other work."))
+        tables.append(_ops_microbenchmark(quick))
 
-        def measure(spec: EngineSpec, models: list[str]) -> dict[str, LoadResult]:
-            return _serve_and_load(spec, Path(tmp), models, prompts, task.system_prompt, tokens, concurrency, rounds)
+        dtypes = ["float32", "bfloat16"] if cpu_has_fast_bf16() else ["float32"]
+        engines: list[tuple[str, EngineSpec]] = []
+        for dtype in dtypes:
+            engines.append((f"base model, vLLM without --enable-lora ({dtype})", _spec(base, dtype=dtype)))
+            if dtype == "float32":
+                merged = _merge(base, adapters[DEFAULT], Path(tmp) / "merged")
+                engines.append((f"{DEFAULT.label} merged into the base weights ({dtype})",
+                                _spec(merged, dtype=dtype)))
+            engines.append((f"{DEFAULT.label}, stock ops ({dtype})",
+                            _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapters[DEFAULT], lora_ops="stock")))
+            for shape in shapes if dtype == "float32" else [DEFAULT]:
+                engines.append((f"{shape.label}, grouped ops ({dtype})",
+                                _spec(base, dtype=dtype, shape=shape, adapter=adapters[shape])))
+        if quick:  # one engine without LoRA (the merged model) and one with it keep both paths exercised
+            engines = [e for e in engines if "merged" in e[0] or "grouped" in e[0]]
+        reference: dict[tuple[str, str], float] = {}
+        for label, spec in engines:
+            measured = _serve_and_measure(spec, Path(tmp), workloads, rounds,
+                                          profile=not quick and spec.enable_lora and spec.model_path == base
+                                          and spec.lora_target_modules == list(DEFAULT.targets))
+            for workload in workloads:
+                key = (spec.resolved_dtype, workload.name)
+                got = measured["results"][workload.name]
+                model_rate = got["adapter" if spec.enable_lora else "base"]
+                if not spec.enable_lora and spec.model_path == base:
+                    reference[key] = model_rate
+                base_rate = got.get("base") if spec.enable_lora else None
+                speed_rows.append([workload.name.split(" (")[0], label, _rate(base_rate, workload),
+                                   _rate(model_rate, workload),
+                                   f"{model_rate / base_rate:.2f}x" if base_rate else "-",
+                                   f"{model_rate / reference[key]:.2f}x" if key in reference else "-",
+                                   measured["failures"]])
+            for who, shares in measured.get("profile", {}).items():
+                profile_rows.append([label, who, *[f"{shares.get(c, 0.0):.0%}" for c in PROFILE_CATEGORIES]])
+    tables.append(emit("LoRA vs base model served by vLLM, same engine, rounds alternated",
+                       ["workload", "engine", "base in this engine", "this model", "model / base, same engine",
+                        "vs vLLM without LoRA", "failed requests"], speed_rows, key="lora-speed",
+                       notes="Throughput: completion tokens/s for chat replies, answered requests/s for "
+                             f"classification; {rounds} round(s) per model per workload, alternated base, adapter, "
+                             "adapter, base. Each LoRA engine has --max-lora-rank and --lora-target-modules matching "
+                             "its one adapter; 'stock ops' = vLLM's CPU torch ops (a per-token copy of the adapter "
+                             "weights), 'grouped ops' = serving/lora_ops.py (one GEMM per adapter). bf16 engines "
+                             "run only on CPUs with native bf16 (AVX512-BF16/AMX)."))
+    if profile_rows:
+        tables.append(emit("Where the classification workload's engine time goes (py-spy samples of vLLM's "
+                           "processes, r=8 q/k/v/o engine)",
+                           ["engine", "requests", *PROFILE_CATEGORIES], profile_rows, key="lora-profile",
+                           notes="Share of py-spy samples of running threads in vLLM's processes (API server, engine "
+                             "core, worker), attributed to the innermost matching "
+                                 "frame: 'LoRA ops' = the shrink/expand ops; 'LoRA bookkeeping' = punica metadata "
+                                 "and LoRA layer wrappers around them; 'base layers' = the model's own linear "
+                                 "layers, norms and activations; 'attention'; 'sampling + structured output' = "
+                                 "logits, sampler and grammar; 'scheduler + other' = the rest (HTTP, tokenizing, "
+                                 "scheduling, inputs)."))
+    return tables
 
-        plain = measure(_spec(base, enable_lora=False), ["base"])["base"]
-        speed_rows.append(["base model, vLLM without --enable-lora", "-", f"{plain.tokens_per_second:.0f}",
-                           "-", "1.00x (reference)"])
-        merged_dir = _merge(base, adapters[DEFAULT], Path(tmp) / "merged")
-        merged = measure(_spec(merged_dir, enable_lora=False), ["base"])["base"]
-        speed_rows.append([f"{DEFAULT.label} merged into the base weights", "-", f"{merged.tokens_per_second:.0f}",
-                           "-", f"{merged.tokens_per_second / plain.tokens_per_second:.2f}x"])
-        for shape, ops in [(DEFAULT, "stock"), *((s, "grouped") for s in shapes)]:
-            spec = _spec(base, shape=shape, adapter=adapters[shape], lora_ops=ops)
-            results = measure(spec, ["base", "adapter"])
-            ratio = results["adapter"].tokens_per_second / results["base"].tokens_per_second
-            speed_rows.append([f"{shape.label}, {ops} ops", f"{results['base'].tokens_per_second:.0f}",
-                               f"{results['adapter'].tokens_per_second:.0f}", f"{ratio:.2f}x",
-                               f"{results['adapter'].tokens_per_second / plain.tokens_per_second:.2f}x"])
-    text = emit(f"LoRA shape vs held-out accuracy ({steps} steps x batch 16, lr 1e-3, alpha = 2r)",
-                ["adapter", "trainable params", f"accuracy [95 % CI], n={n_eval}", "train s"], quality_rows,
-                notes="Label-likelihood scoring on sentiment held-out tweets; 2000 bootstrap resamples.")
-    text += emit(f"LoRA vs base throughput in vLLM ({concurrency} concurrent {tokens}-token requests, "
-                 f"{rounds} interleaved rounds each)",
-                 ["served as", "base tok/s (same engine)", "model tok/s", "LoRA / base, same engine",
-                  "vs vLLM without LoRA"], speed_rows,
-                 notes="Each LoRA engine is started with --max-lora-rank and --lora-target-modules matching its one "
-                       "adapter. 'stock ops' = vLLM's CPU torch ops (per-token weight gather); 'grouped ops' = "
-                       "serving/lora_ops.py (one GEMM per adapter), loaded into vLLM by the tuneloop plugin.")
-    return text
+
+def _classification_bodies(model: str, tweets: list[str], task: TaskConfig) -> list[dict[str, Any]]:
+    bodies = []
+    for tweet in tweets:
+        body: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": task.max_new_tokens,
+                                "messages": [{"role": "system", "content": task.system_prompt},
+                                             {"role": "user", "content": tweet}]}
+        constrain_to_labels(body, task)
+        bodies.append(body)
+    return bodies
 
 
-def _accuracy(base: Path, adapter: Path, heldout: list[Any], system: str, labels: list[str]) -> str:
+def _rate(value: float | None, workload: Workload) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} tok/s" if workload.unit == "tok" else f"{value:.1f} req/s"
+
+
+def _accuracy(base: Path, adapter: Path, heldout: list[Any], task: TaskConfig) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    predicted = predict_labels(model, AutoTokenizer.from_pretrained(base), heldout, system_prompt=system,
-                               labels=labels)
-    truth = [e.reference for e in heldout]
-    interval = bootstrap_interval(truth, lambda idx: sum(predicted[i] == truth[i] for i in idx) / len(idx))
+    predicted = predict_labels(model, AutoTokenizer.from_pretrained(base), heldout, system_prompt=task.system_prompt,
+                               labels=task.labels)
+    table = score_examples(["accuracy"], predicted, [e.reference for e in heldout], task.labels)["accuracy"]
+    interval, _ = table_interval(table)
     return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
 
 
@@ -128,39 +211,136 @@ def _merge(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
-def _spec(model: Path, *, enable_lora: bool = True, shape: Shape | None = None, adapter: Path | None = None,
+def _spec(model: Path, *, dtype: str, shape: Shape | None = None, adapter: Path | None = None,
           lora_ops: str = "grouped") -> EngineSpec:
     return EngineSpec(model_path=model, served_name="base", port=free_port(), max_model_len=512, kv_cache_gib=2,
-                      enable_lora=enable_lora, max_lora_rank=shape.rank if shape else 8, max_loras=1,
+                      enable_lora=shape is not None, max_lora_rank=shape.rank if shape else 8, max_loras=1,
                       lora_target_modules=list(shape.targets) if shape else [],
-                      lora_modules={"adapter": adapter} if adapter else {}, lora_ops=lora_ops)
+                      lora_modules={"adapter": adapter} if adapter else {}, prefix_caching=False,
+                      lora_ops=lora_ops, dtype=dtype)  # type: ignore[arg-type]
 
 
-def _serve_and_load(spec: EngineSpec, tmp: Path, models: list[str], prompts: list[str], system: str, tokens: int,
-                    concurrency: int, rounds: int) -> dict[str, LoadResult]:
+def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], rounds: int, *,
+                       profile: bool) -> dict[str, Any]:
     engine = EngineSupervisor(spec, tmp / "logs" / f"vllm-{spec.port}.log", restart=False)
     engine.start()
+    models = ["base", "adapter"] if spec.enable_lora else ["base"]
+    results: dict[str, dict[str, float]] = {}
+    failures = 0
+    shares: dict[str, dict[str, float]] = {}
     try:
         url = f"{spec.base_url}/v1/chat/completions"
-        asyncio.run(run_load(url, chat_bodies(models[-1], prompts[:4], 4, system), 4))  # warm-up
-        merged: dict[str, list[LoadResult]] = {m: [] for m in models}
-        for _ in range(rounds):
-            for model in models:
-                merged[model].append(asyncio.run(run_load(url, chat_bodies(model, prompts, tokens, system),
-                                                          concurrency)))
+        asyncio.run(run_load(url, chat_bodies(models[-1], ["warm up"] * 4, 4), 4))
+        for workload in workloads:
+            totals: dict[str, list[LoadResult]] = {m: [] for m in models}
+            for i in range(rounds):
+                for model in models if i % 2 == 0 else list(reversed(models)):
+                    result = asyncio.run(run_load(url, workload.build(model), workload.concurrency))
+                    totals[model].append(result)
+                    failures += result.failures
+            results[workload.name] = {m: _throughput(r, workload) for m, r in totals.items()}
+            if profile and workload.unit == "req":
+                for model in models:
+                    shares[model] = _profile(engine, url, workload.build(model), workload.concurrency)
     finally:
         engine.stop()
-    installed = INSTALLED_MESSAGE in engine.log_path.read_text(errors="replace")
-    if spec.enable_lora and installed != (spec.lora_ops == "grouped"):
-        raise RuntimeError(f"lora_ops={spec.lora_ops} but the plugin {'did' if installed else 'did not'} install")
-    return {m: _combine(results) for m, results in merged.items()}
+    log = engine.log_path.read_text(errors="replace")
+    if spec.enable_lora and (INSTALLED_MESSAGE in log) != (spec.lora_ops == "grouped"):
+        raise RuntimeError(f"lora_ops={spec.lora_ops} but the plugin {'did' if INSTALLED_MESSAGE in log else 'did not'}"
+                           " install")
+    if spec.enable_lora and spec.lora_ops == "grouped" and FELL_BACK_MESSAGE in log:
+        raise RuntimeError(f"a grouped LoRA op fell back to vLLM's in {spec.resolved_dtype}; see {engine.log_path}")
+    return {"results": results, "failures": failures, "profile": shares}
 
 
-def _combine(results: list[LoadResult]) -> LoadResult:
-    failures = sum(r.failures for r in results)
-    if failures:
-        raise RuntimeError(f"{failures} benchmark requests failed")
-    return LoadResult(requests=sum(r.requests for r in results), failures=0,
-                      completion_tokens=sum(r.completion_tokens for r in results),
-                      seconds=sum(r.seconds for r in results),
-                      latencies=[x for r in results for x in r.latencies])
+def _throughput(results: list[LoadResult], workload: Workload) -> float:
+    seconds = sum(r.seconds for r in results)
+    if workload.unit == "tok":
+        return sum(r.completion_tokens for r in results) / seconds
+    return sum(r.requests - r.failures for r in results) / seconds
+
+
+PROFILE_CATEGORIES = ["LoRA ops", "LoRA bookkeeping", "base layers", "attention", "sampling + structured output",
+                      "scheduler + other"]
+# (category, substrings of a frame's file) checked from the innermost frame outwards
+_FRAME_RULES = [
+    ("LoRA ops", ("serving/lora_ops.py", "lora/ops/torch_ops")),
+    ("LoRA bookkeeping", ("punica_wrapper", "vllm/lora/")),
+    ("attention", ("attention", "attn")),
+    ("sampling + structured output", ("sample", "logits_processor", "structured_output", "xgrammar", "guidance")),
+    ("base layers", ("model_executor/layers", "model_executor/models", "custom_op")),
+]
+
+
+def _profile(engine: EngineSupervisor, url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """Sample vLLM's processes while `bodies` are answered; shares of busy samples per category."""
+    assert engine.process is not None
+    out = Path(tempfile.mkstemp(suffix=".txt")[1])
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    recorder = subprocess.Popen([spy, "record", "--pid", str(engine.process.pid), "--subprocesses", "--rate", "100",
+                                 "--format", "raw", "--output", str(out), "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    for _ in range(3):
+        asyncio.run(run_load(url, bodies, concurrency))
+    recorder.terminate()
+    recorder.wait(30)
+    counts: Counter[str] = Counter()
+    for line in out.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit():  # py-spy records only threads that are running, not idle ones
+            counts[_category(stack)] += int(count)
+    out.unlink(missing_ok=True)
+    total = sum(counts.values()) or 1
+    return {category: counts[category] / total for category in PROFILE_CATEGORIES}
+
+
+def _category(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for category, needles in _FRAME_RULES:
+            if any(needle in frame for needle in needles):
+                return category
+    return "scheduler + other"
+
+
+def _ops_microbenchmark(quick: bool) -> Table:
+    """vLLM's stock CPU LoRA ops vs the grouped ops on one 576-wide projection, r=8, one adapter."""
+    from vllm.lora.ops.torch_ops import lora_ops as stock
+
+    from serving import lora_ops as grouped
+
+    rows: list[list[Any]] = []
+    generator = torch.Generator().manual_seed(0)
+    repeats = 5 if quick else 30
+    for tokens, phase in ((32, "decode, 32 tokens"), (16 * 55, "prefill, 16 prompts x 55 tokens")):
+        for name, low in (("float32", torch.float32), ("bf16 + float32 buffer", torch.bfloat16)):
+            x = torch.randn(tokens, 576, generator=generator).to(low)
+            weight = torch.randn(576, 576, generator=generator).to(low)
+            a = torch.randn(1, 1, 8, 576, generator=generator).to(low)
+            b = torch.randn(1, 1, 576, 8, generator=generator).to(low)
+            index = torch.zeros(tokens, dtype=torch.long)
+            timings: dict[str, list[float]] = {"base": [], "stock": [], "grouped": []}
+            for i in range(repeats):
+                order = ["stock", "grouped"] if i % 2 == 0 else ["grouped", "stock"]
+                for which in ["base", *order]:
+                    buffer = torch.zeros(tokens, 8, dtype=torch.float32)
+                    y = torch.zeros(tokens, 576, dtype=low)
+                    started = time.perf_counter()
+                    if which == "base":
+                        torch.mm(x, weight.t())
+                    else:
+                        ops = stock if which == "stock" else grouped
+                        ops.bgmv_shrink(x, a, buffer, index, 1.0)
+                        ops.bgmv_expand(buffer, b, y, index, True)
+                    timings[which].append((time.perf_counter() - started) * 1e6)
+            medians = {k: statistics.median(v) for k, v in timings.items()}
+            rows.append([phase, name, f"{medians['base']:.0f}", f"{medians['stock']:.0f}",
+                         f"{medians['grouped']:.0f}", f"{medians['stock'] / medians['grouped']:.1f}x",
+                         json.dumps(str(grouped.compute_dtype(x, a, buffer)).removeprefix("torch."))])
+    return emit("LoRA shrink + expand on one 576-wide projection (r=8), microseconds (median)",
+                ["batch", "precision", "base projection GEMM", "vLLM stock ops", "grouped ops",
+                 "stock / grouped", "grouped computes shrink in"], rows, key="lora-ops",
+                notes="Runs alternate stock and grouped; the base GEMM is the layer LoRA rides on, for scale. bf16 "
+                      "+ float32 buffer is how vLLM's CPU wrapper calls the ops in a bf16 model. This CPU "
+                      + ("has" if cpu_has_fast_bf16() else "does not have") + " native bf16.")

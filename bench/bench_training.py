@@ -1,9 +1,16 @@
-"""Training throughput: real (non-padding) tokens per second, tuneloop's loop vs a plain HF Trainer + PEFT.
+"""Training throughput: real (non-padding) tokens per second of forward + backward + optimizer step, tuneloop's
+loop against the Hugging Face recipe a competent user would run.
 
-Same base model, same LoRA recipe, same examples, same number of steps and batch size, same machine, one run.
-Baseline: `transformers.Trainer` with the common tutorial recipe of padding every example to `max_seq_len`.
-The ablation row (tuneloop's loop without length grouping, padding each random batch to its longest example)
-shows how much of the gain is dynamic padding and how much is grouping.
+Baseline: `transformers.Trainer` + PEFT with dynamic padding (`DataCollatorForSeq2Seq`, padding to the longest in
+the batch) and length-grouped sampling (`train_sampling_strategy="group_by_length"`). The tutorial recipe of
+padding every example to `max_seq_len` is a second row, and tuneloop's loop without length grouping an ablation.
+
+Fair by construction: same base model, LoRA recipe, examples, steps, batch size and precision; the same timer
+boundaries for every run (forward + backward + clip + optimizer step, summed per step: tuneloop's loop times
+exactly that, the Trainer is timed by a callback from `on_step_begin` to `on_step_end`, so data loading is
+excluded for both); and tokens counted only when a batch is actually trained on (a forward hook in training mode
+for the Trainer, whose dataloader prefetches a batch it never uses). The runs are repeated in mirrored order
+(A B C D, then D C B A) and summed, so drift in machine speed hits every row alike.
 """
 
 from __future__ import annotations
@@ -11,80 +18,117 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.setup import base_model_path, sentiment_sets
-from bench.tables import emit
-from retrain.batching import collate, encode_example
-from retrain.trainer import fit, load_model_for_method
+from bench.tables import Table, emit
+from retrain.batching import encode_example
+from retrain.trainer import fit, load_model_for_method, use_bf16
 from tuneloop.config import Config, TrainConfig
 
 
-def run(*, quick: bool = False) -> str:
-    steps = 3 if quick else 8
+@dataclass
+class Measured:
+    real: int = 0
+    padded: int = 0
+    seconds: float = 0.0
+
+    def add(self, real: int, padded: int, seconds: float) -> None:
+        self.real += real
+        self.padded += padded
+        self.seconds += seconds
+
+
+RUNS = {
+    "tuneloop": "tuneloop loop, length-grouped batches (padded to the batch's longest)",
+    "trainer-grouped": "HF Trainer + PEFT, dynamic padding + group_by_length (baseline)",
+    "tuneloop-random": "tuneloop loop, random batches padded to the batch's longest (ablation)",
+    "trainer-max-length": "HF Trainer + PEFT, padding='max_length' (tutorial recipe)",
+}
+BASELINE = "trainer-grouped"
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    steps, repeats = (2, 1) if quick else (8, 2)
     config = Config()
     task = config.tasks["sentiment"]
     recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16})
     examples = random.Random(0).sample(sentiment_sets()["train"], 16 * steps * 4)
     base = base_model_path()
-    rows = []
+    measured = {name: Measured() for name in RUNS}
+    order = list(RUNS)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, grouped in (("tuneloop loop, length-grouped batches", True),
-                               ("tuneloop loop, random batches padded to longest (ablation)", False)):
-            result = fit(base, examples, [], system_prompt=task.system_prompt,
-                         train=recipe.model_copy(update={"group_by_length": grouped}),
-                         output_dir=Path(tmp) / label[:8], progress=False)
-            rows.append((label, result.train_tokens, result.padded_tokens, result.train_seconds))
-        rows.append(("HF Trainer + PEFT, padding='max_length' (baseline)",
-                     *_hf_trainer(base, examples, task.system_prompt, recipe, Path(tmp) / "hf")))
-    baseline = rows[-1][1] / rows[-1][3]
-    table = [[label, steps, real, padded, f"{real / padded:.0%}", f"{seconds:.1f}", f"{real / seconds:.0f}",
-              f"{(real / seconds) / baseline:.2f}x"] for label, real, padded, seconds in rows]
-    return emit(f"Training throughput, LoRA r={recipe.rank} {'+'.join(recipe.target_modules)}, batch 16, "
-                f"{steps} steps, max_seq_len {recipe.max_seq_len}, sentiment tweets, {torch.get_num_threads()} "
-                "threads",
-                ["run", "steps", "real tokens", "tokens incl. padding", "real share", "train s", "real tok/s",
-                 "vs baseline"], table,
-                notes="real tok/s counts only non-padding tokens; train s excludes model loading and tokenization.")
+        for repeat in range(repeats):
+            for name in order if repeat % 2 == 0 else list(reversed(order)):
+                out = Path(tmp) / f"{name}-{repeat}"
+                if name.startswith("tuneloop"):
+                    result = fit(base, examples, [], system_prompt=task.system_prompt, output_dir=out, progress=False,
+                                 train=recipe.model_copy(update={"group_by_length": name == "tuneloop"}))
+                    measured[name].add(result.train_tokens, result.padded_tokens, result.train_seconds)
+                else:
+                    measured[name].add(*_hf_trainer(base, examples, task.system_prompt, recipe, out,
+                                                    max_length=name == "trainer-max-length"))
+    baseline = measured[BASELINE].real / measured[BASELINE].seconds
+    rows = [[RUNS[name], steps * repeats, m.real, m.padded, f"{m.real / m.padded:.0%}", f"{m.seconds:.1f}",
+             f"{m.real / m.seconds:.0f}", f"{(m.real / m.seconds) / baseline:.2f}x"] for name, m in measured.items()]
+    precision = "bf16 autocast" if use_bf16(recipe) else "fp32"
+    return [emit(f"Training throughput, LoRA r={recipe.rank} {'/'.join(m[0] for m in recipe.target_modules)}, "
+                 f"batch 16, sentiment tweets, {precision}, {torch.get_num_threads()} threads",
+                 ["run", "steps", "real tokens", "tokens incl. padding", "real share", "fwd+bwd+step s",
+                  "real tok/s", "vs baseline"], rows, key="training",
+                 notes=f"{repeats} repetition(s) of {steps} steps per run, in mirrored order; seconds are forward + "
+                       "backward + clip + optimizer step summed over steps (data loading excluded for every run); "
+                       "real tokens are the non-padding tokens of batches actually trained on. tuneloop also "
+                       "computes vocabulary logits only at reply positions (a tweet's label is 2 of ~55 tokens); "
+                       "the Trainer computes them everywhere, as its causal-LM loss does.")]
 
 
-def _hf_trainer(base: Path, examples: list[Any], system_prompt: str, recipe: TrainConfig,
-                out: Path) -> tuple[int, int, float]:
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+def _hf_trainer(base: Path, examples: list[Any], system_prompt: str, recipe: TrainConfig, out: Path, *,
+                max_length: bool) -> tuple[int, int, float]:
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    pad_id = tokenizer.pad_token_id
     encoded = [encode_example(tokenizer, e, system_prompt, recipe.max_seq_len) for e in examples]
-    counted = {"real": 0, "padded": 0}
-
-    def pad_to_max_length(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from retrain.batching import IGNORE_INDEX, EncodedExample
-
-        width = recipe.max_seq_len
-        items = [EncodedExample(b["input_ids"], b["labels"]) for b in batch]
-        tensors = collate(items, pad_id)
-        extra = width - tensors["input_ids"].shape[1]
-        if extra > 0:
-            n = len(items)
-            tensors["input_ids"] = torch.cat([tensors["input_ids"], torch.full((n, extra), pad_id)], dim=1)
-            tensors["labels"] = torch.cat([tensors["labels"], torch.full((n, extra), IGNORE_INDEX)], dim=1)
-            tensors["attention_mask"] = torch.cat([tensors["attention_mask"], torch.zeros((n, extra),
-                                                                                          dtype=torch.long)], dim=1)
-        counted["real"] += int(tensors["attention_mask"].sum())
-        counted["padded"] += tensors["input_ids"].numel()
-        return tensors
-
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * e.length} for e in encoded]
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length" if max_length else "longest",
+                                      max_length=recipe.max_seq_len if max_length else None,
+                                      label_pad_token_id=-100, return_tensors="pt")
     model = load_model_for_method(base, recipe, system_prompt)
+    counted = Measured()
+
+    def count_tokens(module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if module.training and mask is not None:
+            counted.real += int(mask.sum())
+            counted.padded += mask.numel()
+
+    model.get_base_model().model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        started = 0.0
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            counted.seconds += time.perf_counter() - self.started
+
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=recipe.batch_size,
                              max_steps=recipe.max_steps, learning_rate=recipe.learning_rate, report_to=[],
                              use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                             remove_unused_columns=False, seed=recipe.seed, dataloader_num_workers=0)
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=pad_to_max_length)
-    started = time.perf_counter()
+                             seed=recipe.seed, dataloader_num_workers=0, bf16=use_bf16(recipe),
+                             train_sampling_strategy="random" if max_length else "group_by_length")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,  # type: ignore[arg-type]
+                      processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
-    seconds = time.perf_counter() - started
-    return counted["real"], counted["padded"], seconds
+    return counted.real, counted.padded, counted.seconds

@@ -42,7 +42,7 @@ def git_commit() -> dict[str, Any]:
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or "unknown", set()
+    model, flags = platform.processor() or "unknown", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,24 @@ def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: st
     return get_peft_model(model, peft_config)
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Handed to `fit`'s `on_step` after every optimizer step (and validation, if one ran)."""
+
+    step: int
+    elapsed_s: float = field(metadata={"help": "Wall time since the loop started: steps, validation, batching."})
+    train_seconds: float
+    model: Any
+
+
 def fit(base_path: Path, train_examples: list[Example], val_examples: list[Example], *, system_prompt: str,
-        train: TrainConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True) -> FitResult:
-    """Train on `train_examples`, validate on `val_examples`, save the best weights to `output_dir`."""
+        train: TrainConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True,
+        on_step: Callable[[StepInfo], bool] | None = None) -> FitResult:
+    """Train on `train_examples`, validate on `val_examples`, save the best weights to `output_dir`.
+
+    `on_step` sees the model after each step (e.g. to snapshot it at time budgets); returning True stops training
+    there, as early stopping does.
+    """
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     steps = max_steps or train.max_steps
@@ -137,6 +153,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     batches: list[list[int]] = []
     bar = _progress(steps, progress, f"train {train.method}")
     step = 0
+    loop_started = time.perf_counter()
     while step < steps:
         if not batches:
             batches = length_grouped_batches([e.length for e in encoded], train.batch_size, train.seed + epoch,
@@ -174,6 +191,8 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
         bar.update(1)
         if stopper.should_stop:
             stopped_early = True
+            break
+        if on_step is not None and on_step(StepInfo(step, time.perf_counter() - loop_started, train_seconds, model)):
             break
     bar.close()
     if best_state is not None:

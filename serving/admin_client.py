@@ -29,12 +29,17 @@ class AdminClient:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = gateway_url(config)
         self.token = config.admin_token
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, transport=transport)
+        self._timeout_s = timeout_s
+        self._transport = transport
+
+    def _http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=self._timeout_s, transport=self._transport)
 
     def health(self) -> dict[str, Any]:
         """The gateway's /healthz body, or {"status": "not running"}."""
         try:
-            response = self._http.get("/healthz", timeout=3.0)
+            with self._http() as http:
+                response = http.get("/healthz", timeout=3.0)
         except httpx.HTTPError:
             return {"status": "not running", "url": self.url}
         body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
@@ -58,7 +63,8 @@ class AdminClient:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            response = self._http.request(method, path, json=body, headers=headers)
+            with self._http() as http:
+                response = http.request(method, path, json=body, headers=headers)
         except httpx.ConnectError:
             raise GatewayNotRunning(f"no gateway answers at {self.url}; start `tuneloop serve`") from None
         except httpx.HTTPError as exc:

@@ -57,12 +57,14 @@ class EngineClient:
         self.limits = limits
         self.loaded: dict[str, Path] = {}
         self._ready = ready
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self._timeout_s = timeout_s
+        self._transport = transport
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
-    def close(self) -> None:
-        self._http.close()
+    def _http(self) -> httpx.Client:
+        """A short-lived client per call: adapter changes are rare, and nothing is left open between them."""
+        return httpx.Client(base_url=self.base_url, timeout=self._timeout_s, transport=self._transport)
 
     def adopt(self, name: str, path: Path) -> None:
         """Record an adapter the engine was started with (`--lora-modules`)."""
@@ -71,7 +73,8 @@ class EngineClient:
     def served_models(self) -> set[str]:
         """Every model name vLLM answers to: the base model and each loaded adapter."""
         try:
-            response = self._http.get("/v1/models", timeout=10.0)
+            with self._http() as http:
+                response = http.get("/v1/models", timeout=10.0)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"vLLM at {self.base_url} is not answering ({exc.__class__.__name__})") from None
         if response.status_code != 200:
@@ -86,8 +89,9 @@ class EngineClient:
             if version.ref in self.served_models():
                 self.loaded[version.ref] = version.path
                 return False
-            response = self._http.post("/v1/load_lora_adapter",
-                                       json={"lora_name": version.ref, "lora_path": str(version.path)})
+            with self._http() as http:
+                response = http.post("/v1/load_lora_adapter",
+                                     json={"lora_name": version.ref, "lora_path": str(version.path)})
             if response.status_code != 200:
                 raise AdapterError(f"vLLM refused to load {version.ref} from {version.path}: {response.text[:500]}")
             self.loaded[version.ref] = version.path
@@ -100,7 +104,8 @@ class EngineClient:
             if name not in self.served_models():
                 self.loaded.pop(name, None)
                 return False
-            response = self._http.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
+            with self._http() as http:
+                response = http.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
             if response.status_code != 200:
                 raise AdapterError(f"vLLM refused to unload {name}: {response.text[:500]}")
             self.loaded.pop(name, None)

@@ -136,6 +136,8 @@ class ServingConfig(StrictModel):
         default="grouped", description="CPU LoRA kernels: 'grouped' = one GEMM per adapter (serving/lora_ops.py), "
         "'stock' = vLLM's per-token gather. No effect on GPUs.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
+    prefix_caching: bool | None = Field(
+        default=None, description="vLLM's automatic prefix caching: true/false force it, null keeps vLLM's default.")
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
     start_timeout_s: float = Field(default=600, gt=0, description="How long vLLM may take to become ready.")

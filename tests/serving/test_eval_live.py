@@ -7,6 +7,7 @@ tests that follow expect sentiment@2 not loaded yet.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -200,13 +201,14 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
     prompts = ["hey! what did you do this weekend?", "I love pizza", "where are you from?", "tell me about your dog",
                "what's your favourite movie?", "good morning!", "I just got back from work", "do you like music?"]
 
-    def served(model: str, prompt: str) -> dict[str, float]:
+    def served(model: str, prompt: str) -> dict[str, Any]:
         response = httpx.post(f"{live_gateway.url}/v1/chat/completions", timeout=120, json={
             "model": model, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]})
         assert response.status_code == 200, response.text
         first = response.json()["choices"][0]["logprobs"]["content"][0]
-        return {"token": first["token"], "logprob": first["logprob"]}  # type: ignore[dict-item]
+        return {"token": first["token"], "logprob": first["logprob"],
+                "top": {t["token"]: t["logprob"] for t in first["top_logprobs"]}}
 
     base = live_gateway.config.base_model.path
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -226,12 +228,16 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
                 abs(float(log_probs[top]) - via_adapter["logprob"]) < tolerance:
             agree += 1
         differ_from_base += via_adapter["token"] != via_base["token"]
-        shifts.append(abs(via_adapter["logprob"] - via_base["logprob"]))
+        # how far the adapter moved the base model's choice (a lower bound when it left the adapter's top 5)
+        under_adapter = via_adapter["top"].get(via_base["token"], min(via_adapter["top"].values()))
+        shifts.append(abs(under_adapter - via_base["logprob"]))
     log = engine.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
     assert INSTALLED_MESSAGE in log and GROUPED_RAN_MESSAGE in log
     assert FELL_BACK_MESSAGE not in log, f"a LoRA op fell back to vLLM's in {dtype_name}"
-    assert differ_from_base >= 4, f"the adapter changed only {differ_from_base}/8 first tokens: is it applied?"
     assert agree >= 7, f"only {agree}/8 first tokens agree between vLLM ({dtype_name}) and PEFT ({dtype_name})"
+    # An ignored adapter would leave the base model's choice where it was: this random adapter moves its
+    # log-probability by about 1.2 nats on average (measured with PEFT), far beyond bf16 noise.
+    assert sum(shifts) / len(shifts) > 0.5, f"the adapter barely moved the answers ({shifts}): is it applied?"
 
 
 def test_a_version_the_gateway_does_not_route_is_loaded_through_its_checks_and_evaluated_there(

@@ -1,0 +1,50 @@
+"""Every benchmark runs end to end at smoke size in `make test`, so none can rot between measurements; and the
+README's benchmark tables are exactly what the committed result files say."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHMARKS
+from bench.report import regenerate
+from bench.results import REPO
+from tests.conftest import CACHE
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_the_bench_runs_at_smoke_size_and_saves_tables_with_provenance(name: str, tmp_path: Path,
+                                                                        base_model_dir: Path) -> None:
+    env = {**os.environ, "TUNELOOP_BENCH_RESULTS": str(tmp_path), "TUNELOOP_BENCH_CACHE": str(CACHE),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "bench", name, "--quick"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    provenance = saved["provenance"]
+    assert provenance["quick"] is True and len(provenance["commit"]) == 40
+    assert provenance["cpu"]["model"] and provenance["cpu"]["cores"] >= 1 and "flags" in provenance["cpu"]
+    assert saved["tables"], "a bench that measured nothing"
+    for table in saved["tables"]:
+        assert table["rows"] and all(len(row) == len(table["headers"]) for row in table["rows"]), table["title"]
+        assert not any("nan" in str(cell).lower() for row in table["rows"] for cell in row), table["title"]
+    assert (tmp_path / f"{name}.md").read_text().startswith(f"# bench {name}")
+    assert not (REPO / "bench" / "results" / f"{name}.json").exists() or \
+        json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())["provenance"]["quick"] is False, \
+        "a smoke run must never overwrite a measurement"
+
+
+def test_the_readme_tables_are_generated_from_the_committed_results() -> None:
+    readme = REPO / "README.md"
+    regenerated, names = regenerate(readme)
+    assert regenerated == readme.read_text(), "README.md tables differ from bench/results: run `python -m bench report`"
+    for name in names:
+        saved = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+        assert saved["provenance"]["quick"] is False and saved["provenance"]["commit"], name
