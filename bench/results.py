@@ -37,7 +37,8 @@ def git_commit() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # Only code counts: a README edited while a bench runs does not change what it measured.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "pyproject.toml", "Makefile")
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status)}
 
 
@@ -79,7 +80,8 @@ def provenance(*, quick: bool, seconds: float) -> dict[str, Any]:
 def describe(meta: dict[str, Any]) -> str:
     """One line saying where and when a result was measured."""
     cpu = meta.get("cpu", {})
-    commit = (meta.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if meta.get("dirty") else "")
+    commit = (meta.get("commit") or "unknown")[:10] + (" (plus uncommitted code changes)" if meta.get("dirty")
+                                                       else "")
     flags = ", ".join(cpu.get("flags", [])) or "none of the listed"
     return (f"commit {commit}, {meta.get('date', '?')[:10]}, {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
             f"(flags: {flags}; native bf16: {'yes' if cpu.get('native_bf16') else 'no'})"
