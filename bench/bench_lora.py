@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import shutil
 import statistics
@@ -81,14 +80,11 @@ def run(*, quick: bool = False) -> list[Table]:
     task = Config().tasks["sentiment"]
     sets = sentiment_sets()
     heldout = random.Random(1).sample(sets["heldout"], n_eval)
-    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 16 if quick else 96)]
-    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 8 if quick else 32)]
-    workloads = [
-        Workload(f"chat replies ({16 if quick else 64} tokens, {len(chats)} concurrent)", len(chats),
-                 lambda model: chat_bodies(model, chats, 16 if quick else 64, task.system_prompt), "tok"),
-        Workload(f"classification (system + tweet, label constraint, {len(tweets)} requests, 16 concurrent)", 16,
-                 lambda model: _classification_bodies(model, tweets, task), "req"),
-    ]
+    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 96)]
+    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 32)]
+    full_workloads = _workloads(task, chats, tweets, chat_tokens=64)
+    # Small enough for smoke runs, and for bf16 engines on CPUs that emulate bf16 (several times slower).
+    small_workloads = _workloads(task, chats[:8], tweets[:32], chat_tokens=16)
     base = base_model_path()
     quality_rows: list[list[Any]] = []
     speed_rows: list[list[Any]] = []
@@ -130,8 +126,9 @@ def run(*, quick: bool = False) -> list[Table]:
             engines = [e for e in engines if "merged" in e[0] or "grouped ops (float32)" in e[0]]
         reference: dict[tuple[str, str], float] = {}
         for label, spec in engines:
-            # Without native bf16 a bf16 engine is several times slower: one round per model keeps it affordable.
+            # Without native bf16 a bf16 engine is several times slower: one round of small workloads.
             emulated = spec.resolved_dtype == "bfloat16" and not cpu_has_fast_bf16()
+            workloads = small_workloads if quick or emulated else full_workloads
             measured = _serve_and_measure(spec, Path(tmp), workloads, 1 if emulated else rounds,
                                           profile=not quick and spec.enable_lora and spec.model_path == base
                                           and spec.lora_target_modules == list(DEFAULT.targets))
@@ -142,7 +139,7 @@ def run(*, quick: bool = False) -> list[Table]:
                 if not spec.enable_lora and spec.model_path == base:
                     reference[key] = model_rate
                 base_rate = got.get("base") if spec.enable_lora else None
-                speed_rows.append([workload.name.split(" (")[0], label, _rate(base_rate, workload),
+                speed_rows.append([workload.name, label, _rate(base_rate, workload),
                                    _rate(model_rate, workload),
                                    f"{model_rate / base_rate:.2f}x" if base_rate else "-",
                                    f"{model_rate / reference[key]:.2f}x" if key in reference else "-",
@@ -153,13 +150,13 @@ def run(*, quick: bool = False) -> list[Table]:
                        ["workload", "engine", "base in this engine", "this model", "model / base, same engine",
                         "vs vLLM without LoRA", "failed requests"], speed_rows, key="lora-speed",
                        notes="Throughput: completion tokens/s for chat replies, answered requests/s for "
-                             f"classification; {rounds} round(s) per model per workload, alternated base, adapter, "
-                             "adapter, base. Each LoRA engine has --max-lora-rank and --lora-target-modules matching "
-                             "its one adapter; 'stock ops' = vLLM's CPU torch ops (a per-token copy of the adapter "
+                             f"classification (system prompt + tweet, the label constraint); {rounds} round(s) per "
+                             "model per workload, alternated base, adapter, adapter, base. Each LoRA engine has "
+                             "--max-lora-rank and --lora-target-modules matching its one adapter; 'stock ops' = vLLM's CPU torch ops (a per-token copy of the adapter "
                              "weights), 'grouped ops' = serving/lora_ops.py (one GEMM per adapter). This CPU "
                              + ("multiplies bf16 natively." if cpu_has_fast_bf16() else
                                 "has no native bf16 (AVX512-BF16/AMX): its bf16 engines are emulated, several times "
-                                "slower, and ran one round per model; tuneloop serves float32 here.")))
+                                "slower, and ran one round of the small workloads; tuneloop serves float32 here.")))
     if profile_rows:
         tables.append(emit("Where the classification workload's engine time goes (py-spy samples of vLLM's "
                            "processes, r=8 q/k/v/o engine)",
@@ -172,6 +169,13 @@ def run(*, quick: bool = False) -> list[Table]:
                                  "logits, sampler and grammar; 'scheduler + other' = the rest (HTTP, tokenizing, "
                                  "scheduling, inputs)."))
     return tables
+
+
+def _workloads(task: TaskConfig, chats: list[str], tweets: list[str], *, chat_tokens: int) -> list[Workload]:
+    return [Workload(f"chat, {len(chats)} x {chat_tokens} tokens", len(chats),
+                     lambda model: chat_bodies(model, chats, chat_tokens, task.system_prompt), "tok"),
+            Workload(f"classification, {len(tweets)} tweets, 16 concurrent", 16,
+                     lambda model: _classification_bodies(model, tweets, task), "req")]
 
 
 def _classification_bodies(model: str, tweets: list[str], task: TaskConfig) -> list[dict[str, Any]]:
@@ -341,7 +345,7 @@ def _ops_microbenchmark(quick: bool) -> Table:
             medians = {k: statistics.median(v) for k, v in timings.items()}
             rows.append([phase, name, f"{medians['base']:.0f}", f"{medians['stock']:.0f}",
                          f"{medians['grouped']:.0f}", f"{medians['stock'] / medians['grouped']:.1f}x",
-                         json.dumps(str(grouped.compute_dtype(x, a, buffer)).removeprefix("torch."))])
+                         str(grouped.compute_dtype(x, a, buffer)).removeprefix("torch.")])
     return emit("LoRA shrink + expand on one 576-wide projection (r=8), microseconds (median)",
                 ["batch", "precision", "base projection GEMM", "vLLM stock ops", "grouped ops",
                  "stock / grouped", "grouped computes shrink in"], rows, key="lora-ops",
