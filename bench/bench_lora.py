@@ -152,7 +152,8 @@ def run(*, quick: bool = False) -> list[Table]:
                        notes="Throughput: completion tokens/s for chat replies, answered requests/s for "
                              f"classification (system prompt + tweet, the label constraint); {rounds} round(s) per "
                              "model per workload, alternated base, adapter, adapter, base. Each LoRA engine has "
-                             "--max-lora-rank and --lora-target-modules matching its one adapter; 'stock ops' = vLLM's CPU torch ops (a per-token copy of the adapter "
+                             "--max-lora-rank and --lora-target-modules matching its one adapter; 'stock ops' = "
+                             "vLLM's CPU torch ops (a per-token copy of the adapter "
                              "weights), 'grouped ops' = serving/lora_ops.py (one GEMM per adapter). This CPU "
                              + ("multiplies bf16 natively." if cpu_has_fast_bf16() else
                                 "has no native bf16 (AVX512-BF16/AMX): its bf16 engines are emulated, several times "
