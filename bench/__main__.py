@@ -17,6 +17,7 @@ BENCHMARKS = {
     "labels": "bench.bench_labels",
     "serving": "bench.bench_serving",
     "lora": "bench.bench_lora",
+    "lora_quality": "bench.bench_lora:run_quality",
     "eval": "bench.bench_eval",
 }
 
@@ -40,7 +41,8 @@ def main() -> None:
     for name in args.names or list(BENCHMARKS):
         started = time.perf_counter()
         print(f"== bench {name}{' (quick)' if args.quick else ''}", flush=True)
-        tables = importlib.import_module(BENCHMARKS[name]).run(quick=args.quick)
+        module, _, function = BENCHMARKS[name].partition(":")
+        tables = getattr(importlib.import_module(module), function or "run")(quick=args.quick)
         seconds = time.perf_counter() - started
         path = save_results(name, tables, quick=args.quick, seconds=seconds)
         print(f"== bench {name} done in {seconds:.0f} s -> {path}\n", flush=True)

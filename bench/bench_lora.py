@@ -1,7 +1,7 @@
 """LoRA shape vs quality vs serving speed, and where LoRA serving time goes on vLLM's CPU backend.
 
-1. Quality: each adapter shape (rank, target modules) trained on the same data and steps, scored on the sentiment
-   held-out set (label likelihood, 95 % bootstrap CI).
+1. Quality (`bench lora_quality`, its own run): each adapter shape (rank, target modules) trained on the same data
+   and steps, scored on the sentiment held-out set (label likelihood, 95 % bootstrap CI).
 2. Served speed, for the shapes users run: chat replies (64 tokens, decode-bound) and classification requests
    (system prompt + tweet, the label constraint, a few answer tokens: prefill-bound), each on the adapter and on
    the base model in the same engine, rounds alternated base, adapter, adapter, base. Each engine is started
@@ -62,6 +62,7 @@ class Shape:
 
 
 DEFAULT = Shape(8, tuple(ATTENTION))
+SHAPES = [Shape(8, ("q_proj", "v_proj")), DEFAULT, Shape(16, tuple(ATTENTION)), Shape(8, tuple(ALL_LINEAR))]
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,16 @@ class Workload:
     unit: str  # what throughput counts: "tok" (completion tokens) or "req" (answered requests)
 
 
-def run(*, quick: bool = False) -> list[Table]:
+def run_quality(*, quick: bool = False) -> list[Table]:
+    """`bench lora_quality`: accuracy per adapter shape, same data and steps."""
     steps, n_eval = (2, 24) if quick else (40, 300)
-    rounds = 1 if quick else 2
-    shapes = [DEFAULT] if quick else [Shape(8, ("q_proj", "v_proj")), DEFAULT, Shape(16, tuple(ATTENTION)),
-                                      Shape(8, tuple(ALL_LINEAR))]
+    shapes = [DEFAULT] if quick else SHAPES
     task = Config().tasks["sentiment"]
     sets = sentiment_sets()
     heldout = random.Random(1).sample(sets["heldout"], n_eval)
-    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 96)]
-    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 32)]
-    full_workloads = _workloads(task, chats, tweets, chat_tokens=64)
-    # Small enough for smoke runs, and for bf16 engines on CPUs that emulate bf16 (several times slower).
-    small_workloads = _workloads(task, chats[:8], tweets[:32], chat_tokens=16)
     base = base_model_path()
-    quality_rows: list[list[Any]] = []
-    speed_rows: list[list[Any]] = []
-    profile_rows: list[list[Any]] = []
-    tables: list[Table] = []
+    rows: list[list[Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        adapters: dict[Shape, Path] = {}
         for shape in shapes:
             recipe = task.train.model_copy(update={"rank": shape.rank, "target_modules": list(shape.targets),
                                                    "alpha": 2.0 * shape.rank, "max_steps": steps,
@@ -99,14 +90,36 @@ def run(*, quick: bool = False) -> list[Table]:
             out = Path(tmp) / f"r{shape.rank}-{len(shape.targets)}"
             result = fit(base, sets["train"], [], system_prompt=task.system_prompt, train=recipe, output_dir=out,
                          progress=False)
-            adapters[shape] = out
-            quality_rows.append([shape.label, f"{result.trainable_params:,}",
-                                 _accuracy(base, out, heldout, task), f"{result.train_seconds:.0f}"])
-        tables.append(emit(f"LoRA shape vs held-out accuracy ({steps} steps x batch 16, lr 1e-3, alpha = 2r)",
-                           ["adapter", "trainable params", f"accuracy [95 % CI], n={n_eval}", "train s"],
-                           quality_rows, key="lora-quality",
-                           notes="Label-likelihood scoring on sentiment held-out tweets; 2000 bootstrap resamples. "
-                                 "train s is wall time on a machine that may run other work."))
+            rows.append([shape.label, f"{result.trainable_params:,}", _accuracy(base, out, heldout, task),
+                         f"{result.train_seconds:.0f}"])
+    return [emit(f"LoRA shape vs held-out accuracy ({steps} steps x batch 16, lr 1e-3, alpha = 2r)",
+                 ["adapter", "trainable params", f"accuracy [95 % CI], n={n_eval}", "train s"], rows,
+                 key="lora-quality", notes="Label-likelihood scoring on sentiment held-out tweets; 2000 bootstrap "
+                                           "resamples. train s is wall time on a machine that may run other work.")]
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    """`bench lora`: served speed per shape and workload, the ops in both precisions, where the time goes.
+
+    Serving speed does not depend on an adapter's values, so each shape is a randomly initialised LoRA (no
+    training); `bench lora_quality` trains the same shapes for their accuracy.
+    """
+    rounds = 1 if quick else 2
+    shapes = [DEFAULT] if quick else SHAPES
+    task = Config().tasks["sentiment"]
+    sets = sentiment_sets()
+    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 96)]
+    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 32)]
+    full_workloads = _workloads(task, chats, tweets, chat_tokens=64)
+    # Small enough for smoke runs, and for bf16 engines on CPUs that emulate bf16 (several times slower).
+    small_workloads = _workloads(task, chats[:8], tweets[:32], chat_tokens=16)
+    base = base_model_path()
+    speed_rows: list[list[Any]] = []
+    profile_rows: list[list[Any]] = []
+    tables: list[Table] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = {shape: _random_adapter(base, shape, Path(tmp) / f"r{shape.rank}-{len(shape.targets)}")
+                    for shape in shapes}
         tables.append(_ops_microbenchmark(quick))
 
         dtypes = ["float32", "bfloat16"]
@@ -206,6 +219,18 @@ def _accuracy(base: Path, adapter: Path, heldout: list[Any], task: TaskConfig) -
     table = score_examples(["accuracy"], predicted, [e.reference for e in heldout], task.labels)["accuracy"]
     interval, _ = table_interval(table)
     return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _random_adapter(base: Path, shape: Shape, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(shape.targets),
+                                      init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
 
 
 def _merge(base: Path, adapter: Path, out: Path) -> Path:
