@@ -36,15 +36,16 @@ def main() -> None:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    from bench.results import save_results
+    from bench.results import provenance, save_results
 
     for name in args.names or list(BENCHMARKS):
         started = time.perf_counter()
+        meta = provenance(quick=args.quick)
         print(f"== bench {name}{' (quick)' if args.quick else ''}", flush=True)
         module, _, function = BENCHMARKS[name].partition(":")
         tables = getattr(importlib.import_module(module), function or "run")(quick=args.quick)
         seconds = time.perf_counter() - started
-        path = save_results(name, tables, quick=args.quick, seconds=seconds)
+        path = save_results(name, tables, meta, seconds=seconds)
         print(f"== bench {name} done in {seconds:.0f} s -> {path}\n", flush=True)
 
 

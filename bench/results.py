@@ -61,7 +61,8 @@ def cpu_info() -> dict[str, Any]:
             "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 
-def provenance(*, quick: bool, seconds: float) -> dict[str, Any]:
+def provenance(*, quick: bool, seconds: float = 0.0) -> dict[str, Any]:
+    """Where and with what a bench ran; taken when it starts, so the commit is the code that was measured."""
     import torch
 
     versions = {"torch": torch.__version__, "python": platform.python_version()}
@@ -88,8 +89,9 @@ def describe(meta: dict[str, Any]) -> str:
             + (", QUICK smoke sizes" if meta.get("quick") else ""))
 
 
-def save_results(name: str, tables: list[Table], *, quick: bool, seconds: float) -> Path:
-    meta = provenance(quick=quick, seconds=seconds)
+def save_results(name: str, tables: list[Table], meta: dict[str, Any], *, seconds: float) -> Path:
+    meta = {**meta, "seconds": round(seconds, 1)}
+    quick = bool(meta["quick"])
     folder = results_dir(quick=quick)
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"bench": name, "provenance": meta, "tables": [t.to_json() for t in tables]},
