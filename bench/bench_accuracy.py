@@ -61,7 +61,7 @@ class Sizes:
     variants: list[FewShotVariant]
 
 
-FULL = Sizes(300, None, 40, 5, (0, 1), LEARNING_RATES, VARIANTS)
+FULL = Sizes(300, None, 40, 3, (0, 1), LEARNING_RATES, VARIANTS)
 QUICK = Sizes(24, 40, 2, 1, (0,), {"lora": (1e-3,), "full": (3e-5,)}, VARIANTS[:2])
 
 
