@@ -164,7 +164,7 @@ def run(*, quick: bool = False) -> list[Table]:
                        [p for d in test_draws for p in d.predictions],
                        {m: _pool([d.tables[m] for d in test_draws]) for m in ("accuracy", "macro_f1")},
                        draws=len(test_draws))
-    spread = (f"draws: sd {statistics.stdev(accuracies):.3f}, [{min(accuracies):.3f}, {max(accuracies):.3f}]"
+    spread = (f" (draws: sd {statistics.stdev(accuracies):.3f}, [{min(accuracies):.3f}, {max(accuracies):.3f}])"
               if len(test_draws) > 1 else "")
     del model
 
@@ -214,7 +214,7 @@ def run(*, quick: bool = False) -> list[Table]:
     tables.append(emit(f"Sentiment test set (held-out airline tweets, n={len(test)}), label-likelihood scoring",
                        ["model", "accuracy [95 % CI]", "macro-F1 [95 % CI]", "trainable params", "predicted"],
                        rows, key="test",
-                       notes=f"Prompting baseline chosen on validation: {chosen_name} {spread}. 95 % "
+                       notes=f"Prompting baseline chosen on validation: {chosen_name}{spread}. 95 % "
                              "percentile-bootstrap CIs (draws pooled per example), "
                              "2000 resamples, seed 12345."))
     tables.append(_claims(prompting, finetuned, chosen_name))
