@@ -61,7 +61,7 @@ def cpu_info() -> dict[str, Any]:
             "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 
-def provenance(*, quick: bool, seconds: float = 0.0) -> dict[str, Any]:
+def provenance(*, quick: bool) -> dict[str, Any]:
     """Where and with what a bench ran; taken when it starts, so the commit is the code that was measured."""
     import torch
 
@@ -74,7 +74,7 @@ def provenance(*, quick: bool, seconds: float = 0.0) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a package that is not installed is simply not listed
             continue
     return {**git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_info(),
-            "torch_threads": torch.get_num_threads(), "quick": quick, "seconds": round(seconds, 1),
+            "torch_threads": torch.get_num_threads(), "quick": quick,
             "versions": versions}
 
 
