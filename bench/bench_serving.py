@@ -19,7 +19,11 @@ import asyncio
 import random
 import statistics
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +70,12 @@ def run(*, quick: bool = False) -> list[Table]:
             probe = _latency_probe(direct_url, gateway_url, prompts[:probe_pairs], system)
             overhead_rows = [_overhead(direct_url, gateway_url, prompts[:n], system, tokens, concurrency)
                              for concurrency, n in levels]
-            swap_started = time.perf_counter()
-            promoted = httpx.post(f"{running.url}/admin/promote", json={"version": "sentiment@2"},
-                                  headers={"Authorization": "Bearer bench"}, timeout=300)
-            swap_seconds = time.perf_counter() - swap_started
-            if promoted.status_code != 200:
-                raise RuntimeError(f"promotion failed: {promoted.text}")
-            restart_seconds = float("nan")
+            tweet = sentiment_sets()["heldout"][0].last_user_text()
+            load_body = {"model": "sentiment", "messages": [{"role": "user", "content": tweet}], "temperature": 0}
+            swap = _under_load(gateway_url, load_body, lambda: _promote(running.url, "sentiment@2"))
+            restart: LoadDuring | None = None
             if not quick:  # a smoke run skips the restart: tests/serving kill and restart vLLM already
-                restart_started = time.perf_counter()
-                engine.stop()
-                engine.start()
-                restart_seconds = time.perf_counter() - restart_started
+                restart = _under_load(gateway_url, load_body, lambda: _restart(engine))
         store.close()
     tables = [emit(f"Gateway vs direct vLLM ({tokens}-token chat replies, identical upstream bodies, ABBA rounds)",
                    ["concurrency", "requests per path", "direct tok/s", "gateway tok/s", "throughput ratio",
@@ -86,13 +84,92 @@ def run(*, quick: bool = False) -> list[Table]:
                    notes="Each path ran two rounds of the same prompts in the order direct, gateway, gateway, direct; "
                          "tokens and seconds are summed per path. Prefix caching is off.")]
     tables.append(_probe_table(probe))
-    tables.append(emit("Adapter hot-swap vs vLLM restart", ["operation", "seconds", "requests failed meanwhile"],
-                       [["promote via /admin/promote (load into running vLLM + alias flip)", f"{swap_seconds:.2f}",
-                         "0"],
-                        ["vLLM restart (stop + start until ready)",
-                         "not measured (smoke run)" if quick else f"{restart_seconds:.1f}", "all (engine down)"],
-                        ["vLLM cold start at launch", f"{cold_start:.1f}", "-"]], key="hot-swap"))
+    hot_swap_rows = [["promote via /admin/promote (load into running vLLM + alias flip)", *swap.row()],
+                     ["vLLM restart (stop + start until ready)",
+                      *(restart.row() if restart else ["not measured (smoke run)"] * 5)],
+                     ["vLLM cold start at launch", f"{cold_start:.1f}", "-", "-", "-", "-"]]
+    tables.append(emit("Adapter hot-swap vs vLLM restart, under load", ["operation", "seconds",
+                       "requests answered / failed in the window", "longest wait between answers s",
+                       "normal wait between answers s", "answered by"], hot_swap_rows, key="hot-swap",
+                       notes=f"{LOAD_WORKERS} clients send `sentiment` requests through the gateway, one after "
+                             f"another each, from {SETTLE_S:.0f} s before the operation to {SETTLE_S:.0f} s after "
+                             "it; a failed request is retried after 0.2 s. 'Longest wait' is the largest gap "
+                             "between consecutive answers in that window, 'normal' the median gap."))
     return tables
+
+
+LOAD_WORKERS = 2
+SETTLE_S = 3.0
+
+
+@dataclass(frozen=True)
+class LoadDuring:
+    """What clients saw while an operation ran: the number the hot-swap table is about."""
+
+    seconds: float
+    answered: int
+    failed: int
+    longest_gap_s: float
+    median_gap_s: float
+    models: dict[str, int]
+
+    def row(self) -> list[str]:
+        answered_by = ", ".join(f"{model} x{count}" for model, count in self.models.items()) or "-"
+        return [f"{self.seconds:.2f}", f"{self.answered} / {self.failed}", f"{self.longest_gap_s:.2f}",
+                f"{self.median_gap_s:.2f}", answered_by]
+
+
+def _under_load(url: str, body: dict[str, Any], operation: Callable[[], None]) -> LoadDuring:
+    """Run `operation` while LOAD_WORKERS clients keep sending `body`, and record what they saw."""
+    stop = threading.Event()
+    lock = threading.Lock()
+    answers: list[tuple[float, str]] = []
+    failures = [0]
+
+    def client_loop() -> None:
+        with httpx.Client(timeout=300) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post(url, json=body)
+                    model = response.json().get("model", "?") if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    model = None
+                with lock:
+                    if model is None:
+                        failures[0] += 1
+                    else:
+                        answers.append((time.perf_counter(), model))
+                if model is None:
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(LOAD_WORKERS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(SETTLE_S)
+    started = time.perf_counter()
+    operation()
+    seconds = time.perf_counter() - started
+    time.sleep(SETTLE_S)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    times = sorted(t for t, _ in answers)
+    gaps = np.diff(times) if len(times) > 1 else np.array([float("nan")])
+    return LoadDuring(seconds=seconds, answered=len(answers), failed=failures[0],
+                      longest_gap_s=float(gaps.max()), median_gap_s=float(np.median(gaps)),
+                      models=dict(Counter(model for _, model in sorted(answers))))
+
+
+def _promote(gateway: str, version: str) -> None:
+    promoted = httpx.post(f"{gateway}/admin/promote", json={"version": version},
+                          headers={"Authorization": "Bearer bench"}, timeout=300)
+    if promoted.status_code != 200:
+        raise RuntimeError(f"promotion failed: {promoted.text}")
+
+
+def _restart(engine: Any) -> None:
+    engine.stop()
+    engine.start()
 
 
 def _overhead(direct_url: str, gateway_url: str, prompts: list[str], system: str, tokens: int,
