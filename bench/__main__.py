@@ -18,6 +18,7 @@ BENCHMARKS = {
     "serving": "bench.bench_serving",
     "lora": "bench.bench_lora",
     "lora_quality": "bench.bench_lora:run_quality",
+    "lora_profile": "bench.bench_lora:run_profile",
     "eval": "bench.bench_eval",
 }
 

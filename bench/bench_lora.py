@@ -10,8 +10,8 @@
 3. The LoRA ops themselves in both precisions (float32; bf16 activations and weights with vLLM's float32 shrink
    buffer, as a bf16 model runs), vLLM's stock ops against tuneloop's grouped ops, for a decode batch and a
    prefill batch, beside the base projection they ride on.
-4. Where the time goes: a sampling profile (py-spy) of vLLM's engine process during the classification workload,
-   base vs adapter, attributed to the code the samples are in.
+4. Where the time goes (`bench lora_profile`, its own run): a sampling profile (py-spy) of vLLM's processes
+   during the classification workload, base vs adapter, attributed to the code the samples are in.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,7 @@ def run_quality(*, quick: bool = False) -> list[Table]:
 
 
 def run(*, quick: bool = False) -> list[Table]:
-    """`bench lora`: served speed per shape and workload, the ops in both precisions, where the time goes.
+    """`bench lora`: served speed per shape and workload, and the ops in both precisions.
 
     Serving speed does not depend on an adapter's values, so each shape is a randomly initialised LoRA (no
     training); `bench lora_quality` trains the same shapes for their accuracy.
@@ -115,7 +117,6 @@ def run(*, quick: bool = False) -> list[Table]:
     small_workloads = _workloads(task, chats[:8], tweets[:32], chat_tokens=16)
     base = base_model_path()
     speed_rows: list[list[Any]] = []
-    profile_rows: list[list[Any]] = []
     tables: list[Table] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters = {shape: _random_adapter(base, shape, Path(tmp) / f"r{shape.rank}-{len(shape.targets)}")
@@ -142,9 +143,7 @@ def run(*, quick: bool = False) -> list[Table]:
             # Without native bf16 a bf16 engine is several times slower: one round of small workloads.
             emulated = spec.resolved_dtype == "bfloat16" and not cpu_has_fast_bf16()
             workloads = small_workloads if quick or emulated else full_workloads
-            measured = _serve_and_measure(spec, Path(tmp), workloads, 1 if emulated else rounds,
-                                          profile=not quick and spec.enable_lora and spec.model_path == base
-                                          and spec.lora_target_modules == list(DEFAULT.targets))
+            measured = _serve_and_measure(spec, Path(tmp), workloads, 1 if emulated else rounds)
             for workload in workloads:
                 key = (spec.resolved_dtype, workload.name)
                 got = measured["results"][workload.name]
@@ -157,8 +156,6 @@ def run(*, quick: bool = False) -> list[Table]:
                                    f"{model_rate / base_rate:.2f}x" if base_rate else "-",
                                    f"{model_rate / reference[key]:.2f}x" if key in reference else "-",
                                    measured["failures"]])
-            for who, shares in measured.get("profile", {}).items():
-                profile_rows.append([label, who, *[f"{shares.get(c, 0.0):.0%}" for c in PROFILE_CATEGORIES]])
     tables.append(emit("LoRA vs base model served by vLLM, same engine, rounds alternated",
                        ["workload", "engine", "base in this engine", "this model", "model / base, same engine",
                         "vs vLLM without LoRA", "failed requests"], speed_rows, key="lora-speed",
@@ -171,18 +168,45 @@ def run(*, quick: bool = False) -> list[Table]:
                              + ("multiplies bf16 natively." if cpu_has_fast_bf16() else
                                 "has no native bf16 (AVX512-BF16/AMX): its bf16 engines are emulated, several times "
                                 "slower, and ran one round of the small workloads; tuneloop serves float32 here.")))
-    if profile_rows:
-        tables.append(emit("Where the classification workload's engine time goes (py-spy samples of vLLM's "
-                           "processes, r=8 q/k/v/o engine)",
-                           ["engine", "requests", *PROFILE_CATEGORIES], profile_rows, key="lora-profile",
-                           notes="Share of py-spy samples of running threads in vLLM's processes (API server, engine "
-                             "core, worker), attributed to the innermost matching "
-                                 "frame: 'LoRA ops' = the shrink/expand ops; 'LoRA bookkeeping' = punica metadata "
-                                 "and LoRA layer wrappers around them; 'base layers' = the model's own linear "
-                                 "layers, norms and activations; 'attention'; 'sampling + structured output' = "
-                                 "logits, sampler and grammar; 'scheduler + other' = the rest (HTTP, tokenizing, "
-                                 "scheduling, inputs)."))
     return tables
+
+
+def run_profile(*, quick: bool = False) -> list[Table]:
+    """`bench lora_profile`: where a classification workload's engine time goes, base vs adapter in one engine.
+
+    The r=8 q/k/v/o adapter under vLLM's stock ops and tuneloop's grouped ops, in float32 and bf16 (on a CPU
+    without native bf16 the bf16 engines answer fewer tweets: they are several times slower).
+    """
+    task = Config().tasks["sentiment"]
+    tweets = [e.last_user_text() for e in random.Random(2).sample(sentiment_sets()["heldout"], 96)]
+    base = base_model_path()
+    variants = [("grouped", "float32")] if quick else [(ops, dtype) for dtype in ("float32", "bfloat16")
+                                                       for ops in ("stock", "grouped")]
+    rows: list[list[Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = _random_adapter(base, DEFAULT, Path(tmp) / "adapter")
+        for ops, dtype in variants:
+            spec = _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops)
+            emulated = spec.resolved_dtype == "bfloat16" and not cpu_has_fast_bf16()
+            sample = tweets[:16] if quick else tweets[:32] if emulated else tweets
+            label = f"{DEFAULT.label}, {ops} ops ({spec.resolved_dtype})"
+            with _served(spec, Path(tmp)) as (engine, url):
+                for model in ("base", "adapter"):
+                    shares = _profile(engine, url, _classification_bodies(model, sample, task), 16,
+                                      passes=1 if quick or emulated else 2)
+                    rows.append([label, model, len(sample),
+                                 *[f"{shares.get(c, 0.0):.0%}" for c in PROFILE_CATEGORIES]])
+    return [emit("Where the classification workload's engine time goes (py-spy samples of vLLM's processes)",
+                 ["engine", "requests to", "tweets per pass", *PROFILE_CATEGORIES], rows, key="lora-profile",
+                 notes="Share of py-spy samples (100 Hz) of running threads in vLLM's processes (API server, engine "
+                       "core, worker) while 16 concurrent classification requests (system prompt + tweet, the label "
+                       "constraint) were answered, attributed to the innermost matching frame: 'LoRA ops' = the "
+                       "shrink/expand ops; 'LoRA bookkeeping' = punica metadata and LoRA layer wrappers around "
+                       "them; 'base layers' = the model's own linear layers, norms and activations; 'attention'; "
+                       "'sampling + structured output' = logits, sampler and grammar; 'scheduler + other' = the "
+                       "rest (HTTP, tokenizing, scheduling, inputs). "
+                       + ("This CPU multiplies bf16 natively." if cpu_has_fast_bf16() else
+                          "This CPU has no native bf16: its bf16 engines are emulated."))]
 
 
 def _workloads(task: TaskConfig, chats: list[str], tweets: list[str], *, chat_tokens: int) -> list[Workload]:
@@ -254,17 +278,11 @@ def _spec(model: Path, *, dtype: str, shape: Shape | None = None, adapter: Path 
                       lora_ops=lora_ops, dtype=dtype)  # type: ignore[arg-type]
 
 
-def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], rounds: int, *,
-                       profile: bool) -> dict[str, Any]:
-    engine = EngineSupervisor(spec, tmp / "logs" / f"vllm-{spec.port}.log", restart=False)
-    engine.start()
+def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], rounds: int) -> dict[str, Any]:
     models = ["base", "adapter"] if spec.enable_lora else ["base"]
     results: dict[str, dict[str, float]] = {}
     failures = 0
-    shares: dict[str, dict[str, float]] = {}
-    try:
-        url = f"{spec.base_url}/v1/chat/completions"
-        asyncio.run(run_load(url, chat_bodies(models[-1], ["warm up"] * 4, 4), 4))
+    with _served(spec, tmp) as (_, url):
         for workload in workloads:
             totals: dict[str, list[LoadResult]] = {m: [] for m in models}
             for i in range(rounds):
@@ -273,9 +291,18 @@ def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], r
                     totals[model].append(result)
                     failures += result.failures
             results[workload.name] = {m: _throughput(r, workload) for m, r in totals.items()}
-            if profile and workload.unit == "req":
-                for model in models:
-                    shares[model] = _profile(engine, url, workload.build(model), workload.concurrency)
+    return {"results": results, "failures": failures}
+
+
+@contextmanager
+def _served(spec: EngineSpec, tmp: Path) -> Iterator[tuple[EngineSupervisor, str]]:
+    """A warmed-up engine for `spec`; on exit, fail if the LoRA ops it ran are not the ones it was asked for."""
+    engine = EngineSupervisor(spec, tmp / "logs" / f"vllm-{spec.port}.log", restart=False)
+    engine.start()
+    try:
+        url = f"{spec.base_url}/v1/chat/completions"
+        asyncio.run(run_load(url, chat_bodies("adapter" if spec.enable_lora else "base", ["warm up"] * 4, 4), 4))
+        yield engine, url
     finally:
         engine.stop()
     log = engine.log_path.read_text(errors="replace")
@@ -284,7 +311,6 @@ def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], r
                            " install")
     if spec.enable_lora and spec.lora_ops == "grouped" and FELL_BACK_MESSAGE in log:
         raise RuntimeError(f"a grouped LoRA op fell back to vLLM's in {spec.resolved_dtype}; see {engine.log_path}")
-    return {"results": results, "failures": failures, "profile": shares}
 
 
 def _throughput(results: list[LoadResult], workload: Workload) -> float:
@@ -306,7 +332,8 @@ _FRAME_RULES = [
 ]
 
 
-def _profile(engine: EngineSupervisor, url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+def _profile(engine: EngineSupervisor, url: str, bodies: list[dict[str, Any]], concurrency: int,
+             passes: int) -> dict[str, float]:
     """Sample vLLM's processes while `bodies` are answered; shares of busy samples per category."""
     assert engine.process is not None
     out = Path(tempfile.mkstemp(suffix=".txt")[1])
@@ -315,17 +342,20 @@ def _profile(engine: EngineSupervisor, url: str, bodies: list[dict[str, Any]], c
                                  "--format", "raw", "--output", str(out), "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
-    for _ in range(3):
+    for _ in range(passes):
         asyncio.run(run_load(url, bodies, concurrency))
-    recorder.terminate()
-    recorder.wait(30)
+    recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT; SIGTERM kills it with nothing written
+    recorder.wait(60)
     counts: Counter[str] = Counter()
     for line in out.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if count.isdigit():  # py-spy records only threads that are running, not idle ones
             counts[_category(stack)] += int(count)
     out.unlink(missing_ok=True)
-    total = sum(counts.values()) or 1
+    total = sum(counts.values())
+    if total == 0:
+        raise RuntimeError(f"py-spy recorded no samples of vLLM's processes (exit code {recorder.returncode}); "
+                           "it needs permission to ptrace them")
     return {category: counts[category] / total for category in PROFILE_CATEGORIES}
 
 

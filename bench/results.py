@@ -86,7 +86,8 @@ def describe(meta: dict[str, Any]) -> str:
     flags = ", ".join(cpu.get("flags", [])) or "none of the listed"
     return (f"commit {commit}, {meta.get('date', '?')[:10]}, {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
             f"(flags: {flags}; native bf16: {'yes' if cpu.get('native_bf16') else 'no'})"
-            + (", QUICK smoke sizes" if meta.get("quick") else ""))
+            + (", QUICK smoke sizes" if meta.get("quick") else "")
+            + (f". Edited after the run: {meta['edited']}" if meta.get("edited") else ""))
 
 
 def save_results(name: str, tables: list[Table], meta: dict[str, Any], *, seconds: float) -> Path:
