@@ -195,7 +195,7 @@ def run_profile(*, quick: bool = False) -> list[Table]:
                     shares = _profile(engine, url, _classification_bodies(model, sample, task), 16,
                                       passes=1 if quick or emulated else 2)
                     rows.append([label, model, len(sample),
-                                 *[f"{shares.get(c, 0.0):.0%}" for c in PROFILE_CATEGORIES]])
+                                 *[f"{shares[c]:.0%}" for c in PROFILE_CATEGORIES]])
     return [emit("Where the classification workload's engine time goes (py-spy samples of vLLM's processes)",
                  ["engine", "requests to", "tweets per pass", *PROFILE_CATEGORIES], rows, key="lora-profile",
                  notes="Share of py-spy samples (100 Hz) of running threads in vLLM's processes (API server, engine "

@@ -34,6 +34,8 @@ from bench.load import LoadResult, chat_bodies, free_port, run_load
 from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
 from challenger_sets.catalog import add_dataset
+from serving.admin_client import AdminClient
+from serving.engine import EngineSupervisor
 from tuneloop.config import parse_config
 from tuneloop.store import Store
 
@@ -72,7 +74,7 @@ def run(*, quick: bool = False) -> list[Table]:
                              for concurrency, n in levels]
             tweet = sentiment_sets()["heldout"][0].last_user_text()
             load_body = {"model": "sentiment", "messages": [{"role": "user", "content": tweet}], "temperature": 0}
-            swap = _under_load(gateway_url, load_body, lambda: _promote(running.url, "sentiment@2"))
+            swap = _under_load(gateway_url, load_body, lambda: AdminClient(config).promote("sentiment@2"))
             restart: LoadDuring | None = None
             if not quick:  # a smoke run skips the restart: tests/serving kill and restart vLLM already
                 restart = _under_load(gateway_url, load_body, lambda: _restart(engine))
@@ -119,14 +121,15 @@ class LoadDuring:
                 f"{self.median_gap_s:.2f}", answered_by]
 
 
-def _under_load(url: str, body: dict[str, Any], operation: Callable[[], None]) -> LoadDuring:
+def _under_load(url: str, body: dict[str, Any], operation: Callable[[], object]) -> LoadDuring:
     """Run `operation` while LOAD_WORKERS clients keep sending `body`, and record what they saw."""
     stop = threading.Event()
     lock = threading.Lock()
     answers: list[tuple[float, str]] = []
-    failures = [0]
+    failures = 0
 
     def client_loop() -> None:
+        nonlocal failures
         with httpx.Client(timeout=300) as client:
             while not stop.is_set():
                 try:
@@ -136,7 +139,7 @@ def _under_load(url: str, body: dict[str, Any], operation: Callable[[], None]) -
                     model = None
                 with lock:
                     if model is None:
-                        failures[0] += 1
+                        failures += 1
                     else:
                         answers.append((time.perf_counter(), model))
                 if model is None:
@@ -155,19 +158,12 @@ def _under_load(url: str, body: dict[str, Any], operation: Callable[[], None]) -
         thread.join()
     times = sorted(t for t, _ in answers)
     gaps = np.diff(times) if len(times) > 1 else np.array([float("nan")])
-    return LoadDuring(seconds=seconds, answered=len(answers), failed=failures[0],
+    return LoadDuring(seconds=seconds, answered=len(answers), failed=failures,
                       longest_gap_s=float(gaps.max()), median_gap_s=float(np.median(gaps)),
                       models=dict(Counter(model for _, model in sorted(answers))))
 
 
-def _promote(gateway: str, version: str) -> None:
-    promoted = httpx.post(f"{gateway}/admin/promote", json={"version": version},
-                          headers={"Authorization": "Bearer bench"}, timeout=300)
-    if promoted.status_code != 200:
-        raise RuntimeError(f"promotion failed: {promoted.text}")
-
-
-def _restart(engine: Any) -> None:
+def _restart(engine: EngineSupervisor) -> None:
     engine.stop()
     engine.start()
 
