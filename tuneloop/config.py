@@ -91,6 +91,76 @@ class RolloutConfig(StrictModel):
                          "and capture its answer for comparison.")
 
 
+DriftView = Literal["domain_classifier", "embedding_model", "embedding_novelty", "descriptors", "output"]
+DRIFT_VIEWS: tuple[DriftView, ...] = ("domain_classifier", "embedding_model", "embedding_novelty", "descriptors",
+                                      "output")
+
+
+def parse_interval(text: str) -> float:
+    """'30s', '15m', '6h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = text[:-1], text[-1:]
+    if unit not in units or not value.replace(".", "", 1).isdigit() or float(value) <= 0:
+        raise ValueError(f"'{text}' is not an interval like 30s, 15m, 6h or 1d")
+    return float(value) * units[unit]
+
+
+def check_schedule(text: str) -> str:
+    """An interval ('15m') or a 5-field cron expression ('*/15 * * * *'); raises ValueError otherwise."""
+    text = text.strip()
+    if len(text.split()) == 5:
+        from apscheduler.triggers.cron import CronTrigger
+
+        CronTrigger.from_crontab(text)
+        return text
+    parse_interval(text)
+    return text
+
+
+class ScheduleConfig(StrictModel):
+    """When `tuneloop run` evaluates a task's champion and checks its traffic for drift."""
+
+    eval: str | None = Field(default="6h", description="Evaluation of the champion on the held-out and challenger "
+                             "sets: an interval (30s, 15m, 6h, 1d) or a cron expression; null = never.")
+    drift: str | None = Field(default="15m", description="Drift check of the captured traffic: interval or cron; "
+                              "null = never.")
+
+    @field_validator("eval", "drift")
+    @classmethod
+    def _valid(cls, value: str | None) -> str | None:
+        return None if value is None else check_schedule(value)
+
+
+class FloorRule(StrictModel):
+    """Breach when a metric on a dataset is below an absolute value."""
+
+    metric: MetricName = Field(description="Metric to watch.")
+    dataset: str = Field(description="Dataset name (task/name or name) the champion is evaluated on.")
+    min: float = Field(description="The metric must stay at or above this.")
+
+
+class DropRule(StrictModel):
+    """Breach when the champion scores worse than its own baseline and the CI of the drop excludes zero."""
+
+    metric: MetricName | None = Field(default=None, description="Metric to watch; null = the primary metric.")
+    datasets: list[str] | None = Field(default=None, description="Datasets to watch; null = held-out and "
+                                       "challenger sets.")
+    tolerance: float = Field(default=0.0, ge=0, description="Drops smaller than this are ignored even when "
+                             "significant (the whole CI must lie below -tolerance).")
+
+
+class PolicyConfig(StrictModel):
+    """Which measurements open an incident for a task (and, later, start retraining)."""
+
+    floors: list[FloorRule] = Field(default_factory=list, description="Absolute floors.")
+    drop: DropRule | None = Field(default_factory=DropRule, description="Drop against the champion's baseline; "
+                                  "null = off.")
+    drift_windows: int = Field(default=3, ge=0, description="Breach after this many consecutive drifted "
+                               "windows; 0 = drift never opens an incident.")
+    cooldown_s: float = Field(default=3600, ge=0, description="After an incident resolves, the same rule does not "
+                              "open a new one for this long (flapping guard).")
+
+
 class TaskConfig(StrictModel):
     """A task owns its prompt format, its datasets, its metrics and its training recipe."""
 
@@ -110,6 +180,8 @@ class TaskConfig(StrictModel):
                                 "own scores (bias across groups).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Canary and shadow traffic.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Scheduled evaluation and drift.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Threshold rules that open incidents.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
@@ -164,6 +236,45 @@ class EvaluationConfig(StrictModel):
     min_slice_size: int = Field(default=10, ge=1, description="Slices with fewer examples are not scored.")
 
 
+class MonitorConfig(StrictModel):
+    """Drift detection, the scheduler and the standalone exporter."""
+
+    false_alarm_rate: float = Field(default=0.05, gt=0, lt=0.5, description="Largest share of no-drift windows a "
+                                    "task may be flagged on; split evenly across the views (Bonferroni).")
+    window: int = Field(default=200, ge=20, le=100_000, description="Captured prompts in a drift window (the last N).")
+    min_window: int = Field(default=30, ge=5, description="Fewer captured prompts than this: no verdict.")
+    views: list[DriftView] = Field(
+        default_factory=lambda: ["domain_classifier", "embedding_novelty", "descriptors", "output"],
+        description=f"Drift views in the verdict, from {', '.join(DRIFT_VIEWS)}. embedding_model (Evidently's "
+        "ModelDriftMethod) is off by default: on no-drift windows it needed the widest margin and added least "
+        "power beside embedding_novelty (bench drift).")
+    reference_size: int = Field(default=2000, ge=50, description="Training inputs in the reference sample "
+                                "(seeded shuffle: the embedded files are sorted).")
+    calibration_pool_size: int = Field(default=3000, ge=50, description="Further training inputs, disjoint from the "
+                                       "reference, that no-drift calibration windows are drawn from.")
+    calibration_windows: int = Field(default=100, ge=10, le=10_000, description="No-drift windows to set each "
+                                     "threshold on (and as many again to measure its false-alarm rate).")
+    seed: int = Field(default=7, description="Seed of the reference sample and calibration windows.")
+    html_report: bool = Field(default=True, description="Save an Evidently HTML report with every drift run.")
+    misfire_grace_s: float = Field(default=600, gt=0, description="A run missed by up to this much (process "
+                                   "down or busy) still runs once; missed runs are coalesced into one.")
+    retry_attempts: int = Field(default=3, ge=1, le=20, description="Tries of a failed scheduled job.")
+    retry_delay_s: float = Field(default=60, gt=0, description="Wait before retrying a failed job (doubles).")
+    lease_s: float = Field(default=30, ge=2, description="Single-scheduler lease: renewed every third of this; "
+                           "another `tuneloop run` takes over after it lapses.")
+    exporter_host: str = Field(default="127.0.0.1", description="`tuneloop exporter` bind address.")
+    exporter_port: int = Field(default=8402, ge=1, le=65535, description="`tuneloop exporter` port.")
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one drift view is needed")
+        if len(set(value)) != len(value):
+            raise ValueError(f"views repeat: {value}")
+        return value
+
+
 class Config(StrictModel):
     """The whole tuneloop configuration."""
 
@@ -174,6 +285,7 @@ class Config(StrictModel):
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The base model.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation runs.")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Drift, scheduler, exporter.")
     tasks: dict[str, TaskConfig] = Field(default_factory=lambda: default_tasks(), description="Tasks by name.")
 
     @field_validator("tasks")
@@ -232,6 +344,7 @@ def default_tasks() -> dict[str, TaskConfig]:
             challenger_datasets=["sentiment/other-topics"],
             slice_by=["topic"],
             train=TrainConfig(max_seq_len=128),
+            policy=PolicyConfig(floors=[FloorRule(metric="macro_f1", dataset="sentiment/other-topics", min=0.6)]),
         ),
         "chat": TaskConfig(
             kind="generation",

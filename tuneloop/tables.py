@@ -162,3 +162,104 @@ class EvalScoreRow(Base):
     mde: Mapped[float | None] = mapped_column(Float, nullable=True)
     empty: Mapped[int] = mapped_column(Integer)
     signature: Mapped[str] = mapped_column(Text)
+
+
+class DriftRunRow(Base):
+    """One drift check of a task: the window of captured prompts against the training reference, and its verdict."""
+
+    __tablename__ = "drift_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    window: Mapped[int] = mapped_column(Integer)
+    n_current: Mapped[int] = mapped_column(Integer)
+    n_reference: Mapped[int] = mapped_column(Integer)
+    drifted: Mapped[bool] = mapped_column(default=False)
+    false_alarm_rate: Mapped[float] = mapped_column(Float)
+    report_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class DriftResultRow(Base):
+    """One view's statistic in a drift run, with the calibrated threshold it was compared against."""
+
+    __tablename__ = "drift_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("drift_runs.id", ondelete="CASCADE"), index=True)
+    view: Mapped[str] = mapped_column(String(40))
+    column: Mapped[str] = mapped_column(String(100))
+    method: Mapped[str] = mapped_column(String(200))
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    drifted: Mapped[bool] = mapped_column(default=False)
+    window: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class DriftCalibrationRow(Base):
+    """A view's threshold for one window size, set on no-drift windows so its false-alarm rate is bounded."""
+
+    __tablename__ = "drift_calibrations"
+    __table_args__ = (UniqueConstraint("task", "reference_key", "view", "window", "alpha",
+                                       name="uq_drift_calibration"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    reference_key: Mapped[str] = mapped_column(String(64))
+    view: Mapped[str] = mapped_column(String(40))
+    window: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    null_mean: Mapped[float] = mapped_column(Float)
+    null_sd: Mapped[float] = mapped_column(Float)
+    false_alarm_rate: Mapped[float] = mapped_column(Float)
+    n_windows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IncidentRow(Base):
+    """A policy rule in breach for a task; at most one open per (task, rule)."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    rule: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    breaches: Mapped[int] = mapped_column(Integer, default=1)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class JobRunRow(Base):
+    """One execution of a scheduled job (eval or drift of a task), successful or not."""
+
+    __tablename__ = "job_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(40), index=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    holder: Mapped[str] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class LeaseRow(Base):
+    """A named lease (the single-scheduler lock): who holds it and until when."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

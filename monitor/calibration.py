@@ -1,0 +1,113 @@
+"""Thresholds from no-drift windows, not library defaults.
+
+A view's threshold for a window size W is set on windows of W training inputs drawn (with replacement, i.e. as
+i.i.d. traffic from the training distribution) from one half of the calibration pool, which is disjoint from the
+reference: threshold = max(normal fit mean + z(1 - alpha) * sd, empirical (1 - alpha) quantile). Its false-alarm
+rate is then *measured* on as many windows from the other half, so the number reported is out of sample. The
+task's verdict flags when any view crosses its threshold; with alpha = false_alarm_rate / number of views
+(Bonferroni) the task's false-alarm rate stays within budget, and the measured rate of "any view flagged" is
+stored too (view `any`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+from sqlalchemy import select
+from tqdm import tqdm
+
+from monitor.views import InputView, TextFeatures
+from tuneloop.store import Store
+from tuneloop.tables import DriftCalibrationRow
+
+ANY_VIEW = "any"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    view: str
+    window: int
+    alpha: float
+    threshold: float
+    null_mean: float
+    null_sd: float
+    false_alarm_rate: float
+    n_windows: int
+
+
+def calibration_size(n: int) -> int:
+    """Window sizes are calibrated on a grid (n rounded down to two significant digits): a slightly smaller window
+    has a wider null distribution, so its threshold is conservative for n, and a time-window check whose n varies
+    reuses stored calibrations."""
+    if n < 100:
+        return n
+    scale = 10 ** (len(str(n)) - 2)
+    return (n // scale) * scale
+
+
+def threshold_from_null(scores: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    mean, sd = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    fitted = mean + float(norm.ppf(1 - alpha)) * sd
+    return max(fitted, float(np.quantile(scores, 1 - alpha))), mean, sd
+
+
+def calibrate_views(views: Sequence[InputView], pool: TextFeatures, window: int, alpha: float, n_windows: int,
+                    seed: int, *, progress: bool = False) -> list[Calibration]:
+    """Per-view calibrations at this window size, plus the measured rate of any view flagging (view `any`)."""
+    rng = np.random.default_rng(seed + window)
+    order = rng.permutation(len(pool))
+    fit_half, check_half = order[: len(order) // 2], order[len(order) // 2:]
+    fit_scores = np.zeros((len(views), n_windows))
+    check_scores = np.zeros((len(views), n_windows))
+    bar = tqdm(total=2 * n_windows, desc=f"calibrate W={window}", unit="window", disable=not progress)
+    for half, out in ((fit_half, fit_scores), (check_half, check_scores)):
+        for j in range(n_windows):
+            sample = pool.take(rng.choice(half, size=window, replace=True))
+            for i, view in enumerate(views):
+                out[i, j] = view.score(sample)[0]
+            bar.update(1)
+    bar.close()
+    calibrations = []
+    flagged = np.zeros(n_windows, dtype=bool)
+    for i, view in enumerate(views):
+        threshold, mean, sd = threshold_from_null(fit_scores[i], alpha)
+        over = check_scores[i] > threshold
+        flagged |= over
+        calibrations.append(Calibration(view.name, window, alpha, threshold, mean, sd, float(over.mean()), n_windows))
+    calibrations.append(Calibration(ANY_VIEW, window, alpha, float("nan"), float("nan"), float("nan"),
+                                    float(flagged.mean()), n_windows))
+    return calibrations
+
+
+def load_calibrations(store: Store, task: str, reference_key: str, window: int, alpha: float) -> dict[str, Calibration]:
+    with store.session() as session:
+        rows = session.scalars(select(DriftCalibrationRow).where(
+            DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == reference_key,
+            DriftCalibrationRow.window == window, DriftCalibrationRow.alpha == alpha)).all()
+        return {r.view: Calibration(r.view, r.window, r.alpha, r.threshold, r.null_mean, r.null_sd,
+                                    r.false_alarm_rate, r.n_windows) for r in rows}
+
+
+def save_calibrations(store: Store, task: str, reference_key: str, alpha: float,
+                      calibrations: Sequence[Calibration]) -> None:
+    """Insert, replacing an older calibration of the same view (a rerun after a config change)."""
+    with store.session() as session:
+        for c in calibrations:
+            old = session.scalars(select(DriftCalibrationRow).where(
+                DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == reference_key,
+                DriftCalibrationRow.view == c.view, DriftCalibrationRow.window == c.window,
+                DriftCalibrationRow.alpha == alpha)).first()
+            if old is not None:
+                session.delete(old)
+                session.flush()
+            session.add(DriftCalibrationRow(task=task, reference_key=reference_key, view=c.view, window=c.window,
+                                            alpha=alpha, threshold=_finite(c.threshold), null_mean=_finite(c.null_mean),
+                                            null_sd=_finite(c.null_sd), false_alarm_rate=c.false_alarm_rate,
+                                            n_windows=c.n_windows))
+
+
+def _finite(value: float) -> float:
+    return value if np.isfinite(value) else -1.0
