@@ -22,14 +22,14 @@ from monitor.calibration import ANY_VIEW, Calibration, calibrate_views, calibrat
     save_calibrations, threshold_from_null
 from monitor.embeddings import Embedder, EmbeddingCache
 from monitor.output_view import NULL_WINDOWS, OutputStatistic, heldout_answers
-from monitor.samples import DriftError, ReferenceSample, TrafficWindow, reference_sample, traffic_window
+from monitor.samples import DriftError, NotEnoughTraffic, ReferenceSample, TrafficWindow, reference_sample, traffic_window
 from monitor.views import TextFeatures, make_input_views
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
 from tuneloop.tables import DriftResultRow, DriftRunRow
 
-__all__ = ["DriftDetector", "DriftError", "DriftReport", "ViewResult"]
+__all__ = ["DriftDetector", "DriftError", "NotEnoughTraffic", "DriftReport", "ViewResult"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DriftDetector:
         size = window or self.settings.window
         current = traffic_window(self.store, task, last=None if since else size, since=since, until=until)
         if len(current) < self.settings.min_window:
-            raise DriftError(f"task '{task}' has {len(current)} captured user prompts"
+            raise NotEnoughTraffic(f"task '{task}' has {len(current)} captured user prompts"
                              f"{' in that time window' if since else ''}; a drift check needs at least "
                              f"{self.settings.min_window} (monitor.min_window)")
         reference = reference_sample(self.config, self.store, task)

@@ -31,6 +31,10 @@ class DriftError(TuneloopError):
     exit_code = 16
 
 
+class NotEnoughTraffic(DriftError):
+    """Fewer captured prompts than a verdict needs: a quiet task, not a failure."""
+
+
 @dataclass(frozen=True)
 class ReferenceSample:
     """Training inputs: `texts` is the reference, `pool` the disjoint no-drift pool; `key` identifies both."""

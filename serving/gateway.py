@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import admin_api, feedback_api, openai_api
+from serving import admin_api, feedback_api, openai_api, reports_api
 from serving.protocol import RETRY_AFTER_S, error_response, status_of
 from serving.state import GatewayContext, context
 from tuneloop.errors import TuneloopError
@@ -60,7 +60,7 @@ def create_app(ctx: GatewayContext) -> Starlette:
         finally:
             await ctx.client.aclose()
 
-    routes = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(),
+    routes = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(),
               Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
     app = Starlette(routes=routes, exception_handlers={TuneloopError: on_error}, lifespan=lifespan)
     app.state.ctx = ctx

@@ -14,10 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry
 
+from monitor.exporter import MonitorCollector
 from serving.capture import CaptureWriter
 from serving.engine import EngineSpec, EngineSupervisor, ServingEngine
 from serving.engine_client import EngineLimits, check_servable
@@ -104,13 +106,22 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *, seed: 
     swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
                          grace_s=config.serving.unload_grace_s)
     registry.register(ServingStateCollector(engine, capture, redactor))
+    registry.register(MonitorCollector(config, store))
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
                           upstream_transport=upstream_transport)
 
 
-def serve(config: Config, store: Store) -> None:
-    """Run until interrupted: vLLM first (blocking until ready), then the gateway on its port."""
+class Background(Protocol):
+    """Something that runs beside the gateway (the scheduler): started once vLLM is ready, stopped first."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def serve(config: Config, store: Store, *, background: Background | None = None) -> None:
+    """Run until interrupted: vLLM first (blocking until ready), then the gateway on its port (and `background`)."""
     import uvicorn
 
     engine, _ = build_engine(config, store)
@@ -122,11 +133,15 @@ def serve(config: Config, store: Store) -> None:
     ctx.capture.start()
     ctx.capture.replay_spill()
     try:
+        if background is not None:
+            background.start()
         uvicorn.run(create_app(ctx), host=config.serving.gateway_host, port=config.serving.gateway_port,
                     log_level="info", access_log=False)
     except ShutdownRequested:
         log.info("shutting down on SIGTERM")
     finally:
+        if background is not None:
+            background.stop()
         ctx.capture.close()
         engine.stop()
 
@@ -141,7 +156,8 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(config: Config, store: Store, *, seed: int | None = None) -> Iterator[RunningServer]:
+def running_server(config: Config, store: Store, *, seed: int | None = None,
+                   background: Background | None = None) -> Iterator[RunningServer]:
     """Engine + gateway (uvicorn on a thread) for the demo, tests and benchmarks; stopped on exit."""
     import uvicorn
 
@@ -159,9 +175,13 @@ def running_server(config: Config, store: Store, *, seed: int | None = None) -> 
             time.sleep(0.05)
         if not server.started:
             raise EngineUnavailable(f"the gateway did not start on port {config.serving.gateway_port}")
+        if background is not None:
+            background.start()
         yield RunningServer(url=f"http://{config.serving.gateway_host}:{config.serving.gateway_port}",
                             engine=engine, ctx=ctx)
     finally:
+        if background is not None:
+            background.stop()
         server.should_exit = True
         thread.join(15)
         ctx.capture.close()

@@ -11,6 +11,7 @@ from tuneloop.cli import adapters as adapters_cli
 from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
 from tuneloop.cli import evaluate as evaluate_cli
+from tuneloop.cli import monitor as monitor_cli
 from tuneloop.cli import serving as serving_cli
 from tuneloop.cli import train as train_cli
 from tuneloop.cli.context import STATE, configure_logging
@@ -34,6 +35,10 @@ app.command("rollback")(serving_cli.rollback)
 app.command("eval")(evaluate_cli.evaluate)
 app.command("compare")(evaluate_cli.compare)
 app.add_typer(evaluate_cli.feedback_app, name="feedback")
+app.command("drift")(monitor_cli.drift)
+app.command("run")(monitor_cli.run)
+app.command("exporter")(monitor_cli.exporter)
+app.command("incidents")(monitor_cli.incidents)
 
 
 @app.callback()

@@ -25,17 +25,35 @@ def serve() -> None:
 
 def status(json_output: JsonOption = False) -> None:
     """Tasks, their champion and candidate versions, and the health of a running gateway/engine."""
+    from monitor.status import monitor_status
     from serving.status import serving_status
 
     result = serving_status(STATE.config, STATE.store)
+    monitor = monitor_status(STATE.store)
     if json_output:
-        print_json(result)
+        print_json({**result.model_dump(mode="json"), "monitor": monitor.model_dump(mode="json")})
         return
     print_table("tasks", ["task", "champion", "candidate", "canary", "shadow"],
                 [[t.task, t.champion, t.candidate, t.canary_share, t.shadow] for t in result.tasks])
     console.print(f"gateway: {result.gateway['status']} (engine: {result.gateway.get('engine', 'unknown')})")
+    holder = monitor.scheduler_holder or "none (no `tuneloop run` holds the lease)"
+    print_table(f"scheduler: {holder}", ["job", "schedule", "next run", "last run", "last status", "error"],
+                [[j.id, j.schedule, _when(j.next_run), _when(j.last_started), j.last_status, j.last_error]
+                 for j in monitor.jobs])
+    drift = ", ".join(f"{t}: {'DRIFT' if d['drifted'] else 'quiet'} (run {d['run_id']}, {_when(d['at'])})"
+                      for t, d in monitor.drift.items())
+    console.print(f"drift: {drift or 'no checks yet'}")
+    print_table("open incidents", ["id", "task", "rule", "opened", "breaches", "message"],
+                [[i["id"], i["task"], i["rule"], _when(i["opened_at"]), i["breaches"], i["message"]]
+                 for i in monitor.open_incidents])
     if result.spilled_traffic_records:
         console.print(f"{result.spilled_traffic_records} captured records wait in the spill file for replay")
+
+
+def _when(value: object) -> str:
+    from datetime import datetime
+
+    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else ""
 
 
 def promote(

@@ -1,0 +1,71 @@
+"""`tuneloop run`: the serving stack plus the scheduler, in one supervised process tree.
+
+The scheduled jobs are the real ones: `eval` runs the task's champion over its held-out and challenger sets
+through the gateway (the eval runner stores and resumes runs; an unchanged champion on an unchanged dataset
+version reuses its finished run), `drift` runs the drift check. After each successful job the task's policy is
+evaluated, which opens or resolves incidents.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monitor.jobs import JobFunction
+from monitor.policy import Policy
+from monitor.scheduler import TuneloopScheduler
+from tuneloop.config import Config
+from tuneloop.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def eval_runner(config: Config, store: Store) -> JobFunction:
+    def run(task: str) -> dict[str, Any]:
+        from challenger_sets.catalog import get_dataset
+        from evaluators.runner import EvalRunner
+        from evaluators.targets import EvalTarget
+        from serving.admin_client import gateway_url
+        from tuneloop.registry import find_alias
+
+        champion = find_alias(store, task, "champion")
+        if champion is None:
+            return {"skipped": f"task '{task}' has no champion"}
+        task_config = config.task(task)
+        runner = EvalRunner(config, store, progress=False)
+        target = EvalTarget(task, champion.ref, champion.version, gateway_url(config))
+        results = {}
+        for name in (task_config.heldout_dataset, *task_config.challenger_datasets):
+            dataset = get_dataset(store, name)
+            report = runner.run(target, dataset)
+            results[dataset.manifest.ref] = report.run_id
+        return {"adapter": champion.ref, "runs": results}
+
+    return run
+
+
+def drift_runner(config: Config, store: Store) -> JobFunction:
+    from monitor.drift import DriftDetector, NotEnoughTraffic
+
+    detector = DriftDetector(config, store)
+
+    def run(task: str) -> dict[str, Any]:
+        try:
+            report = detector.run(task)
+        except NotEnoughTraffic as exc:
+            return {"skipped": str(exc)}
+        return {"run_id": report.run_id, "drifted": report.drifted}
+
+    return run
+
+
+def build_scheduler(config: Config, store: Store) -> TuneloopScheduler:
+    policy = Policy(config, store)
+
+    def after(job: str, task: str) -> None:
+        outcome = policy.evaluate(task)
+        if outcome.opened:
+            log.warning("%s: incident(s) opened: %s", task, outcome.opened)
+
+    return TuneloopScheduler(config, store, {"eval": eval_runner(config, store), "drift": drift_runner(config, store)},
+                             on_success=after)
