@@ -111,12 +111,12 @@ class Embedder:
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
         keys = [text_key(t) for t in texts]
-        known = self.cache.get_many(list(dict.fromkeys(keys))) if self.cache else {}
+        known = self.cache.get_many(list(dict.fromkeys(keys))) if self.cache is not None else {}
         missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in known}
         if missing:
             vectors = self._run_model(list(missing.values()), progress=progress)
             new = dict(zip(missing, vectors, strict=True))
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put_many(new)
             known.update(new)
             self.embedded += len(missing)
