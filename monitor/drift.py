@@ -18,12 +18,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from monitor.calibration import ANY_VIEW, Calibration, calibrate_views, calibration_size, load_calibrations, \
-    save_calibrations, threshold_from_null
+from monitor.calibration import (
+    ANY_VIEW,
+    Calibration,
+    calibrate_views,
+    calibration_size,
+    load_calibrations,
+    save_calibrations,
+    threshold_from_null,
+)
 from monitor.embeddings import Embedder, EmbeddingCache
 from monitor.output_view import NULL_WINDOWS, OutputStatistic, heldout_answers
-from monitor.samples import DriftError, NotEnoughTraffic, ReferenceSample, TrafficWindow, reference_sample, traffic_window
-from monitor.views import TextFeatures, make_input_views
+from monitor.samples import (
+    DriftError,
+    NotEnoughTraffic,
+    ReferenceSample,
+    TrafficWindow,
+    reference_sample,
+    traffic_window,
+)
+from monitor.views import INPUT_VIEWS, TextFeatures, make_input_views
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
@@ -102,9 +116,16 @@ class DriftDetector:
             raise NotEnoughTraffic(f"task '{task}' has {len(current)} captured user prompts"
                              f"{' in that time window' if since else ''}; a drift check needs at least "
                              f"{self.settings.min_window} (monitor.min_window)")
-        reference = reference_sample(self.config, self.store, task)
         timings: dict[str, float] = {"read_s": time.perf_counter() - started}
-        report = self.check(task, reference, current.prompts, timings=timings)
+        reference: ReferenceSample | None = None
+        if any(name in INPUT_VIEWS for name in self.settings.views):
+            reference = reference_sample(self.config, self.store, task)
+            report = self.check(task, reference, current.prompts, timings=timings)
+        else:
+            report = DriftReport(task=task, drifted=False, window=len(current), n_current=len(current),
+                                 n_reference=0, reference="", false_alarm_rate=self.settings.false_alarm_rate,
+                                 alpha_per_view=self.alpha_per_view, measured_false_alarm_rate=None, views=[],
+                                 timings=timings)
         self._output_view(task, task_config, current, report)
         report.drifted = any(v.drifted for v in report.views)
         report.timings["total_s"] = round(time.perf_counter() - started, 3)
@@ -198,12 +219,14 @@ class DriftDetector:
         result.detail = {**detail, "adapter": champion.ref, "heldout_run": heldout.run_id}
         result.calibration = asdict(calibration)
 
-    def _save(self, report: DriftReport, reference: ReferenceSample, current: TrafficWindow, *, html: bool) -> None:
+    def _save(self, report: DriftReport, reference: ReferenceSample | None, current: TrafficWindow, *,
+              html: bool) -> None:
         with self.store.session() as session:
             row = DriftRunRow(task=report.task, adapter_version=report.adapter_version, window=report.window,
                               n_current=report.n_current, n_reference=report.n_reference, drifted=report.drifted,
                               false_alarm_rate=report.false_alarm_rate,
-                              settings={"reference": report.reference, "reference_key": reference.key,
+                              settings={"reference": report.reference,
+                                        "reference_key": reference.key if reference else None,
                                         "alpha_per_view": report.alpha_per_view,
                                         "measured_false_alarm_rate": report.measured_false_alarm_rate,
                                         "since": current.since.isoformat() if current.since else None,
@@ -216,7 +239,7 @@ class DriftDetector:
                                            score=v.score, threshold=v.threshold, drifted=v.drifted, window=v.window,
                                            n=v.n, status=v.status, detail={**v.detail, "calibration": v.calibration}))
             report.run_id, report.created_at = row.id, row.created_at
-        if html:
+        if html and reference is not None:
             from monitor.html_report import render_drift_html, save_report
 
             t0 = time.perf_counter()

@@ -3,10 +3,17 @@ the registry write them (real database, real tables)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import httpx
+
+from challenger_sets.catalog import DatasetVersion, add_dataset
+from challenger_sets.records import Example
+from evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.config import Config
 from tuneloop.store import Store
 from tuneloop.tables import AdapterVersionRow, AliasRow, TrafficRow
 
@@ -35,3 +42,31 @@ def register_champion(store: Store, task: str, version: int = 1) -> None:
             existing.adapter_id = row.id
         else:
             session.add(AliasRow(task=task, alias="champion", adapter_id=row.id))
+
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def make_dataset(store: Store, config: Config, name: str, n: int, kind: str = "challenger",
+                 offset: int = 0) -> DatasetVersion:
+    examples = [Example(id=f"{name}-{i + offset}", input=f"{name} tweet {i + offset}", reference=LABELS[i % 3])
+                for i in range(n)]
+    return add_dataset(store, config.data_path, examples, task="sentiment", name=name, kind=kind, source="test")
+
+
+def evaluate_champion(config: Config, store: Store, dataset: DatasetVersion, accuracy_every: int,
+                      version: int = 1) -> int:
+    """Run the champion over the dataset; every `accuracy_every`-th answer is wrong (1 = all wrong)."""
+    answers = {e.input: (LABELS[(i + 1) % 3] if i % accuracy_every == 0 else e.reference)
+               for i, e in enumerate(dataset.load())}
+
+    async def endpoint(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        answer = answers[body["messages"][-1]["content"]]
+        return httpx.Response(200, json={"choices": [{"message": {"content": answer}}],
+                                         "usage": {"completion_tokens": 1}})
+
+    cfg = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"bootstrap_resamples": 300})})
+    runner = EvalRunner(cfg, store, progress=False, transport=httpx.MockTransport(endpoint))
+    return runner.run(EvalTarget("sentiment", f"sentiment@{version}", version, "http://endpoint.test"),
+                      dataset).run_id
