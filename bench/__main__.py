@@ -20,6 +20,7 @@ BENCHMARKS = {
     "lora_quality": "bench.bench_lora:run_quality",
     "lora_profile": "bench.bench_lora:run_profile",
     "eval": "bench.bench_eval",
+    "drift": "bench.bench_drift",
 }
 
 

@@ -1,16 +1,25 @@
 """Thresholds from no-drift windows, not library defaults.
 
-A view's threshold for a window size W is set on windows of W training inputs drawn (with replacement, i.e. as
-i.i.d. traffic from the training distribution) from one half of the calibration pool, which is disjoint from the
-reference: threshold = max(normal fit mean + z(1 - alpha) * sd, empirical (1 - alpha) quantile). Its false-alarm
-rate is then *measured* on as many windows from the other half, so the number reported is out of sample. The
-task's verdict flags when any view crosses its threshold; with alpha = false_alarm_rate / number of views
+A view's threshold for a window size W is set on windows of W distinct training inputs drawn from one half (M
+texts) of the calibration pool, which is disjoint from the reference; its false-alarm rate is then *measured* on
+as many windows from the other half, so the number reported is out of sample. Windows are drawn without
+replacement: a window with repeated texts fools the domain classifier (a repeat lands on both sides of its
+train/test split), which inflated its null AUC and thresholds when we sampled with replacement.
+
+Two corrections make the threshold fit live traffic rather than the half it was fit on: windows drawn from M
+texts vary less than live windows (finite-population factor 1 - W/M), and the half's own mean is only an estimate
+of the population's (variance sigma^2/M). The normal-fit sd is scaled by sqrt((1 + W/M) / (1 - W/M)) and
+threshold = max(mean + z(1 - alpha) * sd, empirical (1 - alpha) quantile). Windows larger than M/2 are calibrated
+at M/2, whose threshold is conservative for larger windows (their statistic varies less).
+
+The task's verdict flags when any view crosses its threshold; with alpha = false_alarm_rate / number of views
 (Bonferroni) the task's false-alarm rate stays within budget, and the measured rate of "any view flagged" is
 stored too (view `any`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,25 +47,33 @@ class Calibration:
     n_windows: int
 
 
-def calibration_size(n: int) -> int:
-    """Window sizes are calibrated on a grid (n rounded down to two significant digits): a slightly smaller window
-    has a wider null distribution, so its threshold is conservative for n, and a time-window check whose n varies
-    reuses stored calibrations."""
-    if n < 100:
-        return n
-    scale = 10 ** (len(str(n)) - 2)
-    return (n // scale) * scale
+def calibration_size(n: int, pool_size: int) -> int:
+    """Window sizes are calibrated on a grid (n rounded down to two significant digits) and at most at a quarter of
+    the pool (half of one half): a smaller window has a wider null distribution, so its threshold is conservative
+    for n, and a time-window check whose n varies reuses stored calibrations."""
+    if n >= 100:
+        scale = 10 ** (len(str(n)) - 2)
+        n = (n // scale) * scale
+    return max(2, min(n, pool_size // 4))
 
 
-def threshold_from_null(scores: np.ndarray, alpha: float) -> tuple[float, float, float]:
+def spread_factor(window: int, half: int) -> float:
+    """How much wider live windows vary than windows drawn from `half` texts, see the module docstring."""
+    ratio = window / half
+    return math.sqrt((1 + ratio) / (1 - ratio))
+
+
+def threshold_from_null(scores: np.ndarray, alpha: float, *, spread: float = 1.0) -> tuple[float, float, float]:
     mean, sd = float(np.mean(scores)), float(np.std(scores, ddof=1))
-    fitted = mean + float(norm.ppf(1 - alpha)) * sd
+    fitted = mean + float(norm.ppf(1 - alpha)) * sd * spread
     return max(fitted, float(np.quantile(scores, 1 - alpha))), mean, sd
 
 
 def calibrate_views(views: Sequence[InputView], pool: TextFeatures, window: int, alpha: float, n_windows: int,
                     seed: int, *, progress: bool = False) -> list[Calibration]:
     """Per-view calibrations at this window size, plus the measured rate of any view flagging (view `any`)."""
+    if window * 2 > len(pool):
+        raise ValueError(f"a calibration window of {window} needs a pool of at least {2 * window} texts")
     rng = np.random.default_rng(seed + window)
     order = rng.permutation(len(pool))
     fit_half, check_half = order[: len(order) // 2], order[len(order) // 2:]
@@ -65,7 +82,7 @@ def calibrate_views(views: Sequence[InputView], pool: TextFeatures, window: int,
     bar = tqdm(total=2 * n_windows, desc=f"calibrate W={window}", unit="window", disable=not progress)
     for half, out in ((fit_half, fit_scores), (check_half, check_scores)):
         for j in range(n_windows):
-            sample = pool.take(rng.choice(half, size=window, replace=True))
+            sample = pool.take(rng.choice(half, size=window, replace=False))
             for i, view in enumerate(views):
                 out[i, j] = view.score(sample)[0]
             bar.update(1)
@@ -73,7 +90,8 @@ def calibrate_views(views: Sequence[InputView], pool: TextFeatures, window: int,
     calibrations = []
     flagged = np.zeros(n_windows, dtype=bool)
     for i, view in enumerate(views):
-        threshold, mean, sd = threshold_from_null(fit_scores[i], alpha)
+        threshold, mean, sd = threshold_from_null(fit_scores[i], alpha,
+                                                  spread=spread_factor(window, len(fit_half)))
         over = check_scores[i] > threshold
         flagged |= over
         calibrations.append(Calibration(view.name, window, alpha, threshold, mean, sd, float(over.mean()), n_windows))

@@ -168,7 +168,7 @@ class DriftDetector:
     def calibrations(self, task: str, reference: ReferenceSample, views: list[Any], n: int,
                      embedder: Embedder | None) -> dict[str, Calibration]:
         """Stored calibrations for this reference and window size; the missing ones are computed and stored."""
-        window = calibration_size(n)
+        window = calibration_size(n, len(reference.pool))
         alpha = self.alpha_per_view
         stored = load_calibrations(self.store, task, reference.key, window, alpha)
         missing = [v for v in views if v.name not in stored]

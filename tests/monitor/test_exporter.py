@@ -100,7 +100,8 @@ def test_gateway_metrics_and_reports_route(tmp_path: Path) -> None:
         _populate(gateway.config, gateway.store, champion=False)  # the gateway fixture's sentiment@1 is champion
         metrics = gateway.http.get("/metrics").text
         assert 'tuneloop_drift_detected{task="sentiment"} 1.0' in metrics
-        assert 'tuneloop_eval_score{adapter="sentiment@1",dataset="fresh",metric="accuracy",task="sentiment"}' in metrics
+        series = 'tuneloop_eval_score{adapter="sentiment@1",dataset="fresh",metric="accuracy",task="sentiment"}'
+        assert series in metrics
         assert "tuneloop_engine_up 1.0" in metrics  # the serving collector is still there beside the monitor one
         reports = gateway.config.data_path / "reports" / "drift" / "sentiment"
         reports.mkdir(parents=True)
