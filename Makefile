@@ -64,7 +64,7 @@ bench-smoke: install
 
 lint: install
 	$(BIN)/ruff check tuneloop serving monitor evaluators challenger_sets retrain tests bench
-	$(BIN)/mypy tuneloop challenger_sets retrain evaluators serving bench
+	$(BIN)/mypy tuneloop challenger_sets retrain evaluators serving monitor bench
 
 clean:
 	rm -rf $(VENV) .tuneloop .cache

@@ -41,6 +41,7 @@ from monitor.views import (
     DomainClassifierView,
     EmbeddingModelView,
     EmbeddingNoveltyView,
+    InputView,
     TextFeatures,
 )
 from tuneloop.config import Config, parse_config
@@ -99,19 +100,22 @@ def run(*, quick: bool = False) -> list[Table]:
     airline = TextFeatures.build(live_airline, embedder, progress=True)
     off_topic = TextFeatures.build(other, embedder, progress=True)
 
-    views = [DomainClassifierView(), EmbeddingNoveltyView(), DescriptorsView()]
+    domain, novelty, descriptors = DomainClassifierView(), EmbeddingNoveltyView(), DescriptorsView()
+    views: list[InputView] = [domain, novelty, descriptors]
     model_view = EmbeddingModelView()
     for view in [*views, model_view]:
         view.fit(reference)
     alpha = 0.05 / 4
     rng = np.random.default_rng(2026)
-    rows, detection_rows, calibration_rows = [], {}, []
+    rows: list[list[object]] = []
+    calibration_rows: list[list[object]] = []
+    detection_rows: dict[str, dict[int, list[int | None]]] = {}
     for size in sizes:
         calibrations = calibrate_views(views, pool, size, alpha, calibration_windows, seed=7, progress=True)
         thresholds = {c.view: c.threshold for c in calibrations if c.view != "any"}
         calibration_rows += [[size, c.view, "" if c.view == "any" else f"{c.threshold:.4f}",
                               f"{c.false_alarm_rate:.1%}", c.n_windows] for c in calibrations]
-        methods = Methods(views[0], views[1], views[2], model_view, thresholds)  # type: ignore[arg-type]
+        methods = Methods(domain, novelty, descriptors, model_view, thresholds)
 
         def mixed(share: float, n: int = size) -> TextFeatures:
             k = int(round(share * n))

@@ -125,10 +125,10 @@ class MonitorCollector(Collector):
         if by_run:
             for row in session.scalars(select(EvalScoreRow).where(EvalScoreRow.run_id.in_(by_run),
                                                                   EvalScoreRow.slice_field.is_(None))):
-                key = [*by_run[row.run_id], row.metric]
-                score.add_metric(key, row.value)
-                low.add_metric(key, row.ci_low)
-                high.add_metric(key, row.ci_high)
+                series = [*by_run[row.run_id], row.metric]
+                score.add_metric(series, row.value)
+                low.add_metric(series, row.ci_low)
+                high.add_metric(series, row.ci_high)
         for key, run in latest.items():
             examples.add_metric(list(key), float(run.n_examples))
             stamp = _ts(run.finished_at)

@@ -62,8 +62,7 @@ def run_job(database_url: str, job: str, task: str, attempt: int = 1) -> None:
 
 def execute(host: JobHost, job: str, task: str, attempt: int = 1) -> JobOutcome:
     with host.store.session() as session:
-        row = JobRunRow(job=job, task=task, status="running", attempt=attempt, holder=host.holder,
-                        scheduled_for=datetime.now(UTC))
+        row = JobRunRow(job=job, task=task, status="running", attempt=attempt, holder=host.holder)
         session.add(row)
         session.flush()
         run_id = row.id

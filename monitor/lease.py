@@ -13,7 +13,7 @@ import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneloop.store import Store
@@ -45,8 +45,7 @@ class Lease:
             return True
         try:
             with self.store.engine.begin() as connection:
-                connection.execute(LeaseRow.__table__.insert().values(name=self.name, holder=self.holder,
-                                                                      expires_at=expires))
+                connection.execute(insert(LeaseRow).values(name=self.name, holder=self.holder, expires_at=expires))
             return True
         except IntegrityError:
             return False

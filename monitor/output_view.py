@@ -86,6 +86,7 @@ class OutputStatistic:
     def score(self, answers: Sequence[str]) -> tuple[float, dict[str, Any]]:
         codes = self._codes(answers)
         value = self.score_codes(codes)
+        detail: dict[str, Any]
         if self.kind == "classification":
             detail = {"current_shares": dict(zip(self.classes, self._shares(codes).round(4).tolist(), strict=True)),
                       "reference_shares": dict(zip(self.classes, self.reference_shares.round(4).tolist(),

@@ -88,7 +88,8 @@ class TuneloopScheduler:
         self._stop.set()
         if self._thread:
             self._thread.join(10)
-        self._stop_scheduler(wait=True)
+        # Do not wait for a running eval (minutes): it fails fast once the engine stops, and is recorded so.
+        self._stop_scheduler(wait=False)
         if self._held:
             self.lease.release()
             self._held = False

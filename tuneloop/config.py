@@ -94,6 +94,7 @@ class RolloutConfig(StrictModel):
 DriftView = Literal["domain_classifier", "embedding_model", "embedding_novelty", "descriptors", "output"]
 DRIFT_VIEWS: tuple[DriftView, ...] = ("domain_classifier", "embedding_model", "embedding_novelty", "descriptors",
                                       "output")
+DEFAULT_DRIFT_VIEWS: tuple[DriftView, ...] = ("domain_classifier", "embedding_novelty", "descriptors", "output")
 
 
 def parse_interval(text: str) -> float:
@@ -244,7 +245,7 @@ class MonitorConfig(StrictModel):
     window: int = Field(default=200, ge=20, le=100_000, description="Captured prompts in a drift window (the last N).")
     min_window: int = Field(default=30, ge=5, description="Fewer captured prompts than this: no verdict.")
     views: list[DriftView] = Field(
-        default_factory=lambda: ["domain_classifier", "embedding_novelty", "descriptors", "output"],
+        default_factory=lambda: list(DEFAULT_DRIFT_VIEWS),
         description=f"Drift views in the verdict, from {', '.join(DRIFT_VIEWS)}. embedding_model (Evidently's "
         "ModelDriftMethod) is off by default: on no-drift windows it needed the widest margin and added least "
         "power beside embedding_novelty (bench drift).")

@@ -179,3 +179,30 @@ def test_feedback_import_reports_bad_lines(workspace: Path, tmp_path: Path) -> N
     done = run(workspace, "feedback", "import", str(bad), ok=False)
     assert done.returncode == 3
     assert "fb.jsonl:1: request_id: no captured request" in done.stderr and "fb.jsonl:2:" in done.stderr
+
+
+def test_drift_and_monitor_commands_refuse_bad_requests_clearly(workspace: Path) -> None:
+    no_traffic = run(workspace, "drift", "--task", "sentiment", "--json", ok=False)
+    assert no_traffic.returncode == 16 and "has 0 captured user prompts" in no_traffic.stderr
+    assert "Traceback" not in no_traffic.stderr
+    unknown = run(workspace, "drift", "--task", "nope", ok=False)
+    assert unknown.returncode == 2 and "unknown task 'nope'" in unknown.stderr
+    both = run(workspace, "drift", "--task", "sentiment", "--window", "50", "--since", "1h", ok=False)
+    assert both.returncode == 2 and "not both" in both.stderr
+    bad_since = run(workspace, "drift", "--task", "sentiment", "--since", "yesterday", ok=False)
+    assert bad_since.returncode == 2 and "--since" in bad_since.stderr and "15m" in bad_since.stderr
+    assert json.loads(run(workspace, "incidents", "--json").stdout) == []
+    status = json.loads(run(workspace, "status", "--json").stdout)
+    assert status["monitor"]["scheduler_holder"] is None and status["monitor"]["open_incidents"] == []
+    assert "--window" in run(workspace, "drift", "--help").stdout
+
+
+def test_bad_schedule_and_monitor_config_name_the_key(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("monitor:\n  false_alarm_rate: 2\n  views: [domain_classifier, telepathy]\n"
+                   "tasks:\n  sentiment:\n    schedule: {eval: every day}\n    policy: {drift_windows: -1}\n")
+    done = run(workspace, "--config", str(bad), "config", "validate", ok=False)
+    assert done.returncode == 2
+    for key in ("monitor.false_alarm_rate", "monitor.views.1", "tasks.sentiment.schedule.eval",
+                "tasks.sentiment.policy.drift_windows"):
+        assert key in done.stderr, done.stderr
