@@ -21,6 +21,7 @@ BENCHMARKS = {
     "lora_profile": "bench.bench_lora:run_profile",
     "eval": "bench.bench_eval",
     "drift": "bench.bench_drift",
+    "drift_timing": "bench.bench_drift:run_timing",
 }
 
 
