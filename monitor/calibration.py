@@ -8,9 +8,10 @@ train/test split), which inflated its null AUC and thresholds when we sampled wi
 
 Two corrections make the threshold fit live traffic rather than the half it was fit on: windows drawn from M
 texts vary less than live windows (finite-population factor 1 - W/M), and the half's own mean is only an estimate
-of the population's (variance sigma^2/M). The normal-fit sd is scaled by sqrt((1 + W/M) / (1 - W/M)) and
-threshold = max(mean + z(1 - alpha) * sd, empirical (1 - alpha) quantile). Windows larger than M/2 are calibrated
-at M/2, whose threshold is conservative for larger windows (their statistic varies less).
+of the population's (variance sigma^2/M). The normal-fit sd is scaled by sqrt((1 + W/M) / (1 - W/M)), and
+threshold = max(mean + z * sd, empirical (1 - alpha) quantile), where z = z(1 - alpha) is raised by the
+Cornish-Fisher term of the null's skewness. Windows larger than a quarter of the pool are calibrated at that size,
+whose threshold is conservative for larger windows (their statistic varies less).
 
 The task's verdict flags when any view crosses its threshold; with alpha = false_alarm_rate / number of views
 (Bonferroni) the task's false-alarm rate stays within budget, and the measured rate of "any view flagged" is
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, skew
 from sqlalchemy import select
 from tqdm import tqdm
 
@@ -64,8 +65,17 @@ def spread_factor(window: int, half: int) -> float:
 
 
 def threshold_from_null(scores: np.ndarray, alpha: float, *, spread: float = 1.0) -> tuple[float, float, float]:
+    """(threshold, null mean, null sd): the (1 - alpha) quantile of a normal fit, moved by the Cornish-Fisher term
+    for the null's skewness, and never below the empirical quantile.
+
+    The domain classifier's AUC and the descriptors' KS maximum are right-skewed on small windows (skewness ~0.7
+    at W = 100 here); a plain normal fit put their false-alarm rates at about twice alpha on held-back windows.
+    """
     mean, sd = float(np.mean(scores)), float(np.std(scores, ddof=1))
-    fitted = mean + float(norm.ppf(1 - alpha)) * sd * spread
+    z = float(norm.ppf(1 - alpha))
+    skewness = float(skew(scores)) if sd > 0 else 0.0
+    z_skewed = z + (z * z - 1) * skewness / 6
+    fitted = mean + max(z, z_skewed) * sd * spread
     return max(fitted, float(np.quantile(scores, 1 - alpha))), mean, sd
 
 

@@ -253,7 +253,7 @@ class MonitorConfig(StrictModel):
                                 "(seeded shuffle: the embedded files are sorted).")
     calibration_pool_size: int = Field(default=3000, ge=50, description="Further training inputs, disjoint from the "
                                        "reference, that no-drift calibration windows are drawn from.")
-    calibration_windows: int = Field(default=100, ge=10, le=10_000, description="No-drift windows to set each "
+    calibration_windows: int = Field(default=200, ge=10, le=10_000, description="No-drift windows to set each "
                                      "threshold on (and as many again to measure its false-alarm rate).")
     seed: int = Field(default=7, description="Seed of the reference sample and calibration windows.")
     html_report: bool = Field(default=True, description="Save an Evidently HTML report with every drift run.")
