@@ -499,5 +499,7 @@ def _render_model(model: BaseModel, lines: list[str], indent: int) -> None:
                 lines.append(f"{pad}  {key}:")
                 _render_model(sub, lines, indent + 2)
         else:
+            if isinstance(value, list):
+                value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
             dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000, sort_keys=False).strip()
             lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
