@@ -26,7 +26,7 @@ HOSTILE = "</script><script>window.__pwned={n}</script><img src=x onerror=alert(
 
 @pytest.fixture
 def small_monitor(config: Config, store: Store) -> Config:
-    config.monitor.reference_size = 1100  # over 1,000: Evidently runs its plain classifier (bootstrap: ~20x slower)
+    config.monitor.reference_size = 1100  # over 1,000: Evidently's plain classifier, not the slow bootstrap one
     config.monitor.calibration_pool_size = 600
     config.monitor.calibration_windows = 30
     config.monitor.views = ["domain_classifier", "embedding_novelty", "descriptors", "output"]
