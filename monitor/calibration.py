@@ -34,6 +34,8 @@ from tuneloop.store import Store
 from tuneloop.tables import DriftCalibrationRow
 
 ANY_VIEW = "any"
+# Bumped whenever the way thresholds are computed changes, so stored calibrations of an older method are not reused.
+CALIBRATION_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -110,11 +112,19 @@ def calibrate_views(views: Sequence[InputView], pool: TextFeatures, window: int,
     return calibrations
 
 
-def load_calibrations(store: Store, task: str, reference_key: str, window: int, alpha: float) -> dict[str, Calibration]:
+def calibration_key(reference_key: str) -> str:
+    """What a stored calibration is valid for: this reference sample and this calibration method."""
+    return f"{reference_key}:v{CALIBRATION_VERSION}"
+
+
+def load_calibrations(store: Store, task: str, reference_key: str, window: int, alpha: float,
+                      n_windows: int) -> dict[str, Calibration]:
+    """Stored calibrations for this reference, method, window size, alpha and number of windows."""
     with store.session() as session:
         rows = session.scalars(select(DriftCalibrationRow).where(
-            DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == reference_key,
-            DriftCalibrationRow.window == window, DriftCalibrationRow.alpha == alpha)).all()
+            DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == calibration_key(reference_key),
+            DriftCalibrationRow.window == window, DriftCalibrationRow.alpha == alpha,
+            DriftCalibrationRow.n_windows == n_windows)).all()
         return {r.view: Calibration(r.view, r.window, r.alpha, r.threshold, r.null_mean, r.null_sd,
                                     r.false_alarm_rate, r.n_windows) for r in rows}
 
@@ -125,13 +135,14 @@ def save_calibrations(store: Store, task: str, reference_key: str, alpha: float,
     with store.session() as session:
         for c in calibrations:
             old = session.scalars(select(DriftCalibrationRow).where(
-                DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == reference_key,
+                DriftCalibrationRow.task == task, DriftCalibrationRow.reference_key == calibration_key(reference_key),
                 DriftCalibrationRow.view == c.view, DriftCalibrationRow.window == c.window,
                 DriftCalibrationRow.alpha == alpha)).first()
             if old is not None:
                 session.delete(old)
                 session.flush()
-            session.add(DriftCalibrationRow(task=task, reference_key=reference_key, view=c.view, window=c.window,
+            session.add(DriftCalibrationRow(task=task, reference_key=calibration_key(reference_key), view=c.view,
+                                            window=c.window,
                                             alpha=alpha, threshold=_finite(c.threshold), null_mean=_finite(c.null_mean),
                                             null_sd=_finite(c.null_sd), false_alarm_rate=c.false_alarm_rate,
                                             n_windows=c.n_windows))

@@ -170,7 +170,7 @@ class DriftDetector:
         """Stored calibrations for this reference and window size; the missing ones are computed and stored."""
         window = calibration_size(n, len(reference.pool))
         alpha = self.alpha_per_view
-        stored = load_calibrations(self.store, task, reference.key, window, alpha)
+        stored = load_calibrations(self.store, task, reference.key, window, alpha, self.settings.calibration_windows)
         missing = [v for v in views if v.name not in stored]
         if missing:
             log.info("calibrating %s drift thresholds for %s at W=%d on %d no-drift windows (once)",
