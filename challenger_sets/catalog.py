@@ -69,6 +69,11 @@ def qualify(task: str | None, name: str) -> str:
     return f"{task}/{name.split('@', 1)[0]}"
 
 
+def short_name(dataset: str) -> str:
+    """`sentiment/other-topics@2` -> `other-topics`: a bounded label or rule name."""
+    return dataset.split("@", 1)[0].split("/", 1)[-1]
+
+
 def content_sha256(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for example in examples:

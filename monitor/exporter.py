@@ -12,13 +12,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from challenger_sets.catalog import short_name
 from tuneloop.config import Config
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Store
@@ -34,6 +35,7 @@ from tuneloop.tables import (
     JobRunRow,
     LeaseRow,
 )
+from tuneloop.timewindow import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,7 @@ JOB_KINDS = ("eval", "drift")
 
 
 def _ts(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return None if value is None else as_utc(value).timestamp()
 
 
 class MonitorCollector(Collector):
@@ -120,7 +120,7 @@ class MonitorCollector(Collector):
                 continue
             if run.adapter_version is None and run.model != base:
                 continue
-            latest[(run.task, adapter, run.dataset_ref.split("@", 1)[0].split("/", 1)[-1])] = run
+            latest[(run.task, adapter, short_name(run.dataset_ref))] = run
         by_run = {run.id: key for key, run in latest.items()}
         if by_run:
             for row in session.scalars(select(EvalScoreRow).where(EvalScoreRow.run_id.in_(by_run),

@@ -23,11 +23,14 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import select
 
+from challenger_sets.catalog import qualify
+from challenger_sets.catalog import short_name as _short
 from tuneloop.config import Config, TaskConfig
 from tuneloop.events import record_event
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
 from tuneloop.tables import DriftRunRow, EvalRunRow, EvalScoreRow, IncidentRow
+from tuneloop.timewindow import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,6 @@ class Incident:
     resolved_at: datetime | None
     breaches: int
     detail: dict[str, Any]
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Policy:
@@ -174,9 +173,7 @@ class Policy:
                                           f"{windows} consecutive needed", facts)
 
     def _runs(self, task: str, version: int, dataset: str) -> list[EvalRunRow]:
-        name = dataset.split("@", 1)[0]
-        if "/" not in name:
-            name = f"{task}/{name}"
+        name = qualify(task, dataset)
         with self.store.session() as session:
             return list(session.scalars(select(EvalRunRow).where(
                 EvalRunRow.task == task, EvalRunRow.adapter_version == version, EvalRunRow.status == "complete",
@@ -217,7 +214,7 @@ class Policy:
                 last = session.scalars(select(IncidentRow).where(
                     IncidentRow.task == task, IncidentRow.rule == check.rule, IncidentRow.status == "resolved")
                     .order_by(IncidentRow.resolved_at.desc()).limit(1)).first()
-                if last is not None and last.resolved_at and now - _aware(last.resolved_at) < cooldown:
+                if last is not None and last.resolved_at and now - as_utc(last.resolved_at) < cooldown:
                     outcome.suppressed.append(check.rule)
                     log.info("%s: %s breached again within its cooldown; no new incident", task, check.rule)
                     continue
@@ -240,11 +237,8 @@ def list_incidents(store: Store, *, task: str | None = None, status: str | None 
     if status:
         query = query.where(IncidentRow.status == status)
     with store.session() as session:
-        return [Incident(r.id, r.task, r.rule, r.status, _aware(r.opened_at), _aware(r.last_seen_at),
-                         _aware(r.resolved_at) if r.resolved_at else None, r.breaches, r.detail)
+        return [Incident(r.id, r.task, r.rule, r.status, as_utc(r.opened_at), as_utc(r.last_seen_at),
+                         as_utc(r.resolved_at) if r.resolved_at else None, r.breaches, r.detail)
                 for r in session.scalars(query)]
 
 
-def _short(dataset: str) -> str:
-    """`sentiment/other-topics@2` -> `other-topics`: a bounded rule name (and metric label)."""
-    return dataset.split("@", 1)[0].split("/", 1)[-1]

@@ -14,6 +14,7 @@ from monitor.policy import list_incidents
 from monitor.scheduler import JOBS_TABLE
 from tuneloop.store import Store
 from tuneloop.tables import DriftRunRow, JobRunRow, LeaseRow
+from tuneloop.timewindow import as_utc
 
 
 class JobStatus(BaseModel):
@@ -34,7 +35,7 @@ class MonitorStatus(BaseModel):
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
+    return None if value is None else as_utc(value)
 
 
 def monitor_status(store: Store) -> MonitorStatus:

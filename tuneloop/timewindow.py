@@ -11,6 +11,11 @@ _AGE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def as_utc(value: datetime) -> datetime:
+    """A datetime read back from the store (SQLite drops the offset) as an aware UTC one."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def parse_instant(text: str, what: str = "time", *, now: datetime | None = None) -> datetime:
     """'7d' -> now minus 7 days; '2026-11-01' or '2026-11-01T12:00' -> that instant (UTC unless it says)."""
     text = text.strip()
@@ -21,4 +26,4 @@ def parse_instant(text: str, what: str = "time", *, now: datetime | None = None)
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"{what}: '{text}' is neither an ISO date/time nor an age like 7d, 12h, 30m") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return as_utc(parsed)

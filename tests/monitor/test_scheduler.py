@@ -42,6 +42,16 @@ def _wait(condition: Callable[[], bool], timeout: float = 15) -> None:
         time.sleep(0.1)
 
 
+def _ran_once(config: Config, store: Store) -> TuneloopScheduler:
+    """A running scheduler for an hourly eval that has done its first run (due right after start)."""
+    _only_sentiment_eval(config, "1h")
+    first = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="first")
+    first.start()
+    _wait(lambda: len(_runs(store)) == 1)
+    _wait(lambda: bool(first.jobs()) and first.jobs()[0]["next_run"] is not None)
+    return first
+
+
 def test_lease_is_exclusive_and_lapses(store: Store) -> None:
     first, second = Lease(store, holder="a", ttl_s=1), Lease(store, holder="b", ttl_s=1)
     assert first.try_acquire()
@@ -114,11 +124,7 @@ def test_standby_takes_over_when_the_holder_stops(config: Config, store: Store) 
 
 
 def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
-    _only_sentiment_eval(config, "1h")
-    first = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="first")
-    first.start()
-    _wait(lambda: len(_runs(store)) == 1)
-    _wait(lambda: bool(first.jobs()) and first.jobs()[0]["next_run"] is not None)
+    first = _ran_once(config, store)
     next_run = first.jobs()[0]["next_run"]
     first.stop()
 
@@ -135,11 +141,7 @@ def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
 
 
 def test_changed_schedule_replaces_the_stored_job(config: Config, store: Store) -> None:
-    _only_sentiment_eval(config, "1h")
-    first = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="first")
-    first.start()
-    _wait(lambda: len(_runs(store)) == 1)
-    first.stop()
+    _ran_once(config, store).stop()
     config.tasks["sentiment"].schedule.eval = "2h"
     second = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="second")
     second.start()
