@@ -112,9 +112,12 @@ class MonitorCollector(Collector):
         finished = GaugeMetricFamily("tuneloop_eval_finished_timestamp_seconds", "When the latest run finished.",
                                      labels=["task", "adapter", "dataset"])
         base = self.config.base_model.name
-        latest: dict[tuple[str, str, str], EvalRunRow] = {}
-        for run in session.scalars(select(EvalRunRow).where(EvalRunRow.status == "complete")
-                                   .order_by(EvalRunRow.id)):
+        latest: dict[tuple[str, str, str], Any] = {}
+        # Only the columns needed, not the runs' settings/timings JSON: this runs on every scrape.
+        for run in session.execute(select(EvalRunRow.id, EvalRunRow.task, EvalRunRow.model,
+                                          EvalRunRow.adapter_version, EvalRunRow.dataset_ref,
+                                          EvalRunRow.n_examples, EvalRunRow.finished_at)
+                                   .where(EvalRunRow.status == "complete").order_by(EvalRunRow.id)):
             adapter = run.model if run.adapter_version is not None else "base"
             if run.adapter_version is not None and run.model not in current_refs:
                 continue
