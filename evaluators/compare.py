@@ -34,6 +34,7 @@ class MetricComparison:
     mcnemar_p_value: float | None = None
     only_a_right: int | None = None
     only_b_right: int | None = None
+    paired_mde: float | None = None  # from the SD of the paired differences; what the paired test can detect
 
     @property
     def significant(self) -> bool:
@@ -80,6 +81,7 @@ def compare_runs(runner: EvalRunner, run_a: int, run_b: int) -> CompareReport:
             p, only_a, only_b = mcnemar(table_a.per_example, tables_b[name].per_example)  # type: ignore[arg-type]
             extra = {"mcnemar_p_value": p, "only_a_right": only_a, "only_b_right": only_b}
         results.append(MetricComparison(name, paired.a, paired.b, paired.delta, paired.low, paired.high,
-                                        paired.p_value, paired.method, paired.level, paired.n, paired.mde, **extra))
+                                        paired.p_value, paired.method, paired.level, paired.n, paired.mde,
+                                        paired_mde=paired.paired_mde, **extra))
     return CompareReport(a=first.model, b=second.model, dataset=first.dataset_ref, n=first.n_examples,
                          run_a=run_a, run_b=run_b, metrics=results)

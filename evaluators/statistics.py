@@ -68,6 +68,14 @@ class PairedResult:
     level: float
     n: int
     mde: float
+    paired_mde: float = float("nan")
+
+
+def paired_standard_error_floor(n: int) -> float:
+    """The smallest standard error a paired difference over n examples is given: that of one disagreement in
+    n + 2 (add-one smoothed). Two systems that agree on every example of a small set still leave the difference
+    uncertain by about this much, so a tiny set cannot claim a tiny detectable effect."""
+    return math.sqrt(1.0 / ((n + 2) * n)) if n > 0 else 0.0
 
 
 def resample_weights(n: int, resamples: int, seed: int, *, chunk_cells: int = 4_000_000) -> Iterator[np.ndarray]:
@@ -150,8 +158,10 @@ def paired_bootstrap(a: MetricTable, b: MetricTable, *, level: float = 0.95, res
     se_a = max(float(np.concatenate(draws_a).std(ddof=1)), standard_error_floor(value_a, a.n))
     se_b = max(float(np.concatenate(draws_b).std(ddof=1)), standard_error_floor(value_b, b.n))
     se = float(np.hypot(se_a, se_b))
+    se_paired = max(float(delta_draws.std(ddof=1)), paired_standard_error_floor(a.n))
     return PairedResult(a.name, value_a, value_b, delta, float(low), float(high), float(min(1.0, p_value)),
-                        "paired bootstrap", level, a.n, minimum_detectable_effect(se, alpha=1 - level))
+                        "paired bootstrap", level, a.n, minimum_detectable_effect(se, alpha=1 - level),
+                        minimum_detectable_effect(se_paired, alpha=1 - level))
 
 
 def mcnemar(correct_a: Sequence[float], correct_b: Sequence[float]) -> tuple[float, int, int]:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from challenger_sets.catalog import qualify
 from challenger_sets.catalog import short_name as _short
+from challenger_sets.splits import evaluation_set
 from tuneloop.config import Config, TaskConfig
 from tuneloop.events import record_event
 from tuneloop.registry import find_alias
@@ -50,6 +51,7 @@ class PolicyOutcome:
     task: str
     checks: list[RuleCheck]
     opened: list[int] = field(default_factory=list)
+    opened_by_rule: dict[str, int] = field(default_factory=dict)
     refreshed: list[int] = field(default_factory=list)
     resolved: list[int] = field(default_factory=list)
     suppressed: list[str] = field(default_factory=list)
@@ -173,7 +175,13 @@ class Policy:
                                           f"{windows} consecutive needed", facts)
 
     def _runs(self, task: str, version: int, dataset: str) -> list[EvalRunRow]:
-        name = qualify(task, dataset)
+        """The version's complete runs on `dataset`, or on its judge split once one exists (retraining may have
+        used the rest)."""
+        runs = self._runs_on(task, version, qualify(task, dataset))
+        split = evaluation_set(self.store, task, dataset)
+        return self._runs_on(task, version, split) or runs
+
+    def _runs_on(self, task: str, version: int, name: str) -> list[EvalRunRow]:
         with self.store.session() as session:
             return list(session.scalars(select(EvalRunRow).where(
                 EvalRunRow.task == task, EvalRunRow.adapter_version == version, EvalRunRow.status == "complete",
@@ -223,6 +231,7 @@ class Policy:
                 session.add(row)
                 session.flush()
                 outcome.opened.append(row.id)
+                outcome.opened_by_rule[check.rule] = row.id
                 events.append(("breach", f"{task}: {check.rule} breached: {check.message}",
                                {"incident": row.id, "rule": check.rule, **check.facts}))
         for kind, message, payload in events:

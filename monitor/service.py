@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def eval_runner(config: Config, store: Store) -> JobFunction:
     def run(task: str) -> dict[str, Any]:
         from challenger_sets.catalog import get_dataset
+        from challenger_sets.splits import evaluation_set
         from evaluators.runner import EvalRunner
         from evaluators.targets import EvalTarget
         from serving.admin_client import gateway_url
@@ -36,8 +37,8 @@ def eval_runner(config: Config, store: Store) -> JobFunction:
         target = EvalTarget(task, champion.ref, champion.version, gateway_url(config))
         results = {}
         for name in (task_config.heldout_dataset, *task_config.challenger_datasets):
-            dataset = get_dataset(store, name)
-            report = runner.run(target, dataset)
+            dataset = get_dataset(store, evaluation_set(store, task, name))
+            report = runner.run(target, dataset, limit=task_config.schedule.eval_limit)
             results[dataset.manifest.ref] = report.run_id
         return {"adapter": champion.ref, "runs": results}
 
@@ -59,13 +60,31 @@ def drift_runner(config: Config, store: Store) -> JobFunction:
     return run
 
 
-def build_scheduler(config: Config, store: Store) -> TuneloopScheduler:
-    policy = Policy(config, store)
+def after_job(config: Config, store: Store, job: str, task: str) -> None:
+    """What follows a successful scheduled job: the policy (incidents), retraining for new incidents, and, after an
+    eval, the watch of a recent promotion."""
+    from retrain.triggers import incident_trigger, request_retrain
+    from retrain.watch import Watch
 
+    outcome = Policy(config, store).evaluate(task)
+    if outcome.opened:
+        log.warning("%s: incident(s) opened: %s", task, outcome.opened)
+        if config.task(task).retrain.on_incident:
+            for check in outcome.checks:
+                incident = outcome.opened_by_rule.get(check.rule)
+                if incident is not None:
+                    submitted = request_retrain(config, store, task, incident_trigger(incident, check.rule,
+                                                                                      check.facts))
+                    log.warning("%s: incident %s -> retraining job %s", task, incident, submitted.job.id)
+    if job == "eval":
+        watched = Watch(config, store).check(task)
+        if watched is not None and watched.status == "rolled_back":
+            log.warning("%s: watch rolled back job %s's promotion", task, watched.job)
+
+
+def build_scheduler(config: Config, store: Store) -> TuneloopScheduler:
     def after(job: str, task: str) -> None:
-        outcome = policy.evaluate(task)
-        if outcome.opened:
-            log.warning("%s: incident(s) opened: %s", task, outcome.opened)
+        after_job(config, store, job, task)
 
     return TuneloopScheduler(config, store, {"eval": eval_runner(config, store), "drift": drift_runner(config, store)},
                              on_success=after)

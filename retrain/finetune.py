@@ -55,8 +55,13 @@ def split_validation(examples: list[Example], size: int, seed: int) -> tuple[lis
 
 def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | None = None,
              max_steps: int | None = None, overrides: dict[str, Any] | None = None,
-             dataset: str | None = None, progress: bool = True) -> AdapterVersion:
-    """Train and register a new version of `task`'s adapter; its parent is the current champion."""
+             dataset: str | None = None, progress: bool = True,
+             staging_prefix: str = ".training-") -> AdapterVersion:
+    """Train and register a new version of `task`'s adapter; its parent is the current champion.
+
+    Weights are written to a `staging_prefix*` folder beside the registry and moved in only when registered, so
+    a killed run leaves no version behind (a retrain job's reaper removes its own staging folder).
+    """
     task_config = config.task(task)
     recipe = resolve_recipe(config, task, method=method, overrides=overrides)
     if max_steps is not None and max_steps < 1:
@@ -71,7 +76,7 @@ def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | N
     parent = find_alias(store, task, "champion")
     staging_root = config.data_path / "adapters" / task
     staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".training-", dir=staging_root))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=staging_root))
     try:
         result = fit(base.path, train_examples, val_examples, system_prompt=task_config.system_prompt,
                      train=recipe, output_dir=staging, max_steps=max_steps, progress=progress)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import admin_api, feedback_api, openai_api, reports_api
+from serving import admin_api, feedback_api, hooks_api, openai_api, reports_api
 from serving.protocol import RETRY_AFTER_S, error_response, status_of
 from serving.state import GatewayContext, context
 from tuneloop.errors import TuneloopError
@@ -61,6 +61,7 @@ def create_app(ctx: GatewayContext) -> Starlette:
             await ctx.client.aclose()
 
     routes = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(),
+              *hooks_api.routes(),
               Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
     app = Starlette(routes=routes, exception_handlers={TuneloopError: on_error}, lifespan=lifespan)
     app.state.ctx = ctx

@@ -125,6 +125,8 @@ class ScheduleConfig(StrictModel):
                              "sets: an interval (30s, 15m, 6h, 1d) or a cron expression; null = never.")
     drift: str | None = Field(default="15m", description="Drift check of the captured traffic: interval or cron; "
                               "null = never.")
+    eval_limit: int | None = Field(default=None, ge=1, description="Examples per set in a scheduled eval (the "
+                                   "first N); null = all.")
 
     @field_validator("eval", "drift")
     @classmethod
@@ -162,6 +164,38 @@ class PolicyConfig(StrictModel):
                               "open a new one for this long (flapping guard).")
 
 
+class GateConfig(StrictModel):
+    """When a retrained candidate may replace the champion (retrain/gate.py)."""
+
+    level: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the paired tests and CIs.")
+    margin: float = Field(default=0.05, gt=0, lt=1, description="Non-inferiority margin on the held-out set, in "
+                          "primary-metric units: the lower CI bound of candidate - champion must stay above "
+                          "-margin. Also the gate's resolution: a set whose minimum detectable effect exceeds it is "
+                          "refused as too small.")
+    limit: int | None = Field(default=None, ge=1, description="Examples per gate set (the first N of each, the "
+                              "same for both models); null = all.")
+
+
+class RetrainConfig(StrictModel):
+    """How a task is retrained when an incident, an alert or a person asks for it."""
+
+    on_incident: bool = Field(default=True, description="A policy incident starts a retraining job.")
+    replay_ratio: float = Field(default=1.0, ge=0, le=100, description="Examples of the original training set "
+                                "replayed per new example, so the task is not forgotten.")
+    max_new_examples: int = Field(default=4000, ge=1, description="New labelled examples used at most.")
+    judge_share: float = Field(default=0.5, gt=0, lt=1, description="Share of each judged challenger set held "
+                               "back for the gate (split once by a seeded hash of the input; never trained on).")
+    balance_labels: bool = Field(default=True, description="Classification: resample the new and the replayed "
+                                 "examples to equal label counts.")
+    max_steps: int | None = Field(default=None, ge=1, description="Training steps of a retrain; null = the "
+                                  "task's train.max_steps.")
+    seed: int = Field(default=11, description="Seed of the judge split, replay sample and balancing.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+    watch_s: float = Field(default=3600, ge=0, description="After a promotion, compare the new champion's "
+                           "scheduled evals and live error rate with the old one's for this long; a significant "
+                           "regression rolls back. 0 = no watch.")
+
+
 class TaskConfig(StrictModel):
     """A task owns its prompt format, its datasets, its metrics and its training recipe."""
 
@@ -183,6 +217,7 @@ class TaskConfig(StrictModel):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Canary and shadow traffic.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Scheduled evaluation and drift.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Threshold rules that open incidents.")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Retraining, gate and watch.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
@@ -276,6 +311,16 @@ class MonitorConfig(StrictModel):
         return value
 
 
+class JobsConfig(StrictModel):
+    """Where retraining jobs run."""
+
+    runner: Literal["local"] = Field(default="local", description="local = a detached subprocess on this machine "
+                                     "(survives gateway restarts); the interface admits a cluster runner later.")
+    heartbeat_s: float = Field(default=5, gt=0, description="A running job writes a heartbeat this often.")
+    stale_after_s: float = Field(default=120, gt=0, description="A job whose worker is gone, or silent for this "
+                                 "long, is marked failed.")
+
+
 class Config(StrictModel):
     """The whole tuneloop configuration."""
 
@@ -287,6 +332,7 @@ class Config(StrictModel):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation runs.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Drift, scheduler, exporter.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Retraining jobs.")
     tasks: dict[str, TaskConfig] = Field(default_factory=lambda: default_tasks(), description="Tasks by name.")
 
     @field_validator("tasks")

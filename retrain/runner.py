@@ -1,0 +1,62 @@
+"""Where a retraining job runs. `LocalRunner` starts `python -m retrain.worker` as a detached process on this
+machine: its own session, so stopping or restarting the gateway that launched it does not stop it, with its output
+in `<data_dir>/jobs/job-<N>/worker.log`. A cluster runner would implement the same `launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from retrain.jobs import Job
+from tuneloop.config import Config
+
+CONFIG_SNAPSHOT = "config.json"
+
+
+class JobRunner(Protocol):
+    name: str
+
+    def launch(self, job: Job) -> None: ...
+
+
+def job_dir(config: Config, job_id: int) -> Path:
+    return config.data_path / "jobs" / f"job-{job_id}"
+
+
+def write_config_snapshot(config: Config, folder: Path) -> Path:
+    """The exact config the job runs with (owner-readable only: it may hold the admin token)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_SNAPSHOT
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"config_dir": str(config.config_dir), "config": config.model_dump(mode="json")}, out)
+    return path
+
+
+class LocalRunner:
+    name = "local"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def launch(self, job: Job) -> None:
+        folder = job_dir(self.config, job.id)
+        snapshot = write_config_snapshot(self.config, folder)
+        log_path = folder / "worker.log"
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "retrain.worker", str(job.id), "--config-snapshot", str(snapshot)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=str(self.config.config_dir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Reap the child when it ends so it never lingers as a zombie the job reaper would mistake for alive.
+        threading.Thread(target=process.wait, name=f"job-{job.id}-wait", daemon=True).start()
+
+
+def runner_for(config: Config) -> JobRunner:
+    return LocalRunner(config)

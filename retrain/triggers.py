@@ -1,0 +1,105 @@
+"""Asking for retraining: from a policy incident, an Alertmanager notification, or a person.
+
+Every request goes through `request_retrain`: stale jobs are reaped first (so a crashed job does not hold the
+task's lock), the trigger is queued as a new job or attached to the task's unfinished one, and a new job is handed
+to the configured runner. A runner that cannot start marks the job failed on the spot.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrain.jobs import JobStore, SubmitOutcome, Trigger
+from retrain.runner import JobRunner, runner_for
+from tuneloop.config import Config
+from tuneloop.registry import find_alias
+from tuneloop.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *,
+                    runner: JobRunner | None = None) -> SubmitOutcome:
+    config.task(task)
+    jobs = JobStore(store)
+    jobs.reap(stale_after_s=config.jobs.stale_after_s)
+    runner = runner or runner_for(config)
+    champion = find_alias(store, task, "champion")
+    outcome = jobs.submit(task, trigger, runner=runner.name, champion_version=champion.version if champion else None,
+                          settings={"retrain": config.task(task).retrain.model_dump(mode="json")})
+    if outcome.created:
+        try:
+            runner.launch(outcome.job)
+        except Exception as exc:  # noqa: BLE001 - a job that cannot start must not hold the task's lock
+            log.exception("could not launch job %s", outcome.job.id)
+            job = jobs.finish(outcome.job.id, "failed", error=f"runner '{runner.name}' could not start it: {exc}")
+            return SubmitOutcome(job, created=True, duplicate=False)
+    return outcome
+
+
+def incident_trigger(incident_id: int, rule: str, detail: dict[str, Any]) -> Trigger:
+    """An opened incident; a floor or drop rule names the dataset it breached on."""
+    parts = rule.split(":")
+    datasets = [parts[2]] if parts[0] in ("floor", "drop") and len(parts) > 2 else []
+    return Trigger(source="incident", key=f"incident:{incident_id}", reason=f"incident {incident_id}: {rule}",
+                   detail={"incident": incident_id, "rule": rule, "datasets": datasets,
+                           "message": str(detail.get("message", ""))[:500]})
+
+
+def manual_trigger(reason: str | None, *, now: datetime) -> Trigger:
+    return Trigger(source="manual", key=f"manual:{now.isoformat()}", reason=reason or "requested by hand",
+                   detail={"datasets": []})
+
+
+# Alertmanager -----------------------------------------------------------------------------------------------
+
+class AlertmanagerAlert(BaseModel):
+    """One alert of Alertmanager's webhook payload (version 4)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: str = Field(min_length=1)  # noqa: N815 - Alertmanager's field name
+    fingerprint: str | None = None
+
+
+class AlertmanagerPayload(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: str = Field(default="4")
+    status: Literal["firing", "resolved"]
+    receiver: str = ""
+    groupKey: str = ""  # noqa: N815 - Alertmanager's field name
+    alerts: list[AlertmanagerAlert] = Field(min_length=1, max_length=1000)
+
+
+def alert_triggers(payload: AlertmanagerPayload, config: Config) -> tuple[list[tuple[str, Trigger]], list[str]]:
+    """(task, trigger) per firing alert that names a configured task; and why each other alert was ignored.
+
+    The key is the alert's fingerprint and start time: Alertmanager re-sends the same firing alert every
+    repeat_interval and on retries, which must not start a second job."""
+    accepted, ignored = [], []
+    for alert in payload.alerts:
+        name = alert.labels.get("alertname", "?")
+        task = alert.labels.get("task")
+        if alert.status != "firing":
+            ignored.append(f"{name}: status {alert.status}")
+        elif not task:
+            ignored.append(f"{name}: no 'task' label")
+        elif task not in config.tasks:
+            ignored.append(f"{name}: task '{task}' is not configured ({sorted(config.tasks)})")
+        else:
+            fingerprint = alert.fingerprint or "|".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
+            datasets = [alert.labels["dataset"]] if alert.labels.get("dataset") else []
+            accepted.append((task, Trigger(
+                source="alertmanager", key=f"alertmanager:{fingerprint}:{alert.startsAt}",
+                reason=f"alert {name}", detail={"alertname": name, "labels": alert.labels,
+                                                "annotations": alert.annotations, "startsAt": alert.startsAt,
+                                                "datasets": datasets})))
+    return accepted, ignored
