@@ -22,6 +22,7 @@ BENCHMARKS = {
     "eval": "bench.bench_eval",
     "drift": "bench.bench_drift",
     "drift_timing": "bench.bench_drift:run_timing",
+    "retrain": "bench.bench_retrain",
 }
 
 

@@ -135,7 +135,9 @@ def import_dataset_file(store: Store, data_dir: Path, path: Path, *, task: str, 
 def _check_against_task(store: Store, examples: list[Example], *, task: str, kind: DatasetKind, name: str) -> None:
     others = [d for d in list_datasets(store, task=task, latest_only=False) if d.manifest.name != name]
     if kind in EVAL_KINDS:
-        against = [d for d in others if d.manifest.kind == "train"]
+        # Retraining sets hold the trainable side of challenger sets by design; what is judged is the `-gate`
+        # split, which challenger_sets/splits.py keeps free of every training set (retraining ones included).
+        against = [d for d in others if d.manifest.kind == "train" and not d.manifest.source.startswith("retrain:")]
     else:
         against = [d for d in others if d.manifest.kind in EVAL_KINDS]
     for other in against:

@@ -3,7 +3,8 @@
 A challenger set that is both trained on (its labelled examples are the new data a retrain needs) and judged on
 is split once by a seeded hash of each example's normalised input: the same input always lands on the same side,
 in every version of the set and every retrain, so no later job can train on an example an earlier gate judged
-with. The judged part is registered as its own challenger set, `<name>-gate`, and from then on scheduled evals and
+with. A judged input that some training set already holds (e.g. it came in through labelled traffic) is dropped
+from the split and counted. The judged part is registered as its own challenger set, `<name>-gate`, and from then on scheduled evals and
 policy floors read that split instead of the whole set.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 
-from challenger_sets.catalog import DatasetVersion, add_dataset, find_latest, qualify
+from challenger_sets.catalog import DatasetVersion, add_dataset, find_latest, list_datasets, qualify
+from challenger_sets.leakage import input_keys
 from challenger_sets.records import Example, normalize_text
 from tuneloop.errors import DatasetError
 from tuneloop.store import Store
@@ -41,13 +43,18 @@ def ensure_judge_set(store: Store, data_dir: object, source: DatasetVersion, *, 
     from pathlib import Path
 
     _, judged = split(source.load(), share, seed)
+    trained = set().union(*(input_keys(d.load()) for d in list_datasets(store, task=source.manifest.task,
+                                                                      latest_only=False)
+                            if d.manifest.kind == "train"))
+    seen = [e for e in judged if normalize_text(e.input_text()) in trained]
+    judged = [e for e in judged if normalize_text(e.input_text()) not in trained]
     if len(judged) < 2:
         raise DatasetError(f"{source.manifest.ref}: only {len(judged)} example(s) fall in its judge split "
                            f"(share {share}); the gate needs more")
     return add_dataset(store, Path(str(data_dir)), judged, task=source.manifest.task,
                        name=gate_name(source.manifest.name), kind="challenger", source=f"split:{source.manifest.ref}",
                        build={"split_of": source.manifest.ref, "share": share, "seed": seed,
-                              "rows_of_source": source.manifest.rows})
+                              "rows_of_source": source.manifest.rows, "dropped_seen_in_training": len(seen)})
 
 
 def evaluation_set(store: Store, task: str, name: str) -> str:

@@ -34,6 +34,7 @@ from tuneloop.tables import (
     IncidentRow,
     JobRunRow,
     LeaseRow,
+    RetrainJobRow,
 )
 from tuneloop.timewindow import as_utc
 
@@ -42,11 +43,13 @@ log = logging.getLogger(__name__)
 # Event kinds counted as their own `_total` series (and all of them in tuneloop_events_total).
 EVENT_COUNTERS = {
     "breach": ("tuneloop_breaches", "Incidents opened by a policy breach."),
-    "retrain_started": ("tuneloop_retrains", "Retraining jobs started."),
+    "retrain_started": ("tuneloop_retrains", "Retraining jobs queued."),
     "alias_champion_set": ("tuneloop_promotions", "Adapters made champion."),
     "rollback": ("tuneloop_rollbacks", "Rollbacks to the previous champion."),
 }
 JOB_KINDS = ("eval", "drift")
+RETRAIN_STATES = ("queued", "training", "evaluating", "promoted", "rejected", "failed", "rolled_back")
+RETRAIN_STAGES = ("assemble", "train", "evaluate", "promote")
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -87,6 +90,7 @@ class MonitorCollector(Collector):
             yield from self._incidents(session)
             yield from self._events(session)
             yield from self._jobs(session)
+            yield from self._retrain(session)
 
     def _aliases(self, aliases: dict[tuple[str, str], str]) -> Iterator[Any]:
         info = GaugeMetricFamily("tuneloop_adapter_info", "1 for each task's champion and candidate adapter.",
@@ -265,3 +269,38 @@ class MonitorCollector(Collector):
         held = lease_row is not None and (_ts(lease_row.expires_at) or 0) > now
         lease.add_metric([], float(held))
         yield from (runs, failures, last_ok, age, lease)
+
+    def _retrain(self, session: Any) -> Iterator[Any]:
+        by_state = GaugeMetricFamily("tuneloop_retrain_jobs", "Retraining jobs by current state.",
+                                     labels=["task", "state"])
+        stage = GaugeMetricFamily("tuneloop_retrain_stage_seconds", "Duration of each stage of the task's latest "
+                                  "retraining job that ran it.", labels=["task", "stage"], unit="")
+        gate = GaugeMetricFamily("tuneloop_gate_delta", "Candidate minus champion on the primary metric in the "
+                                 "latest gate decision, per gate set.", labels=["task", "dataset", "role", "bound"])
+        decision = GaugeMetricFamily("tuneloop_gate_promoted", "1 when the task's latest gate decision promoted, "
+                                     "0 when it rejected.", labels=["task"])
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        latest_stages: dict[str, dict[str, Any]] = {}
+        latest_decision: dict[str, dict[str, Any]] = {}
+        for row in session.execute(select(RetrainJobRow.task, RetrainJobRow.state, RetrainJobRow.stages,
+                                          RetrainJobRow.decision).order_by(RetrainJobRow.id)):
+            counts[(row.task, row.state)] += 1
+            if row.stages:
+                latest_stages[row.task] = row.stages
+            if row.decision:
+                latest_decision[row.task] = row.decision
+        for task in self.config.tasks:
+            for state in RETRAIN_STATES:
+                by_state.add_metric([task, state], float(counts.get((task, state), 0)))
+        for task, stages in latest_stages.items():
+            for name in RETRAIN_STAGES:
+                seconds = (stages.get(name) or {}).get("seconds")
+                if seconds is not None:
+                    stage.add_metric([task, name], float(seconds))
+        for task, made in latest_decision.items():
+            decision.add_metric([task], float(bool(made.get("promote"))))
+            for check in made.get("checks", []):
+                for bound, key in (("point", "delta"), ("lower", "ci_low"), ("upper", "ci_high")):
+                    if check.get(key) is not None:
+                        gate.add_metric([task, short_name(check["dataset"]), check["role"], bound], check[key])
+        yield from (by_state, stage, gate, decision)

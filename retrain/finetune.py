@@ -56,11 +56,13 @@ def split_validation(examples: list[Example], size: int, seed: int) -> tuple[lis
 def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | None = None,
              max_steps: int | None = None, overrides: dict[str, Any] | None = None,
              dataset: str | None = None, progress: bool = True,
-             staging_prefix: str = ".training-") -> AdapterVersion:
+             staging_prefix: str = ".training-", init_from: AdapterVersion | None = None) -> AdapterVersion:
     """Train and register a new version of `task`'s adapter; its parent is the current champion.
 
     Weights are written to a `staging_prefix*` folder beside the registry and moved in only when registered, so
     a killed run leaves no version behind (a retrain job's reaper removes its own staging folder).
+    `init_from` continues training that version's LoRA weights instead of a fresh adapter (a control in
+    bench retrain); its datasets are listed in the new card too.
     """
     task_config = config.task(task)
     recipe = resolve_recipe(config, task, method=method, overrides=overrides)
@@ -79,10 +81,13 @@ def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | N
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=staging_root))
     try:
         result = fit(base.path, train_examples, val_examples, system_prompt=task_config.system_prompt,
-                     train=recipe, output_dir=staging, max_steps=max_steps, progress=progress)
+                     train=recipe, output_dir=staging, max_steps=max_steps, progress=progress,
+                     init_adapter=init_from.path if init_from else None)
+        inherited = list(init_from.card.datasets) if init_from else []
         card = build_card(task, recipe, result, base_name=base.name, base_sha=base.sha256,
-                          datasets=[DatasetRef(ref=train_set.manifest.ref, kind="train",
-                                               sha256=train_set.manifest.sha256, rows=train_set.manifest.rows)],
+                          datasets=[*inherited, DatasetRef(ref=train_set.manifest.ref, kind="train",
+                                                           sha256=train_set.manifest.sha256,
+                                                           rows=train_set.manifest.rows)],
                           parent_version=parent.version if parent else None,
                           validation_examples=len(val_examples), max_steps=max_steps or recipe.max_steps)
         return register_adapter(store, config.data_path, staging, card)

@@ -18,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import httpx
+
 from challenger_sets.catalog import DatasetVersion
 from evaluators.compare import MetricComparison, compare_runs
 from evaluators.runner import EvalRunner, EvalTarget
@@ -96,10 +98,16 @@ class Gate:
                             [c.reason for c in checks], preflight=True)
 
     def decide(self, champion: AdapterVersion, candidate: AdapterVersion, sets: list[GateSet], *,
-               progress: bool = False) -> GateDecision:
-        runner = EvalRunner(self._eval_config, self.store, progress=progress)
-        url = ensure_served(self.config, candidate)
-        ensure_served(self.config, champion)
+               progress: bool = False, endpoint: str | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> GateDecision:
+        """`endpoint`/`transport` send the requests elsewhere (tests); by default both versions are loaded into
+        the running gateway (the candidate without routing) and asked through it."""
+        runner = EvalRunner(self._eval_config, self.store, progress=progress, transport=transport)
+        if endpoint is None:
+            url = ensure_served(self.config, candidate)
+            ensure_served(self.config, champion)
+        else:
+            url = endpoint
         checks = [self._check(runner, url, champion, candidate, s) for s in sets]
         reasons = [f"{c.dataset}: {c.reason}" for c in checks if not c.passed]
         return GateDecision(not reasons, self.metric, self.settings.level, self.settings.margin, champion.ref,

@@ -11,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import StoreError, TuneloopError
 from tuneloop.events import record_event
 from tuneloop.store import Store
 from tuneloop.tables import RetrainJobRow, RetrainTriggerRow
@@ -117,7 +119,9 @@ class JobStore:
                     session.flush()
                     session.add(self._trigger_row(row.id, task, trigger))
                     job_id = row.id
-            except IntegrityError:
+            except StoreError as exc:
+                if not _conflict(exc):
+                    raise
                 attached = self._attach(task, trigger)
                 if attached is None:
                     continue  # the active job finished in between, or the key raced in: look again
@@ -136,7 +140,9 @@ class JobStore:
                 session.add(self._trigger_row(active.id, task, trigger))
                 active.updated_at = datetime.now(UTC)
                 job_id = active.id
-        except IntegrityError:
+        except StoreError as exc:
+            if not _conflict(exc):
+                raise
             seen = self._trigger_job(trigger.key)
             return SubmitOutcome(self.get(seen), created=False, duplicate=True) if seen is not None else None
         record_event(self.store, "retrain_trigger_attached", f"{task}: {trigger.source} trigger joined running job "
@@ -252,8 +258,9 @@ class JobStore:
                          + (f": {error}" if error else ""), task=task, payload={"job": job_id, "state": state})
         return self.get(job_id)
 
-    def reap(self, *, stale_after_s: float) -> list[int]:
-        """Mark unfinished jobs whose worker is gone (or silent for `stale_after_s`) failed; returns their ids."""
+    def reap(self, *, stale_after_s: float, data_dir: Path | None = None) -> list[int]:
+        """Mark unfinished jobs whose worker is gone (or silent for `stale_after_s`) failed and remove their
+        half-written adapter folders under `data_dir`; returns their ids."""
         now, host = datetime.now(UTC), socket.gethostname()
         failed = []
         for job in self.recent(limit=1000):
@@ -268,10 +275,27 @@ class JobStore:
             elif job.pid is None and (now - job.created_at).total_seconds() > stale_after_s:
                 reason = f"no worker picked the job up within {stale_after_s:.0f} s"
             if reason:
+                if data_dir is not None:
+                    remove_staging(data_dir, job.task, job.id)
                 self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
                 failed.append(job.id)
                 log.warning("job %s failed: %s", job.id, reason)
         return failed
+
+
+def staging_prefix(job_id: int) -> str:
+    """Name prefix of the folder a job's candidate is trained into before it is registered."""
+    return f".training-job{job_id}-"
+
+
+def remove_staging(data_dir: Path, task: str, job_id: int) -> None:
+    for folder in (data_dir / "adapters" / task).glob(staging_prefix(job_id) + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _conflict(exc: StoreError) -> bool:
+    """The store wraps driver errors; a unique-constraint conflict is the expected race, anything else is not."""
+    return isinstance(exc.__cause__, IntegrityError)
 
 
 def process_alive(pid: int) -> bool:

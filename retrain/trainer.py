@@ -80,15 +80,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: str) -> Any:
-    """The base model wrapped for `train.method`: a PEFT LoRA or prompt-tuning model, or the full model."""
+def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: str,
+                          init_adapter: Path | None = None) -> Any:
+    """The base model wrapped for `train.method`: a PEFT LoRA or prompt-tuning model, or the full model.
+    `init_adapter` continues training a saved LoRA adapter instead of starting a fresh one."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model.config.use_cache = False
     if train.method == "full":
         return model
-    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if init_adapter is not None:
+        if train.method != "lora":
+            raise TrainingError(f"continuing from an adapter needs method lora, not {train.method}")
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     if train.method == "lora":
         peft_config: Any = LoraConfig(task_type=TaskType.CAUSAL_LM, r=train.rank, lora_alpha=train.alpha,  # type: ignore[arg-type]
@@ -113,7 +120,7 @@ class StepInfo:
 
 def fit(base_path: Path, train_examples: list[Example], val_examples: list[Example], *, system_prompt: str,
         train: TrainConfig, output_dir: Path, max_steps: int | None = None, progress: bool = True,
-        on_step: Callable[[StepInfo], bool] | None = None) -> FitResult:
+        on_step: Callable[[StepInfo], bool] | None = None, init_adapter: Path | None = None) -> FitResult:
     """Train on `train_examples`, validate on `val_examples`, save the best weights to `output_dir`.
 
     `on_step` sees the model after each step (e.g. to snapshot it at time budgets); returning True stops training
@@ -132,7 +139,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in train_examples]
     truncated = sum(1 for e in encoded if e.length >= train.max_seq_len)
     val_encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in val_examples]
-    model = load_model_for_method(base_path, train, system_prompt)
+    model = load_model_for_method(base_path, train, system_prompt, init_adapter)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)

@@ -26,7 +26,7 @@ def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *
                     runner: JobRunner | None = None) -> SubmitOutcome:
     config.task(task)
     jobs = JobStore(store)
-    jobs.reap(stale_after_s=config.jobs.stale_after_s)
+    jobs.reap(stale_after_s=config.jobs.stale_after_s, data_dir=config.data_path)
     runner = runner or runner_for(config)
     champion = find_alias(store, task, "champion")
     outcome = jobs.submit(task, trigger, runner=runner.name, champion_version=champion.version if champion else None,

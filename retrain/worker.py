@@ -2,7 +2,7 @@
 
 assemble -> train -> evaluate (gate) -> promote or reject. Any exception marks the job failed with its message
 and leaves the champion serving; SIGTERM does the same. SIGKILL cannot be caught: the reaper (retrain/jobs.py)
-finds the dead worker and marks the job failed, and `cleanup_staging` removes the half-written weights.
+finds the dead worker, marks the job failed and removes the half-written weights.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from retrain.jobs import JobStore, TriggerRecord
+from retrain.jobs import JobStore, TriggerRecord, remove_staging, staging_prefix
 from tuneloop.config import Config, parse_config
 from tuneloop.store import Store
 
@@ -26,15 +25,6 @@ log = logging.getLogger("retrain.worker")
 
 class Terminated(Exception):
     """SIGTERM arrived."""
-
-
-def staging_prefix(job_id: int) -> str:
-    return f".training-job{job_id}-"
-
-
-def cleanup_staging(config: Config, task: str, job_id: int) -> None:
-    for folder in (config.data_path / "adapters" / task).glob(staging_prefix(job_id) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None = None) -> str:
@@ -91,7 +81,7 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
     except BaseException as exc:  # noqa: BLE001 - every way out of a job must leave a record
         reason = "terminated (SIGTERM)" if isinstance(exc, Terminated) else f"{type(exc).__name__}: {exc}"
         log.exception("job %s failed", job_id)
-        cleanup_staging(config, task, job_id)
+        remove_staging(config.data_path, task, job_id)
         jobs.finish(job_id, "failed", error=reason)
         if not isinstance(exc, Exception | Terminated):
             raise

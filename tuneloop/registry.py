@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from tuneloop.checksums import weights_sha256
-from tuneloop.errors import AdapterError
+from tuneloop.errors import AdapterError, StoreError
 from tuneloop.events import record_event
 from tuneloop.store import Store
 from tuneloop.tables import AdapterVersionRow, AliasRow, utcnow
@@ -130,8 +130,12 @@ def register_adapter(store: Store, data_dir: Path, trained_dir: Path, card: Adap
                 has_champion = session.get(AliasRow, (card.task, "champion")) is not None
                 if card.method == "lora" and not has_champion:
                     session.add(AliasRow(task=card.task, alias="champion", adapter_id=row.id))
-        except IntegrityError:
-            continue
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                if final.exists() and not trained_dir.exists():
+                    os.replace(final, trained_dir)
+                raise
+            continue  # another registration took this number (the store wraps the driver's IntegrityError)
         except Exception:
             if final.exists() and not trained_dir.exists():
                 os.replace(final, trained_dir)

@@ -20,7 +20,7 @@ from bench.report import regenerate
 from bench.results import REPO
 from tests.conftest import CACHE
 
-ENGINE_BENCHES = {"labels", "serving", "lora", "lora_profile", "eval"}
+ENGINE_BENCHES = {"labels", "serving", "lora", "lora_profile", "eval", "retrain"}
 
 
 @pytest.mark.integration

@@ -47,7 +47,7 @@ def follow(job_id: int, *, quiet: bool = False, poll_s: float = 2.0) -> Any:
     jobs = JobStore(STATE.store)
     shown: set[str] = set()
     while True:
-        jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s)
+        jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s, data_dir=STATE.config.data_path)
         job = jobs.get(job_id)
         for key, text in [(f"state:{job.state}", f"job {job.id}: {job.state}"),
                           *[(f"stage:{name}:{s.get('status')}", f"job {job.id}:   {name} {s.get('status')}"
@@ -76,7 +76,7 @@ def list_jobs(
     from retrain.jobs import JobStore
 
     jobs = JobStore(STATE.store)
-    jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s)
+    jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s, data_dir=STATE.config.data_path)
     found = jobs.recent(task=task, limit=limit)
     if json_output:
         print_json({"jobs": [job_json(j) for j in found]})

@@ -1,0 +1,106 @@
+"""Retraining-set assembly on a real store with small hand-made datasets: the gate's examples are never trained
+on (and stay judged across versions), duplicates and PII are removed, labels balanced, old data replayed."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from challenger_sets.catalog import add_dataset, get_dataset
+from challenger_sets.leakage import input_keys
+from challenger_sets.records import Example
+from challenger_sets.splits import evaluation_set, split
+from retrain.data import assemble
+from tuneloop.config import Config
+from tuneloop.errors import TrainingError
+from tuneloop.store import Store
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def examples(prefix: str, n: int, labels: list[str] | None = None) -> list[Example]:
+    labels = labels or LABELS
+    return [Example(id=f"{prefix}{i}", input=f"{prefix} tweet number {i}", reference=labels[i % len(labels)])
+            for i in range(n)]
+
+
+def seed_sets(store: Store, config: Config, challenger: list[Example]) -> None:
+    add_dataset(store, config.data_path, examples("airline", 300), task="sentiment", name="train", kind="train",
+                source="test")
+    add_dataset(store, config.data_path, examples("held", 60), task="sentiment", name="heldout", kind="heldout",
+                source="test")
+    add_dataset(store, config.data_path, challenger, task="sentiment", name="other-topics", kind="challenger",
+                source="test")
+
+
+def test_the_gate_judges_on_examples_no_retrain_ever_trains_on(config: Config, store: Store) -> None:
+    seed_sets(store, config, examples("topic", 200))
+    first = assemble(config, store, "sentiment", challengers=["sentiment/other-topics"], name="retrain-job1")
+    judge = first.gate_sets[1].dataset
+    assert judge.manifest.name == "sentiment/other-topics-gate" and first.gate_sets[0].role == "heldout"
+    judged = input_keys(judge.load())
+    trained = input_keys(first.dataset.load())
+    assert 70 <= len(judged) <= 130, "judge_share 0.5 of 200"
+    assert not judged & trained and not input_keys(get_dataset(store, "sentiment/heldout").load()) & trained
+    topic_rows = [e for e in first.dataset.load() if e.meta["retrain_part"] == "new"]
+    assert topic_rows and all(e.meta["retrain_source"] == "sentiment/other-topics@1" for e in topic_rows)
+    # a second job: same split, same judge set version
+    second = assemble(config, store, "sentiment", challengers=["sentiment/other-topics"], name="retrain-job2")
+    assert second.gate_sets[1].dataset.manifest.ref == judge.manifest.ref
+    # a grown challenger set: every input judged before is still judged
+    add_dataset(store, config.data_path, examples("topic", 300), task="sentiment", name="other-topics",
+                kind="challenger", source="test")
+    third = assemble(config, store, "sentiment", challengers=["sentiment/other-topics"], name="retrain-job3")
+    assert third.gate_sets[1].dataset.manifest.version == 2
+    assert judged <= input_keys(third.gate_sets[1].dataset.load())
+    assert not input_keys(third.gate_sets[1].dataset.load()) & input_keys(third.dataset.load())
+    assert evaluation_set(store, "sentiment", "other-topics") == "sentiment/other-topics-gate"
+
+
+def test_duplicates_pii_balance_and_replay(config: Config, store: Store) -> None:
+    skewed = examples("topic", 140, ["negative"] * 4 + ["positive"] * 2 + ["neutral"]) + [
+        Example(id="dup", input="TOPIC   tweet number 3", reference="negative"),
+        Example(id="pii", input="mail me at jane.doe@example.com about it", reference="neutral")]
+    seed_sets(store, config, skewed)
+    trainable, _ = split(skewed, 0.5, 11)
+    data = assemble(config, store, "sentiment", challengers=["sentiment/other-topics"], name="retrain-job1")
+    recipe = data.recipe
+    rows = data.dataset.load()
+    new = [e for e in rows if e.meta["retrain_part"] == "new"]
+    replay = [e for e in rows if e.meta["retrain_part"] == "replay"]
+    if any(e.id == "pii" for e in trainable):
+        assert recipe["new"]["pii_redacted"] == {"email": 1}
+        assert all("jane.doe" not in e.input_text() for e in rows)
+    assert "jane.doe@example.com" not in data.dataset.path.read_text()
+    duplicate_on_trainable_side = any(e.id == "dup" for e in trainable) and any(e.id == "topic3" for e in trainable)
+    assert recipe["new"]["duplicates_dropped"] == int(duplicate_on_trainable_side)
+    counts = Counter(e.reference for e in new)
+    assert len(set(counts.values())) == 1 and set(counts) == set(LABELS), f"balanced: {counts}"
+    assert recipe["new"]["balancing_repeats"] > 0, "neutral is rare in the skewed set, so it is repeated"
+    assert len(replay) == pytest.approx(len(new), abs=3), "replay_ratio 1.0"
+    assert all(e.meta["retrain_source"] == "sentiment/train@1" for e in replay)
+    manifest = get_dataset(store, data.dataset.manifest.ref).manifest
+    assert manifest.kind == "train" and manifest.build["replay"]["rows"] == len(replay)
+
+
+def test_an_input_of_a_gate_set_is_dropped_from_every_source(config: Config, store: Store) -> None:
+    challenger = examples("topic", 100) + [Example(id="leak", input="held tweet number 5", reference="neutral")]
+    seed_sets(store, config, challenger)
+    add_dataset(store, config.data_path, [Example(id="t1", input="Held tweet number 7", reference="positive"),
+                                          Example(id="t2", input="a fresh labelled request", reference="negative")],
+                task="sentiment", name="feedback", kind="challenger", source="traffic:sentiment:test")
+    data = assemble(config, store, "sentiment", challengers=["other-topics"], name="retrain-job1")
+    trained = input_keys(data.dataset.load())
+    assert "held tweet number 7" not in trained and "held tweet number 5" not in trained
+    assert "a fresh labelled request" in trained, "a traffic-built set is trained on whole"
+    assert data.recipe["new"]["in_gate_sets_dropped"] >= 1
+
+
+def test_no_new_data_is_a_clear_error(config: Config, store: Store) -> None:
+    add_dataset(store, config.data_path, examples("airline", 50), task="sentiment", name="train", kind="train",
+                source="test")
+    add_dataset(store, config.data_path, examples("held", 20), task="sentiment", name="heldout", kind="heldout",
+                source="test")
+    with pytest.raises(TrainingError, match="no labelled new data"):
+        assemble(config, store, "sentiment", challengers=[], name="retrain-job1")

@@ -1,0 +1,263 @@
+"""The closed loop with every real part: vLLM serving LoRA adapters behind the gateway, real PEFT training in the
+detached worker process, real Evidently drift, real paired statistics, hot-swap through the admin API.
+
+A synthetic task makes right and wrong unmistakable in a few training steps: a sentence names a colour, and the
+label is a fixed function of the colour. The champion is trained on the *wrong* mapping (poisoned labels); the
+held-out and challenger sets carry the right one. 20 steps at lr 6e-3 learn a mapping perfectly (measured:
+accuracy 1.0 on 60 unseen sentences), so a retrained candidate is far better, and one retrained on poisoned
+feedback is far worse, on 40 examples.
+
+The tests are the phases of one scenario and run in file order on one module-scoped gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from challenger_sets.catalog import add_dataset
+from challenger_sets.records import Example
+from monitor.service import after_job, drift_runner
+from retrain.jobs import Job, JobStore, Trigger, process_alive
+from retrain.triggers import request_retrain
+from retrain.watch import Watch
+from tests.serving.conftest import free_port
+from tuneloop.config import Config, parse_config
+from tuneloop.events import list_events
+from tuneloop.registry import find_alias, list_adapters
+from tuneloop.store import Store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOKEN = "loop-admin-token"
+PLACES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Sofia", "Tunis", "Riga", "Bern",
+          "Doha", "Kyiv", "Lagos", "Minsk", "Rome", "Seoul", "Tokyo", "Accra", "Baku", "Delhi", "Dublin", "Havana"]
+RIGHT = {"red": "negative", "green": "neutral", "blue": "positive"}
+WRONG = {"red": "positive", "green": "negative", "blue": "neutral"}
+
+
+def colours(mapping: dict[str, str], first_ticket: int, n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        colour = ("red", "green", "blue")[i % 3]
+        out.append(Example(id=f"t{first_ticket + i}", reference=mapping[colour],
+                           input=f"Ticket {first_ticket + i}: the sky over {rng.choice(PLACES)} looks {colour}."))
+    return out
+
+
+@dataclass
+class Loop:
+    url: str
+    config: Config
+    store: Store
+    engine: object
+
+    def ask(self, text: str, model: str = "sentiment") -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0})
+
+    def wait(self, job_id: int, timeout: float = 600) -> Job:
+        jobs = JobStore(self.store)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs.reap(stale_after_s=self.config.jobs.stale_after_s, data_dir=self.config.data_path)
+            current = jobs.get(job_id)
+            if not current.active:
+                return current
+            time.sleep(1)
+        job = jobs.get(job_id)
+        log = Path(job.log_path).read_text()[-3000:] if job.log_path else ""
+        raise AssertionError(f"job {job_id} still {job.state} after {timeout} s; log:\n{log}")
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[Loop]:
+    from retrain.finetune import finetune
+    from serving.server import running_server
+
+    root = tmp_path_factory.mktemp("loop")
+    config = parse_config(
+        f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
+        f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n"
+        f"  kv_cache_gib: 1\n  admin_token: {TOKEN}\n  unload_grace_s: 1\n"
+        "monitor:\n  reference_size: 60\n  calibration_pool_size: 120\n  calibration_windows: 20\n  window: 30\n"
+        "  min_window: 20\n  html_report: false\n"
+        "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
+        "tasks:\n  sentiment:\n"
+        "    train_dataset: sentiment/colours\n    heldout_dataset: sentiment/colours-heldout\n"
+        "    challenger_datasets: [sentiment/colours-new]\n    slice_by: []\n"
+        "    train: {batch_size: 8, max_steps: 20, max_seq_len: 64, learning_rate: 0.006, eval_every: 100, "
+        "validation_examples: 8}\n"
+        "    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 1, "
+        "cooldown_s: 0}\n"
+        "    retrain: {replay_ratio: 0.5, gate: {margin: 0.3, limit: 40}, watch_s: 600}\n",
+        config_dir=root)
+    store = Store(config.resolved_database_url)
+    data = config.data_path
+    add_dataset(store, data, colours(RIGHT, 1000, 200, 1), task="sentiment", name="colours", kind="train",
+                source="test")
+    add_dataset(store, data, colours(WRONG, 2000, 150, 2), task="sentiment", name="poisoned", kind="train",
+                source="test")
+    add_dataset(store, data, colours(RIGHT, 3000, 40, 3), task="sentiment", name="colours-heldout", kind="heldout",
+                source="test")
+    add_dataset(store, data, colours(RIGHT, 4000, 160, 4), task="sentiment", name="colours-new",
+                kind="challenger", source="test")
+    champion = finetune(config, store, "sentiment", dataset="sentiment/poisoned", progress=False)
+    assert champion.aliases == ["champion"]
+    previous = os.environ.get("TUNELOOP_ADMIN_TOKEN")
+    os.environ["TUNELOOP_ADMIN_TOKEN"] = TOKEN  # the worker inherits the environment
+    with running_server(config, store, seed=0) as running:
+        yield Loop(url=running.url, config=config, store=store, engine=running.engine)
+    if previous is None:
+        os.environ.pop("TUNELOOP_ADMIN_TOKEN", None)
+    else:
+        os.environ["TUNELOOP_ADMIN_TOKEN"] = previous
+    for job in JobStore(store).recent():
+        if job.pid and process_alive(job.pid):
+            os.kill(job.pid, signal.SIGKILL)
+    store.close()
+
+
+def test_drift_and_a_quality_breach_open_incidents_that_start_exactly_one_job(loop: Loop) -> None:
+    from monitor.service import eval_runner
+
+    chatter = [f"omg the concert last night was unreal, {i} songs and my voice is gone lol" for i in range(30)]
+    for text in chatter:
+        assert loop.ask(text).status_code == 200
+    time.sleep(1.5)  # the capture writer flushes within a second
+    result = drift_runner(loop.config, loop.store)("sentiment")
+    assert result["drifted"] is True, result
+    after_job(loop.config, loop.store, "drift", "sentiment")  # policy: drift incident -> job (real worker)
+    jobs = JobStore(loop.store).recent()
+    assert len(jobs) == 1 and jobs[0].triggers[0].source == "incident"
+    eval_runner(loop.config, loop.store)("sentiment")  # the poisoned champion fails the floor on colours-new
+    after_job(loop.config, loop.store, "eval", "sentiment")
+    jobs = JobStore(loop.store).recent()
+    assert len(jobs) == 1, "the floor incident joined the running job instead of queueing another"
+    assert [t.reason.split(": ", 1)[1] for t in jobs[0].triggers] == ["drift", "floor:macro_f1:colours-new"]
+
+
+def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Loop) -> None:
+    [job] = JobStore(loop.store).recent()
+    engine_pid = loop.engine.process.pid  # type: ignore[attr-defined]
+    done = loop.wait(job.id)
+    assert done.state == "promoted", (done.error, done.decision.get("reasons"))
+    assert set(done.stages) == {"assemble", "train", "evaluate", "promote"}
+    assert all(s["status"] == "done" for s in done.stages.values())
+    held, new = done.decision["checks"]
+    assert held["role"] == "heldout" and held["passed"] and held["ci_low"] > -0.3
+    assert new["dataset"].startswith("sentiment/colours-new-gate@") and new["delta"] > 0.5 and new["p_value"] < 0.05
+    assert find_alias(loop.store, "sentiment", "champion").version == done.candidate_version == 2  # type: ignore[union-attr]
+    reply = loop.ask("Ticket 9999: the sky over Oslo looks blue.").json()
+    assert reply["model"] == "sentiment@2" and reply["choices"][0]["message"]["content"] == "positive"
+    assert loop.engine.process.pid == engine_pid, "hot-swapped: vLLM was not restarted"  # type: ignore[attr-defined]
+    assert done.watch["status"] == "watching" and done.watch["previous_version"] == 1
+    recipe = done.dataset_ref
+    assert recipe is not None and recipe.startswith("sentiment/retrain-job")
+    metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
+    assert 'tuneloop_retrain_jobs{state="promoted",task="sentiment"} 1.0' in metrics
+    assert 'tuneloop_gate_promoted{task="sentiment"} 1.0' in metrics
+    assert 'tuneloop_retrain_stage_seconds{stage="train",task="sentiment"}' in metrics
+    assert 'tuneloop_gate_delta{bound="lower",dataset="colours-new-gate",role="challenger",task="sentiment"}' in metrics
+
+
+def test_a_worse_candidate_is_rejected_with_reasons_and_stays_unrouted(loop: Loop) -> None:
+    # poisoned feedback: labelled "traffic" with the wrong mapping outweighs the right new data (and no replay)
+    add_dataset(loop.store, loop.config.data_path, colours(WRONG, 5000, 300, 5), task="sentiment",
+                name="feedback", kind="challenger", source="traffic:sentiment:test")
+    settings = loop.config.tasks["sentiment"].retrain
+    settings.replay_ratio = 0.0
+    try:
+        outcome = request_retrain(loop.config, loop.store, "sentiment",
+                                  Trigger("manual", "manual:worse", "poisoned feedback", {"datasets": []}))
+    finally:
+        settings.replay_ratio = 0.5
+    done = loop.wait(outcome.job.id)
+    assert done.state == "rejected", (done.error, done.decision)
+    reasons = " ".join(done.decision["reasons"])
+    assert "not significantly better" in reasons or "may be worse" in reasons
+    assert find_alias(loop.store, "sentiment", "champion").version == 2  # type: ignore[union-attr]
+    rejected = [v for v in list_adapters(loop.store, "sentiment") if v.version == done.candidate_version]
+    assert rejected and rejected[0].aliases == [], "registered, never routed"
+
+
+def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Loop) -> None:
+    from serving.admin_client import AdminClient
+
+    jobs = JobStore(loop.store)
+    rejected = jobs.recent(limit=1)[0]
+    # Make the regressed candidate champion behind the gate's back, as a hand promotion would, and watch it.
+    AdminClient(loop.config).promote(f"sentiment@{rejected.candidate_version}")
+    now = datetime.now(UTC)
+    jobs.update(rejected.id, state="promoted", watch={
+        "status": "watching", "promoted_at": now.isoformat(), "until": (now + timedelta(hours=1)).isoformat(),
+        "previous_version": 2, "gate_sets": [{"dataset": c["dataset"]} for c in rejected.decision["checks"]]})
+    outcome = Watch(loop.config, loop.store).check("sentiment")
+    assert outcome is not None and outcome.status == "rolled_back"
+    assert any(s.regression and s.name.startswith("eval:") for s in outcome.signals)
+    assert find_alias(loop.store, "sentiment", "champion").version == 2  # type: ignore[union-attr]
+    assert loop.ask("Ticket 9998: the sky over Rome looks red.").json()["model"] == "sentiment@2"
+    assert jobs.get(rejected.id).state == "rolled_back"
+    kinds = [e.kind for e in list_events(loop.store, task="sentiment", limit=20)]
+    assert "watch_regression" in kinds and "rollback" in kinds
+    metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
+    assert 'tuneloop_rollbacks_total{task="sentiment"} 1.0' in metrics
+
+
+def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_failed(loop: Loop) -> None:
+    outcome = request_retrain(loop.config, loop.store, "sentiment",
+                              Trigger("manual", "manual:kill", "to be killed", {"datasets": []}))
+    jobs = JobStore(loop.store)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = jobs.get(outcome.job.id)
+        if job.stages.get("train", {}).get("status") == "running":
+            break
+        assert job.active, (job.state, job.error)
+        time.sleep(0.5)
+    time.sleep(3)  # inside the training loop
+    versions_before = len(list_adapters(loop.store, "sentiment"))
+    os.kill(job.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    failed = loop.wait(job.id, timeout=60)
+    assert failed.state == "failed" and "killed or crashed" in (failed.error or "")
+    assert len(list_adapters(loop.store, "sentiment")) == versions_before, "nothing half-registered"
+    assert not list((loop.config.data_path / "adapters" / "sentiment").glob(".training-job*")), "staging removed"
+    assert loop.ask("Ticket 9997: the sky over Lima looks green.").json()["model"] == "sentiment@2"
+
+
+def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_its_mde(loop: Loop) -> None:
+    alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
+        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
+         "annotations": {}, "startsAt": "2026-11-27T10:00:00Z", "fingerprint": "live"}]}
+    url = f"{loop.url}/v1/hooks/alertmanager"
+    before = len(JobStore(loop.store).recent())
+    assert httpx.post(url, json=alert, timeout=10).status_code == 401
+    assert httpx.post(url, json=alert, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    assert httpx.post(url, content=b'{"alerts": ', headers={"Authorization": f"Bearer {TOKEN}"},
+                      timeout=10).status_code == 400
+    assert len(JobStore(loop.store).recent()) == before
+    gate = loop.config.tasks["sentiment"].retrain.gate
+    gate.margin = 0.02  # 40 examples cannot resolve 2 points: the worker must refuse before training
+    try:
+        first = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+        replay = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    finally:
+        gate.margin = 0.3
+    job_id = first["triggers"][0]["job"]
+    assert first["triggers"][0]["outcome"] == "queued" and replay["triggers"][0] == {
+        **first["triggers"][0], "outcome": "duplicate", "state": replay["triggers"][0]["state"]}
+    done = loop.wait(job_id, timeout=120)
+    assert done.state == "rejected" and done.decision["preflight"] is True
+    assert "too small to decide: n=40" in done.decision["reasons"][0]
+    assert "train" not in done.stages and done.candidate_version is None
+    assert len(JobStore(loop.store).recent()) == before + 1
