@@ -1,7 +1,8 @@
 """The closed loop with every real part: vLLM serving LoRA adapters behind the gateway, real PEFT training in the
 detached worker process, real Evidently drift, real paired statistics, hot-swap through the admin API.
 
-A synthetic task makes right and wrong unmistakable in a few training steps: a sentence names a colour, and the
+Evidently's text domain classifier is the drift view (with a reference over 1,000 texts: below that Evidently
+switches to a much slower bootstrap variant). A synthetic task makes right and wrong unmistakable in a few training steps: a sentence names a colour, and the
 label is a fixed function of the colour. The champion is trained on the *wrong* mapping (poisoned labels); the
 held-out and challenger sets carry the right one. 20 steps at lr 6e-3 learn a mapping perfectly (measured:
 accuracy 1.0 on 60 unseen sentences), so a retrained candidate is far better, and one retrained on poisoned
@@ -90,12 +91,12 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n"
         f"  kv_cache_gib: 1\n  admin_token: {TOKEN}\n  unload_grace_s: 1\n"
-        "monitor:\n  reference_size: 60\n  calibration_pool_size: 120\n  calibration_windows: 20\n  window: 30\n"
-        "  min_window: 20\n  html_report: false\n"
+        "monitor:\n  reference_size: 1100\n  calibration_pool_size: 120\n  calibration_windows: 20\n  window: 30\n"
+        "  min_window: 20\n  html_report: false\n  views: [domain_classifier, descriptors]\n"
         "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
         "tasks:\n  sentiment:\n"
         "    train_dataset: sentiment/colours\n    heldout_dataset: sentiment/colours-heldout\n"
-        "    challenger_datasets: [sentiment/colours-new]\n    slice_by: []\n"
+        "    challenger_datasets: [sentiment/colours-new]\n    slice_by: []\n    schedule: {eval_limit: 40}\n"
         "    train: {batch_size: 8, max_steps: 20, max_seq_len: 64, learning_rate: 0.006, eval_every: 100, "
         "validation_examples: 8}\n"
         "    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 1, "
@@ -104,7 +105,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
         config_dir=root)
     store = Store(config.resolved_database_url)
     data = config.data_path
-    add_dataset(store, data, colours(RIGHT, 1000, 200, 1), task="sentiment", name="colours", kind="train",
+    add_dataset(store, data, colours(RIGHT, 10000, 1300, 1), task="sentiment", name="colours", kind="train",
                 source="test")
     add_dataset(store, data, colours(WRONG, 2000, 150, 2), task="sentiment", name="poisoned", kind="train",
                 source="test")

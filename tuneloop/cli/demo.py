@@ -40,8 +40,9 @@ class DemoSizes:
 
 FULL = DemoSizes(sentiment_steps=40, chat_steps=20, retrain_steps=40, validation_examples=64, eval_limit=300,
                  margin=0.1, window=60, calibration_windows=200, chat_eval=40)
-FAST = DemoSizes(sentiment_steps=6, chat_steps=4, retrain_steps=6, validation_examples=16, eval_limit=60,
-                 margin=0.15, window=40, calibration_windows=60, chat_eval=8)
+FAST = DemoSizes(sentiment_steps=4, chat_steps=2, retrain_steps=4, validation_examples=8, eval_limit=40,
+                 margin=0.15, window=30, calibration_windows=40, chat_eval=6)
+SENTIMENT_LEARNING_RATE = 1e-3  # as in `bench labels`: 40 steps at the recipe's 2e-4 barely move the adapter
 SERIES = ("tuneloop_eval_score", "tuneloop_drift_detected", "tuneloop_incidents_open", "tuneloop_retrains_total",
           "tuneloop_promotions_total", "tuneloop_rollbacks_total", "tuneloop_champion_version")
 
@@ -78,6 +79,8 @@ def demo_config(config: Config, sizes: DemoSizes) -> Config:
         if task is None:
             continue
         task["train"].update(validation_examples=sizes.validation_examples, eval_every=10)
+        if name == "sentiment":
+            task["train"]["learning_rate"] = SENTIMENT_LEARNING_RATE
         task["schedule"]["eval_limit"] = sizes.eval_limit
         task["retrain"].update(max_steps=sizes.retrain_steps)
         task["retrain"]["gate"].update(limit=sizes.eval_limit, margin=sizes.margin)
