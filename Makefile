@@ -51,7 +51,7 @@ demo-fast: install
 	$(BIN)/tuneloop demo --fast
 
 test: install
-	$(BIN)/python -m pytest -q -m "not engine_bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long_bench" $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)

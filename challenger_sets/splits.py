@@ -4,8 +4,8 @@ A challenger set that is both trained on (its labelled examples are the new data
 is split once by a seeded hash of each example's normalised input: the same input always lands on the same side,
 in every version of the set and every retrain, so no later job can train on an example an earlier gate judged
 with. A judged input that some training set already holds (e.g. it came in through labelled traffic) is dropped
-from the split and counted. The judged part is registered as its own challenger set, `<name>-gate`, and from then on scheduled evals and
-policy floors read that split instead of the whole set.
+from the split and counted. The judged part is registered as its own challenger set, `<name>-gate`, and from then
+on scheduled evals and policy floors read that split instead of the whole set.
 """
 
 from __future__ import annotations

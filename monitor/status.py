@@ -32,6 +32,7 @@ class MonitorStatus(BaseModel):
     jobs: list[JobStatus]
     open_incidents: list[dict[str, Any]]
     drift: dict[str, dict[str, Any]]
+    retrain: dict[str, dict[str, Any]] = {}
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -61,6 +62,15 @@ def monitor_status(store: Store) -> MonitorStatus:
     live = lease is not None and _aware(lease.expires_at) > datetime.now(UTC)  # type: ignore[operator]
     incidents = [{"id": i.id, "task": i.task, "rule": i.rule, "opened_at": i.opened_at, "breaches": i.breaches,
                   "message": i.detail.get("message")} for i in list_incidents(store)]
+    from retrain.jobs import JobStore
+
+    retrain: dict[str, dict[str, Any]] = {}
+    for retrain_job in JobStore(store).recent(limit=200):
+        retrain.setdefault(retrain_job.task, {
+            "job": retrain_job.id, "state": retrain_job.state, "updated_at": retrain_job.updated_at,
+            "candidate": f"{retrain_job.task}@{retrain_job.candidate_version}" if retrain_job.candidate_version
+            else None, "watch": retrain_job.watch.get("status")})
     return MonitorStatus(scheduler_holder=lease.holder if live and lease else None,
                          lease_expires=_aware(lease.expires_at) if live and lease else None,
-                         jobs=sorted(jobs.values(), key=lambda j: j.id), open_incidents=incidents, drift=drift)
+                         jobs=sorted(jobs.values(), key=lambda j: j.id), open_incidents=incidents, drift=drift,
+                         retrain=retrain)

@@ -69,6 +69,7 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
         for line in decision.reasons:
             log.info("job %s gate: %s", job_id, line)
         if not decision.promote:
+            _unload(config, candidate.ref)
             return jobs.finish(job_id, "rejected").state
         with jobs.stage(job_id, "promote"):
             promoted = promote(config, store, candidate.ref)
@@ -88,6 +89,16 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
         return "failed"
     finally:
         stop.set()
+
+
+def _unload(config: Config, ref: str) -> None:
+    """A rejected candidate stays registered but should not hold an adapter slot in the engine."""
+    from serving.admin_client import AdminClient
+
+    try:
+        AdminClient(config).unload(ref)
+    except Exception as exc:  # noqa: BLE001 - costs only memory; the decision stands
+        log.warning("could not unload rejected %s: %s", ref, exc)
 
 
 def _challengers(config: Config, triggers: list[TriggerRecord], task: str) -> list[str]:

@@ -1,9 +1,11 @@
 """Every benchmark runs end to end at smoke size, so none can rot between measurements; and the README's benchmark
 tables are exactly what the committed result files say.
 
-The benches that start vLLM engines (several per bench, a minute or more each on 2 CPU cores) are marked
-`engine_bench` and run by `make bench-smoke`, not `make test`: together they would add ~25 minutes to a CI run
-whose budget is 40. Their engine paths are covered by the serving and evaluator integration tests."""
+The benches that start vLLM engines (several per bench, a minute or more each on 2 CPU cores), and the two whose
+smoke runs take longest without one (accuracy's few-shot sweep, drift_timing's cold embedding of thousands of
+texts), are marked `long_bench` and run by `make bench-smoke`, not `make test`: together they would add ~45 minutes
+to a CI run whose budget is 40. Their code paths are covered by the serving, evaluator, monitor and retrain
+integration tests."""
 
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from bench.results import REPO
 from tests.conftest import CACHE
 
 ENGINE_BENCHES = {"labels", "serving", "lora", "lora_profile", "eval", "retrain"}
+LONG_BENCHES = ENGINE_BENCHES | {"accuracy", "drift_timing"}
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.engine_bench) if name in ENGINE_BENCHES
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.long_bench) if name in LONG_BENCHES
                                   else name for name in BENCHMARKS])
 def test_the_bench_runs_at_smoke_size_and_saves_tables_with_provenance(name: str, tmp_path: Path,
                                                                         base_model_dir: Path) -> None:

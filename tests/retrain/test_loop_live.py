@@ -1,8 +1,8 @@
 """The closed loop with every real part: vLLM serving LoRA adapters behind the gateway, real PEFT training in the
-detached worker process, real Evidently drift, real paired statistics, hot-swap through the admin API.
+detached worker process, real paired statistics, hot-swap through the admin API. (Drift with real Evidently
+opening the incident that starts a job is exercised by tests/tuneloop/test_demo_live.py on the embedded data.)
 
-Evidently's text domain classifier is the drift view (with a reference over 1,000 texts: below that Evidently
-switches to a much slower bootstrap variant). A synthetic task makes right and wrong unmistakable in a few training steps: a sentence names a colour, and the
+A synthetic task makes right and wrong unmistakable in a few training steps: a sentence names a colour, and the
 label is a fixed function of the colour. The champion is trained on the *wrong* mapping (poisoned labels); the
 held-out and challenger sets carry the right one. 20 steps at lr 6e-3 learn a mapping perfectly (measured:
 accuracy 1.0 on 60 unseen sentences), so a retrained candidate is far better, and one retrained on poisoned
@@ -27,7 +27,7 @@ import pytest
 
 from challenger_sets.catalog import add_dataset
 from challenger_sets.records import Example
-from monitor.service import after_job, drift_runner
+from monitor.service import after_job
 from retrain.jobs import Job, JobStore, Trigger, process_alive
 from retrain.triggers import request_retrain
 from retrain.watch import Watch
@@ -91,21 +91,19 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n"
         f"  kv_cache_gib: 1\n  admin_token: {TOKEN}\n  unload_grace_s: 1\n"
-        "monitor:\n  reference_size: 1100\n  calibration_pool_size: 120\n  calibration_windows: 20\n  window: 30\n"
-        "  min_window: 20\n  html_report: false\n  views: [domain_classifier, descriptors]\n"
         "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
         "tasks:\n  sentiment:\n"
         "    train_dataset: sentiment/colours\n    heldout_dataset: sentiment/colours-heldout\n"
         "    challenger_datasets: [sentiment/colours-new]\n    slice_by: []\n    schedule: {eval_limit: 40}\n"
         "    train: {batch_size: 8, max_steps: 20, max_seq_len: 64, learning_rate: 0.006, eval_every: 100, "
         "validation_examples: 8}\n"
-        "    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 1, "
+        "    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 0, "
         "cooldown_s: 0}\n"
         "    retrain: {replay_ratio: 0.5, gate: {margin: 0.3, limit: 40}, watch_s: 600}\n",
         config_dir=root)
     store = Store(config.resolved_database_url)
     data = config.data_path
-    add_dataset(store, data, colours(RIGHT, 10000, 1300, 1), task="sentiment", name="colours", kind="train",
+    add_dataset(store, data, colours(RIGHT, 10000, 200, 1), task="sentiment", name="colours", kind="train",
                 source="test")
     add_dataset(store, data, colours(WRONG, 2000, 150, 2), task="sentiment", name="poisoned", kind="train",
                 source="test")
@@ -129,23 +127,22 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
     store.close()
 
 
-def test_drift_and_a_quality_breach_open_incidents_that_start_exactly_one_job(loop: Loop) -> None:
+def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(loop: Loop) -> None:
     from monitor.service import eval_runner
 
-    chatter = [f"omg the concert last night was unreal, {i} songs and my voice is gone lol" for i in range(30)]
-    for text in chatter:
-        assert loop.ask(text).status_code == 200
-    time.sleep(1.5)  # the capture writer flushes within a second
-    result = drift_runner(loop.config, loop.store)("sentiment")
-    assert result["drifted"] is True, result
-    after_job(loop.config, loop.store, "drift", "sentiment")  # policy: drift incident -> job (real worker)
+    eval_runner(loop.config, loop.store)("sentiment")  # the poisoned champion fails the floor on colours-new
+    after_job(loop.config, loop.store, "eval", "sentiment")  # policy: incident -> job (the real worker process)
     jobs = JobStore(loop.store).recent()
     assert len(jobs) == 1 and jobs[0].triggers[0].source == "incident"
-    eval_runner(loop.config, loop.store)("sentiment")  # the poisoned champion fails the floor on colours-new
-    after_job(loop.config, loop.store, "eval", "sentiment")
-    jobs = JobStore(loop.store).recent()
-    assert len(jobs) == 1, "the floor incident joined the running job instead of queueing another"
-    assert [t.reason.split(": ", 1)[1] for t in jobs[0].triggers] == ["drift", "floor:macro_f1:colours-new"]
+    assert jobs[0].triggers[0].reason.endswith("floor:macro_f1:colours-new")
+    alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
+        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
+         "annotations": {}, "startsAt": "2026-11-27T09:00:00Z", "fingerprint": "first"}]}
+    joined = httpx.post(f"{loop.url}/v1/hooks/alertmanager", json=alert, timeout=30,
+                        headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert joined["triggers"][0]["outcome"] == "attached" and joined["triggers"][0]["job"] == jobs[0].id
+    assert len(JobStore(loop.store).recent()) == 1, "the alert joined the running job instead of queueing another"
+    assert [t.source for t in JobStore(loop.store).get(jobs[0].id).triggers] == ["incident", "alertmanager"]
 
 
 def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Loop) -> None:

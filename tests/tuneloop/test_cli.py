@@ -206,3 +206,21 @@ def test_bad_schedule_and_monitor_config_name_the_key(workspace: Path, tmp_path:
     for key in ("monitor.false_alarm_rate", "monitor.views.1", "tasks.sentiment.schedule.eval",
                 "tasks.sentiment.policy.drift_windows"):
         assert key in done.stderr, done.stderr
+
+
+def test_retrain_and_jobs_commands_refuse_bad_requests_clearly(workspace: Path, tmp_path: Path) -> None:
+    assert json.loads(run(workspace, "jobs", "list", "--json").stdout) == {"jobs": []}
+    missing = run(workspace, "jobs", "show", "42", ok=False)
+    assert missing.returncode == 4 and "no retraining job 42" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = run(workspace, "retrain", "--task", "nope", ok=False)
+    assert unknown.returncode == 2 and "unknown task 'nope'" in unknown.stderr
+    assert json.loads(run(workspace, "jobs", "list", "--json").stdout) == {"jobs": []}, "a refused call queued a job"
+    bad = tmp_path / "bad-retrain.yaml"
+    bad.write_text("jobs:\n  runner: kubernetes\ntasks:\n  sentiment:\n    retrain:\n"
+                   "      judge_share: 1.5\n      gate: {margin: 0, level: 2}\n      replay_ratio: -1\n")
+    done = run(workspace, "--config", str(bad), "config", "validate", ok=False)
+    assert done.returncode == 2
+    for key in ("jobs.runner", "tasks.sentiment.retrain.judge_share", "tasks.sentiment.retrain.gate.margin",
+                "tasks.sentiment.retrain.gate.level", "tasks.sentiment.retrain.replay_ratio"):
+        assert key in done.stderr, done.stderr
+    assert "--reason" in run(workspace, "retrain", "--help").stdout

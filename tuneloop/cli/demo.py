@@ -40,8 +40,8 @@ class DemoSizes:
 
 FULL = DemoSizes(sentiment_steps=40, chat_steps=20, retrain_steps=40, validation_examples=64, eval_limit=300,
                  margin=0.1, window=60, calibration_windows=200, chat_eval=40)
-FAST = DemoSizes(sentiment_steps=4, chat_steps=2, retrain_steps=4, validation_examples=8, eval_limit=40,
-                 margin=0.15, window=30, calibration_windows=40, chat_eval=6)
+FAST = DemoSizes(sentiment_steps=3, chat_steps=2, retrain_steps=3, validation_examples=8, eval_limit=40,
+                 margin=0.15, window=30, calibration_windows=20, chat_eval=4)
 SENTIMENT_LEARNING_RATE = 1e-3  # as in `bench labels`: 40 steps at the recipe's 2e-4 barely move the adapter
 SERIES = ("tuneloop_eval_score", "tuneloop_drift_detected", "tuneloop_incidents_open", "tuneloop_retrains_total",
           "tuneloop_promotions_total", "tuneloop_rollbacks_total", "tuneloop_champion_version")

@@ -27,7 +27,7 @@ def drift(
 ) -> None:
     """Check a task's captured traffic for drift against its training inputs (calibrated thresholds)."""
     from monitor.drift import DriftDetector
-    from monitor.policy import Policy
+    from monitor.service import after_job
 
     if window is not None and since is not None:
         raise ConfigError("give --window or --since, not both")
@@ -39,7 +39,7 @@ def drift(
             raise ConfigError(f"--since: {exc}") from None
     detector = DriftDetector(STATE.config, STATE.store, progress=not json_output)
     report = detector.run(task, window=window, since=start, html=False if no_report else None)
-    Policy(STATE.config, STATE.store).evaluate(task)
+    after_job(STATE.config, STATE.store, "drift", task)  # the policy, and retraining for a new incident
     if json_output:
         print_json(report.to_json())
         return

@@ -46,6 +46,9 @@ def status(json_output: JsonOption = False) -> None:
     print_table("open incidents", ["id", "task", "rule", "opened", "breaches", "message"],
                 [[i["id"], i["task"], i["rule"], _when(i["opened_at"]), i["breaches"], i["message"]]
                  for i in monitor.open_incidents])
+    retrain = ", ".join(f"{t}: job {j['job']} {j['state']}" + (f" ({j['candidate']})" if j["candidate"] else "")
+                        + (f", watch {j['watch']}" if j["watch"] else "") for t, j in monitor.retrain.items())
+    console.print(f"retraining: {retrain or 'no jobs yet'}")
     if result.spilled_traffic_records:
         console.print(f"{result.spilled_traffic_records} captured records wait in the spill file for replay")
 
