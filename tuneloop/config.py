@@ -168,10 +168,11 @@ class GateConfig(StrictModel):
     """When a retrained candidate may replace the champion (retrain/gate.py)."""
 
     level: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the paired tests and CIs.")
-    margin: float = Field(default=0.05, gt=0, lt=1, description="Non-inferiority margin on the held-out set, in "
+    margin: float = Field(default=0.1, gt=0, lt=1, description="Non-inferiority margin on the held-out set, in "
                           "primary-metric units: the lower CI bound of candidate - champion must stay above "
                           "-margin. Also the gate's resolution: a set whose minimum detectable effect exceeds it is "
-                          "refused as too small.")
+                          "refused as too small (macro-F1 on 300 held-out tweets resolves ~0.13, on 1,000 ~0.07; "
+                          "0.05 needs ~2,000).")
     limit: int | None = Field(default=None, ge=1, description="Examples per gate set (the first N of each, the "
                               "same for both models); null = all.")
 
