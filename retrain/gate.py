@@ -102,7 +102,7 @@ class Gate:
                transport: httpx.AsyncBaseTransport | None = None) -> GateDecision:
         """`endpoint`/`transport` send the requests elsewhere (tests); by default both versions are loaded into
         the running gateway (the candidate without routing) and asked through it."""
-        runner = EvalRunner(self._eval_config, self.store, progress=progress, transport=transport)
+        runner = self.runner(progress=progress, transport=transport)
         if endpoint is None:
             url = ensure_served(self.config, candidate)
             ensure_served(self.config, champion)
@@ -113,13 +113,20 @@ class Gate:
         return GateDecision(not reasons, self.metric, self.settings.level, self.settings.margin, champion.ref,
                             candidate.ref, checks, reasons or ["every gate set passed"])
 
+    def runner(self, *, progress: bool = False, transport: httpx.AsyncBaseTransport | None = None) -> EvalRunner:
+        """An eval runner whose intervals are at the gate's level (the watch uses it too)."""
+        return EvalRunner(self._eval_config, self.store, progress=progress, transport=transport)
+
+    def paired(self, runner: EvalRunner, url: str, a: AdapterVersion, b: AdapterVersion, dataset: DatasetVersion,
+               limit: int | None) -> tuple[MetricComparison, list[int]]:
+        """b - a on the primary metric, both asked the same first `limit` examples (finished runs are reused)."""
+        runs = [runner.run(EvalTarget(self.task, v.ref, v.version, url), dataset, limit=limit).run_id for v in (a, b)]
+        return next(m for m in compare_runs(runner, runs[0], runs[1]).metrics if m.metric == self.metric), runs
+
     def _check(self, runner: EvalRunner, url: str, champion: AdapterVersion, candidate: AdapterVersion,
                gate_set: GateSet) -> GateCheck:
         dataset: DatasetVersion = gate_set.dataset
-        n = _size(gate_set, self.settings)
-        runs = [runner.run(EvalTarget(self.task, v.ref, v.version, url), dataset, limit=n).run_id
-                for v in (champion, candidate)]
-        result = next(m for m in compare_runs(runner, runs[0], runs[1]).metrics if m.metric == self.metric)
+        result, runs = self.paired(runner, url, champion, candidate, dataset, _size(gate_set, self.settings))
         check = _check_from(result, dataset.manifest.ref, gate_set.role, runs)
         check.passed, check.reason = self._verdict(check)
         return check

@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *,
                     runner: JobRunner | None = None) -> SubmitOutcome:
     config.task(task)
-    jobs = JobStore(store)
-    jobs.reap(stale_after_s=config.jobs.stale_after_s, data_dir=config.data_path)
+    jobs = reap_stale_jobs(config, store)
     runner = runner or runner_for(config)
     champion = find_alias(store, task, "champion")
     outcome = jobs.submit(task, trigger, runner=runner.name, champion_version=champion.version if champion else None,
@@ -39,6 +38,13 @@ def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *
             job = jobs.finish(outcome.job.id, "failed", error=f"runner '{runner.name}' could not start it: {exc}")
             return SubmitOutcome(job, created=True, duplicate=False)
     return outcome
+
+
+def reap_stale_jobs(config: Config, store: Store) -> JobStore:
+    """Fail the jobs whose worker is gone (see JobStore.reap) with this config's limits; returns the job store."""
+    jobs = JobStore(store)
+    jobs.reap(stale_after_s=config.jobs.stale_after_s, data_dir=config.data_path)
+    return jobs
 
 
 def incident_trigger(incident_id: int, rule: str, detail: dict[str, Any]) -> Trigger:

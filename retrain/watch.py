@@ -108,14 +108,12 @@ class Watch:
 
     def _evaluations(self, task: str, old: int, new: int, job: Job) -> list[Signal]:
         from challenger_sets.catalog import get_dataset
-        from evaluators.compare import compare_runs
-        from evaluators.runner import EvalRunner, EvalTarget
         from evaluators.targets import ensure_served
+        from retrain.gate import Gate
 
-        settings = self.config.task(task).retrain.gate
-        metric = self.config.task(task).primary_metric
-        evaluation = self.config.evaluation.model_copy(update={"confidence_level": settings.level})
-        runner = EvalRunner(self.config.model_copy(update={"evaluation": evaluation}), self.store, progress=False)
+        gate = Gate(self.config, self.store, task)
+        settings, metric = gate.settings, gate.metric
+        runner = gate.runner()
         old_version, new_version = get_adapter(self.store, f"{task}@{old}"), get_adapter(self.store, f"{task}@{new}")
         try:
             url = ensure_served(self.config, old_version)
@@ -125,9 +123,7 @@ class Watch:
         for entry in job.watch.get("gate_sets", []):
             dataset = get_dataset(self.store, entry["dataset"].split("@", 1)[0])
             limit = min(dataset.manifest.rows, settings.limit) if settings.limit else None
-            runs = [runner.run(EvalTarget(task, v.ref, v.version, url), dataset, limit=limit).run_id
-                    for v in (old_version, new_version)]
-            result = next(m for m in compare_runs(runner, *runs).metrics if m.metric == metric)
+            result, runs = gate.paired(runner, url, old_version, new_version, dataset, limit)
             regression = result.ci_high < 0 and result.p_value < 1 - settings.level
             signals.append(Signal(
                 f"eval:{dataset.manifest.ref}", regression,

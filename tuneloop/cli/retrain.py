@@ -42,13 +42,11 @@ def retrain(
 
 def follow(job_id: int, *, quiet: bool = False, poll_s: float = 2.0) -> Any:
     """Poll until the job leaves its active states, printing each state and stage once."""
-    from retrain.jobs import JobStore
+    from retrain.triggers import reap_stale_jobs
 
-    jobs = JobStore(STATE.store)
     shown: set[str] = set()
     while True:
-        jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s, data_dir=STATE.config.data_path)
-        job = jobs.get(job_id)
+        job = reap_stale_jobs(STATE.config, STATE.store).get(job_id)
         for key, text in [(f"state:{job.state}", f"job {job.id}: {job.state}"),
                           *[(f"stage:{name}:{s.get('status')}", f"job {job.id}:   {name} {s.get('status')}"
                              + (f" in {s['seconds']:.0f} s" if "seconds" in s else ""))
@@ -73,11 +71,9 @@ def list_jobs(
     json_output: JsonOption = False,
 ) -> None:
     """Retraining jobs, newest first."""
-    from retrain.jobs import JobStore
+    from retrain.triggers import reap_stale_jobs
 
-    jobs = JobStore(STATE.store)
-    jobs.reap(stale_after_s=STATE.config.jobs.stale_after_s, data_dir=STATE.config.data_path)
-    found = jobs.recent(task=task, limit=limit)
+    found = reap_stale_jobs(STATE.config, STATE.store).recent(task=task, limit=limit)
     if json_output:
         print_json({"jobs": [job_json(j) for j in found]})
         return
