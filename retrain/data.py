@@ -7,7 +7,8 @@ challenger_sets/splits.py) and sets built from labelled traffic (`datasets from-
 2. new examples are pooled, de-duplicated on the normalised input, PII-redacted with the gateway's redactor,
    capped at `max_new_examples` (seeded sample);
 3. replay: `replay_ratio` x as many examples of the original training set, so the task is not forgotten;
-4. label tasks: new and replayed parts are each resampled to equal label counts (keeping their size);
+4. label tasks: the new part is resampled to equal label counts (keeping its size); the replay keeps the
+   training set's label shares unless `balance_replay` (see RetrainConfig for why);
 5. anything whose input occurs in a gate set is dropped and counted, and the result is checked again;
 6. the set is registered as `<task>/retrain-job<N>` (kind train) with the whole recipe and every count in its
    manifest.
@@ -96,11 +97,12 @@ def assemble(config: Config, store: Store, task: str, *, challengers: list[str],
     replay_size = min(len(replay_pool), round(settings.replay_ratio * len(new)))
     replay = rng.sample(replay_pool, replay_size)
 
-    if task_config.kind == "classification" and settings.balance_labels:
+    classification = task_config.kind == "classification"
+    new_repeats = replay_repeats = 0
+    if classification and settings.balance_labels:
         new, new_repeats = _balanced(new, task_config.labels, rng)
-        replay, replay_repeats = _balanced(replay, task_config.labels, rng) if replay else (replay, 0)
-    else:
-        new_repeats = replay_repeats = 0
+    if classification and settings.balance_replay and replay:
+        replay, replay_repeats = _balanced(replay, task_config.labels, rng)
     rows = [_tagged(source, e, "new") for source, e in new] + [_tagged(source, e, "replay") for source, e in replay]
     rng.shuffle(rows)
     check_no_leakage(rows, forbidden, name=f"{task}/{name}", against="the gate's sets")
@@ -108,7 +110,8 @@ def assemble(config: Config, store: Store, task: str, *, challengers: list[str],
     recipe = {
         "job_name": name, "seed": settings.seed, "replay_ratio": settings.replay_ratio,
         "judge_share": settings.judge_share, "max_new_examples": settings.max_new_examples,
-        "balance_labels": settings.balance_labels and task_config.kind == "classification",
+        "balance_labels": settings.balance_labels and classification,
+        "balance_replay": settings.balance_replay and classification,
         "gate_sets": [{"dataset": s.dataset.manifest.ref, "role": s.role, "rows": s.dataset.manifest.rows}
                       for s in judged],
         "new": {**counts, "unique": len(new), "duplicates_dropped": duplicates,

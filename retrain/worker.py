@@ -60,7 +60,8 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
         jobs.update(job_id, dataset_ref=data.dataset.manifest.ref)
         with jobs.stage(job_id, "train"):
             candidate = finetune(config, store, task, dataset=data.dataset.manifest.ref, max_steps=settings.max_steps,
-                                 progress=False, staging_prefix=staging_prefix(job_id))
+                                 progress=False, staging_prefix=staging_prefix(job_id),
+                                 init_from=champion if settings.start_from == "champion" else None)
         jobs.update(job_id, candidate_version=candidate.version)
         jobs.transition(job_id, "evaluating")
         with jobs.stage(job_id, "evaluate"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from tuneloop.errors import ConfigError
 CONFIG_FILENAME = "tuneloop.yaml"
 CONFIG_ENV = "TUNELOOP_CONFIG"
 ADMIN_TOKEN_ENV = "TUNELOOP_ADMIN_TOKEN"
+DATABASE_URL_ENV = "TUNELOOP_DATABASE_URL"
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TrainMethod = Literal["lora", "prompt-tuning", "full"]
@@ -118,6 +120,21 @@ def check_schedule(text: str) -> str:
     return text
 
 
+def schedule_seconds(text: str | None) -> float | None:
+    """Seconds between runs of a schedule (for cron, between its next two fire times); None when it never runs."""
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text.split()) != 5:
+        return parse_interval(text)
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(text, timezone="UTC")
+    first = trigger.get_next_fire_time(None, datetime.now(UTC))
+    second = trigger.get_next_fire_time(first, first) if first else None
+    return (second - first).total_seconds() if first and second else None
+
+
 class ScheduleConfig(StrictModel):
     """When `tuneloop run` evaluates a task's champion and checks its traffic for drift."""
 
@@ -186,8 +203,15 @@ class RetrainConfig(StrictModel):
     max_new_examples: int = Field(default=4000, ge=1, description="New labelled examples used at most.")
     judge_share: float = Field(default=0.5, gt=0, lt=1, description="Share of each judged challenger set held "
                                "back for the gate (split once by a seeded hash of the input; never trained on).")
-    balance_labels: bool = Field(default=True, description="Classification: resample the new and the replayed "
-                                 "examples to equal label counts.")
+    balance_labels: bool = Field(default=True, description="Classification: resample the new examples to equal "
+                                 "label counts.")
+    balance_replay: bool = Field(default=False, description="Classification: resample the replayed examples to "
+                                 "equal label counts too. Off by default: the replay exists to keep the original "
+                                 "task as it was, label shares included; balancing it moves the prior away from "
+                                 "the held-out distribution the gate judges non-inferiority on.")
+    start_from: Literal["champion", "base"] = Field(
+        default="champion", description="champion: continue training the champion's LoRA weights on the "
+        "assembled set (what it learned is kept, the replay holds it there); base: a fresh LoRA on the base model.")
     max_steps: int | None = Field(default=None, ge=1, description="Training steps of a retrain; null = the "
                                   "task's train.max_steps.")
     seed: int = Field(default=11, description="Seed of the judge split, replay sample and balancing.")
@@ -328,7 +352,9 @@ class Config(StrictModel):
     data_dir: str = Field(default=".tuneloop", description="Models, adapters, datasets, database and reports; "
                           "relative paths are resolved against the config file's folder.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; null = SQLite in the data dir. "
-                                     "Postgres works too: postgresql+psycopg://user:pass@host/db")
+                                     "Postgres works too: postgresql+psycopg://user:pass@host/db. The "
+                                     f"{DATABASE_URL_ENV} environment variable wins (keeps the password out "
+                                     "of the file).")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The base model.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Evaluation runs.")
@@ -363,7 +389,8 @@ class Config(StrictModel):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_path / 'tuneloop.db'}"
+        return (os.environ.get(DATABASE_URL_ENV) or self.database_url
+                or f"sqlite:///{self.data_path / 'tuneloop.db'}")
 
     @property
     def admin_token(self) -> str | None:

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -22,6 +28,7 @@ from tuneloop.tables import DriftCalibrationRow, DriftResultRow, DriftRunRow
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HOSTILE = "</script><script>window.__pwned={n}</script><img src=x onerror=alert(1)> #coachella tickets {n}"
+SAVED_REPORTS: dict[str, Path] = {}  # the drifted page, for the browser test below
 
 
 @pytest.fixture
@@ -89,6 +96,7 @@ def test_other_topics_drift_and_held_out_airline_tweets_stay_quiet(small_monitor
     assert "characteristic examples" in page
     assert "</script><script>window.__pwned" not in page
     assert "\\u003c/script\\u003e\\u003cscript\\u003ewindow.__pwned" in page
+    SAVED_REPORTS[drifted.report_path] = small_monitor.data_path / "reports" / drifted.report_path
     assert json.loads(json.dumps(drifted.to_json()))["drifted"] is True
 
 
@@ -102,3 +110,56 @@ def test_a_time_window_selects_by_capture_time(small_monitor: Config, store: Sto
     assert report.n_current == 40 and report.report_path is None
     with pytest.raises(NotEnoughTraffic, match="in that time window"):
         DriftDetector(small_monitor, store).run("sentiment", since=datetime.now(UTC) + timedelta(hours=1))
+
+
+@contextmanager
+def _serving(app: object) -> Iterator[str]:
+    import uvicorn
+
+    from tests.serving.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_the_saved_report_served_by_the_gateway_renders_in_chromium_without_running_captured_script(
+        tmp_path: Path) -> None:
+    """Real headless Chromium (Debian package) opens the drifted report from the test above through the gateway's
+    /reports route: no script errors, the drift verdicts rendered, and the captured <script> prompts are text."""
+    from serving.gateway import create_app
+    from tests.browser import click_text, find_chromium, visit
+    from tests.serving.test_gateway import TOKEN, _gateway
+
+    if find_chromium() is None:
+        pytest.fail("Chromium is not installed: `make install` installs the Debian package chromium")
+    if not SAVED_REPORTS:
+        pytest.fail("the drift test above did not save a report (it failed or was deselected)")
+    relative, page = next(iter(SAVED_REPORTS.items()))
+    for gateway in _gateway(tmp_path):
+        served = gateway.config.data_path / "reports" / relative
+        served.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, served)
+        with _serving(create_app(gateway.ctx)) as url:
+            refused = visit(f"{url}/reports/{relative}", settle_s=0.5)
+            assert refused.status == 401, "the report is behind the admin token"
+            seen = visit(f"{url}/reports/{relative}", headers={"Authorization": f"Bearer {TOKEN}"},
+                         actions=[click_text("current: characteristic examples")],
+                         probes={"pwned": "typeof window.__pwned",
+                                 "scripts_in_body": "document.body.querySelectorAll('script').length",
+                                 "images": "document.querySelectorAll('img').length"})
+    assert seen.status == 200
+    assert seen.errors == [], seen.errors
+    assert "Drift in column 'prompt'" in seen.text and "Data drift detected" in seen.text, seen.text[:2000]
+    assert seen.probes["pwned"] == "undefined", "a captured prompt ran as script"
+    assert seen.probes["images"] == 0, "a captured <img onerror> became an element"
+    assert "window.__pwned=" in seen.text, "the hostile prompt is shown as text among the examples"

@@ -66,9 +66,10 @@ def test_collector_series_come_from_the_store(config: Config, store: Store) -> N
     assert value("tuneloop_breaches_total", {"task": "sentiment"}) == 1
     assert value("tuneloop_rollbacks_total", {"task": "sentiment"}) == 1
     assert value("tuneloop_promotions_total", {"task": "chat"}) == 0
-    assert value("tuneloop_scheduler_job_runs_total", {"task": "sentiment", "job": "eval", "status": "failed"}) == 1
-    assert value("tuneloop_scheduler_job_failures_total", {"task": "sentiment", "job": "eval"}) == 1
-    age = value("tuneloop_seconds_since_last_success", {"task": "sentiment", "job": "drift"})
+    runs = {"task": "sentiment", "schedule": "eval", "status": "failed"}
+    assert value("tuneloop_scheduler_job_runs_total", runs) == 1
+    assert value("tuneloop_scheduler_job_failures_total", {"task": "sentiment", "schedule": "eval"}) == 1
+    age = value("tuneloop_seconds_since_last_success", {"task": "sentiment", "schedule": "drift"})
     assert age is not None and 0 <= age < 120
     assert value("tuneloop_store_up") == 1
     text = generate_latest(registry).decode()
@@ -182,3 +183,29 @@ def test_real_prometheus_scrapes_the_exporter(exporter_process: int, tmp_path: P
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_settings_reports_and_failures_are_exported_for_the_alert_rules(config: Config, store: Store) -> None:
+    from retrain.jobs import JobStore, Trigger
+
+    _populate(config, store)
+    config.tasks["sentiment"].schedule.eval = "*/20 * * * *"
+    with store.session() as session:
+        session.add(DriftRunRow(task="sentiment", window=200, n_current=200, n_reference=2000, drifted=False,
+                                false_alarm_rate=0.05, report_path="drift/sentiment/drift-7.html"))
+    jobs = JobStore(store)
+    job = jobs.submit("sentiment", Trigger("manual", "k", "r", {}), runner="recording", champion_version=1,
+                      settings={}).job
+    jobs.finish(job.id, "failed", error="boom")
+    registry = CollectorRegistry()
+    registry.register(MonitorCollector(config, store))
+    value = registry.get_sample_value
+    assert value("tuneloop_quality_floor", {"task": "sentiment", "dataset": "fresh", "metric": "accuracy"}) == 0.6
+    assert value("tuneloop_schedule_interval_seconds", {"task": "sentiment", "schedule": "eval"}) == 1200
+    assert value("tuneloop_schedule_interval_seconds", {"task": "sentiment", "schedule": "drift"}) == 900
+    assert value("tuneloop_task_primary_metric", {"task": "sentiment", "metric": "macro_f1"}) == 1
+    with store.session() as session:
+        latest_with_report = max(r.id for r in session.query(DriftRunRow) if r.report_path)
+    assert value("tuneloop_drift_report_run_id", {"task": "sentiment"}) == latest_with_report
+    assert value("tuneloop_retrain_failures_total", {"task": "sentiment"}) == 1
+    assert value("tuneloop_retrain_failures_total", {"task": "chat"}) == 0

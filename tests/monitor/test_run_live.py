@@ -80,7 +80,7 @@ def test_run_schedules_real_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path, ba
         assert (run.model, run.status, run.dataset_ref) == ("sentiment@1", "complete", "sentiment/tiny-heldout@1")
 
         metrics = httpx.get(f"http://127.0.0.1:{gateway_port}/metrics", timeout=10).text
-        assert 'tuneloop_scheduler_job_runs_total{job="eval",status="ok",task="sentiment"} 1.0' in metrics
+        assert 'tuneloop_scheduler_job_runs_total{schedule="eval",status="ok",task="sentiment"} 1.0' in metrics
         assert 'tuneloop_eval_score{adapter="sentiment@1",dataset="tiny-heldout",metric="macro_f1"' in metrics
         assert "tuneloop_scheduler_lease_held 1.0" in metrics
 

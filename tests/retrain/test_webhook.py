@@ -83,3 +83,23 @@ def test_resolved_and_unknown_task_alerts_are_ignored_with_reasons(hooked: tuple
     unknown = post(gateway, payload(task="nope"))
     assert "task 'nope' is not configured" in unknown.json()["ignored"][0]
     assert JobStore(gateway.store).recent() == [] and runner.launched == []
+
+
+def test_grafana_contact_point_payload_starts_a_job(hooked: tuple[Gateway, RecordingRunner]) -> None:
+    """Grafana-managed alerting's webhook contact point (payload version 1, Grafana's extra fields) works too."""
+    gateway, runner = hooked
+    grafana = {"receiver": "tuneloop", "status": "firing", "orgId": 1, "version": "1", "state": "alerting",
+               "title": "[FIRING:1] TuneloopDriftDetected tuneloop", "message": "...", "truncatedAlerts": 0,
+               "groupLabels": {"task": "sentiment"}, "commonLabels": {}, "commonAnnotations": {},
+               "externalURL": "http://grafana:3000/", "groupKey": "{}/{action=\"retrain\"}:{task=\"sentiment\"}",
+               "alerts": [{"status": "firing", "labels": {"alertname": "TuneloopDriftDetected", "task": "sentiment",
+                                                          "action": "retrain", "grafana_folder": "tuneloop"},
+                           "annotations": {"summary": "drifted"}, "startsAt": "2026-11-27T10:00:00Z",
+                           "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://grafana:3000/alerting/x",
+                           "fingerprint": "0f1e2d3c", "silenceURL": "", "dashboardURL": "", "panelURL": "",
+                           "values": {"A": 1, "C": 1}, "valueString": "[ var='A' value=1 ]"}]}
+    reply = post(gateway, grafana)
+    assert reply.status_code == 202 and reply.json()["triggers"][0]["outcome"] == "queued"
+    jobs = JobStore(gateway.store).recent()
+    assert len(jobs) == 1 and runner.launched == [jobs[0].id]
+    assert jobs[0].triggers[0].reason == "alert TuneloopDriftDetected"

@@ -12,6 +12,7 @@ from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
 from tuneloop.cli import evaluate as evaluate_cli
 from tuneloop.cli import monitor as monitor_cli
+from tuneloop.cli import ops as ops_cli
 from tuneloop.cli import retrain as retrain_cli
 from tuneloop.cli import serving as serving_cli
 from tuneloop.cli import train as train_cli
@@ -42,6 +43,7 @@ app.command("exporter")(monitor_cli.exporter)
 app.command("incidents")(monitor_cli.incidents)
 app.command("retrain")(retrain_cli.retrain)
 app.add_typer(retrain_cli.jobs_app, name="jobs")
+app.add_typer(ops_cli.app, name="ops")
 
 
 @app.callback()
