@@ -114,7 +114,7 @@ OVERVIEW = DashboardSpec(
                        Query(f"tuneloop:champion_primary_score_ci_lower{{{T}}}", "{{task}} {{dataset}} lower"),
                        Query(f"tuneloop:champion_primary_score_ci_upper{{{T}}}", "{{task}} {{dataset}} upper")),
                       unit="percentunit", width=16, height=9),
-            PanelSpec("Champion scores (latest)", "Latest score per task, set and metric with its CI bounds: the "
+            PanelSpec("Champion scores (latest)", "Latest score of the champion per task, set and metric: the "
                       "numbers alerts and the policy read.",
                       (Query(f"tuneloop:champion_eval_score{{{T}}}"),), "table", unit="percentunit", width=8,
                       height=9, decimals=3),

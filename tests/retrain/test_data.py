@@ -84,6 +84,23 @@ def test_duplicates_pii_balance_and_replay(config: Config, store: Store) -> None
     assert manifest.kind == "train" and manifest.build["replay"]["rows"] == len(replay)
 
 
+def test_replay_keeps_the_training_label_shares_unless_asked_to_balance(config: Config, store: Store) -> None:
+    skewed_train = examples("airline", 300, ["negative"] * 6 + ["neutral"] * 2 + ["positive"])
+    add_dataset(store, config.data_path, skewed_train, task="sentiment", name="train", kind="train", source="test")
+    add_dataset(store, config.data_path, examples("held", 60), task="sentiment", name="heldout", kind="heldout",
+                source="test")
+    add_dataset(store, config.data_path, examples("topic", 240), task="sentiment", name="other-topics",
+                kind="challenger", source="test")
+    natural = assemble(config, store, "sentiment", challengers=["other-topics"], name="retrain-job1")
+    shares = Counter(e.reference for e in natural.dataset.load() if e.meta["retrain_part"] == "replay")
+    assert shares["negative"] > 3 * shares["positive"], f"the training set's skew is kept: {shares}"
+    assert natural.recipe["balance_replay"] is False and natural.recipe["replay"]["balancing_repeats"] == 0
+    config.tasks["sentiment"].retrain.balance_replay = True
+    balanced = assemble(config, store, "sentiment", challengers=["other-topics"], name="retrain-job2")
+    shares = Counter(e.reference for e in balanced.dataset.load() if e.meta["retrain_part"] == "replay")
+    assert len(set(shares.values())) == 1, f"balanced on request: {shares}"
+
+
 def test_an_input_of_a_gate_set_is_dropped_from_every_source(config: Config, store: Store) -> None:
     challenger = examples("topic", 100) + [Example(id="leak", input="held tweet number 5", reference="neutral")]
     seed_sets(store, config, challenger)
