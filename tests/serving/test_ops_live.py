@@ -29,7 +29,8 @@ from challenger_sets.records import Example
 from evaluators.runner import EvalRunner, EvalTarget
 from monitor.ops.files import panel_queries
 from monitor.ops.rules import ALERT_RULES, grafana_alert_rules
-from retrain.jobs import Job, JobStore, Trigger
+from retrain.jobs import JobStore, Trigger
+from tests.retrain.test_webhook import RecordingRunner
 from tests.serving.conftest import ADMIN_TOKEN, LiveGateway, free_port
 from tuneloop.config import FloorRule
 from tuneloop.registry import find_alias
@@ -43,18 +44,6 @@ TOPICS = [("@united lost my luggage twice, never again", "negative", "bags"),
           ("@JetBlue the crew was wonderful today", "positive", "crew"),
           ("@Delta what time does boarding start?", "neutral", "info"),
           ("@AmericanAir four hour delay and no updates", "negative", "bags")]
-
-
-class RecordingRunner:
-    """The webhook's job is recorded, not run: the real worker is exercised by tests/retrain/test_loop_live.py."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.launched: list[int] = []
-
-    def launch(self, job: Job) -> None:
-        self.launched.append(job.id)
 
 
 @dataclass
