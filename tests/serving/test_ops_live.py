@@ -11,7 +11,6 @@ cover the real `for:` durations. Everything else — routes, matchers, receivers
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from evaluators.runner import EvalRunner, EvalTarget
 from monitor.ops.files import panel_queries
 from monitor.ops.rules import ALERT_RULES, grafana_alert_rules
 from retrain.jobs import JobStore, Trigger
+from tests.ops.test_ops_pack import tool
 from tests.retrain.test_webhook import RecordingRunner
 from tests.serving.conftest import ADMIN_TOKEN, LiveGateway, free_port
 from tuneloop.config import FloorRule
@@ -50,14 +50,6 @@ TOPICS = [("@united lost my luggage twice, never again", "negative", "bags"),
 class Stack:
     prometheus: str
     alertmanager: str
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"`{name}` is not installed: `make install` installs the Debian packages prometheus and "
-                    "prometheus-alertmanager")
-    return path
 
 
 def _wait(url: str, timeout: float = 60) -> None:
@@ -125,7 +117,7 @@ def _local_alertmanager_config(tmp: Path, live: LiveGateway) -> Path:
 
 @pytest.fixture
 def stack(tmp_path: Path, live_gateway: LiveGateway) -> Iterator[Stack]:
-    prometheus, alertmanager = _binary("prometheus"), _binary("prometheus-alertmanager")
+    prometheus, alertmanager = tool("prometheus"), tool("prometheus-alertmanager")
     prom_port, am_port = free_port(), free_port()
     prom_config = _local_prometheus_config(tmp_path, live_gateway, prom_port, am_port)
     am_config = _local_alertmanager_config(tmp_path, live_gateway)
