@@ -33,8 +33,7 @@ METRICS = ("accuracy", "macro_f1")
 
 def run(*, quick: bool = False) -> list[Table]:
     workspace = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
-    (workspace / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n"
-                                             "evaluation:\n  concurrency: 16\n")
+    (workspace / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n")
     env = {**os.environ, "TUNELOOP_ADMIN_TOKEN": secrets.token_hex(8), "HF_HUB_OFFLINE": "1"}
     os.environ["TUNELOOP_ADMIN_TOKEN"] = env["TUNELOOP_ADMIN_TOKEN"]
     started = time.perf_counter()
@@ -77,8 +76,9 @@ def _timings(config: Any, store: Any, demo_s: float) -> Table:
     with store.session() as session:
         window = session.scalars(select(DriftRunRow.window).where(DriftRunRow.task == "sentiment")
                                  .order_by(DriftRunRow.id.desc()).limit(1)).first()
-    rows: list[list[Any]] = [[f"detect: first drifted request -> incident -> job queued ({task.policy.drift_windows} "
-                              f"drifted windows of {window} requests, their drift checks)",
+    first_trigger = job.triggers[0].reason if job.triggers else "?"
+    rows: list[list[Any]] = [[f"detect: first drifted request -> first incident ({first_trigger}) -> job queued "
+                              f"(windows of {window} requests, their drift checks, the scheduled eval)",
                               f"{(as_utc(job.created_at) - first).total_seconds():.0f}"]]
     for stage in ("assemble", "train", "evaluate", "promote"):
         seconds = job.stages.get(stage, {}).get("seconds")
@@ -94,8 +94,9 @@ def _timings(config: Any, store: Any, demo_s: float) -> Table:
                 notes=f"The demo's settings: retrain {settings.get('max_steps')} steps x batch "
                       f"{task.train.batch_size}, gate on {gate.get('limit')} examples per set at margin "
                       f"{gate.get('margin')}; job {job.id} ended {job.state}. Detect includes "
-                      "sending the drifted traffic through the gateway (the demo sends it as fast as vLLM answers) "
-                      "and the drift checks (thresholds were calibrated at the first, airline-only check). Target: "
+                      "sending the drifted traffic through the gateway (the demo sends it as fast as vLLM answers), "
+                      "the drift checks (thresholds were calibrated at the first, airline-only check) and the "
+                      "scheduled eval of the champion, which the demo runs between two drift checks. Target: "
                       f"under 15 minutes in total. The whole demo took {demo_s:.0f} s.")
 
 
@@ -151,9 +152,11 @@ def _quality(config: Any, store: Any, n: int) -> list[Table]:
     start = ("the champion's LoRA trained further" if settings.get("start_from", "champion") == "champion"
              else "a fresh LoRA")
     replay = "label-balanced" if recipe.get("balance_replay") else "with the training set's label shares"
+    ratio = recipe.get("replay_ratio", 1.0)
+    replayed = "as many replayed airline tweets" if ratio == 1 else f"{ratio:g} replayed airline tweets per new one"
     notes = (f"Champion: LoRA on airline tweets ({champion.card.steps} steps). Retrained: {start}, {steps} steps "
              f"on {job.dataset_ref} ({recipe.get('rows')} rows: the trainable half of the other-topic tweets plus "
-             f"labelled traffic, label-balanced, and as many replayed airline tweets, {replay}). Control: the "
+             f"labelled traffic, label-balanced, and {replayed}, {replay}). Control: the "
              f"champion trained {steps} more steps on airline tweets only (equal compute). Judged on the "
              "other-topics split no "
              "model trained on. Targets: retrained beats champion on other topics significantly; on airline "

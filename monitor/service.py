@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from challenger_sets.catalog import DatasetVersion
 from monitor.jobs import JobFunction
 from monitor.policy import Policy
 from monitor.scheduler import TuneloopScheduler
 from tuneloop.config import Config
+from tuneloop.errors import DatasetError
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,6 @@ log = logging.getLogger(__name__)
 
 def eval_runner(config: Config, store: Store) -> JobFunction:
     def run(task: str) -> dict[str, Any]:
-        from challenger_sets.catalog import get_dataset
-        from challenger_sets.splits import evaluation_set
         from evaluators.runner import EvalRunner
         from evaluators.targets import EvalTarget
         from serving.admin_client import gateway_url
@@ -36,13 +36,32 @@ def eval_runner(config: Config, store: Store) -> JobFunction:
         runner = EvalRunner(config, store, progress=False)
         target = EvalTarget(task, champion.ref, champion.version, gateway_url(config))
         results = {}
-        for name in (task_config.heldout_dataset, *task_config.challenger_datasets):
-            dataset = get_dataset(store, evaluation_set(store, task, name))
+        for dataset in scheduled_sets(config, store, task):
             report = runner.run(target, dataset, limit=task_config.schedule.eval_limit)
             results[dataset.manifest.ref] = report.run_id
         return {"adapter": champion.ref, "runs": results}
 
     return run
+
+
+def scheduled_sets(config: Config, store: Store, task: str) -> list[DatasetVersion]:
+    """The held-out set and each challenger set's judge split, created here on first use.
+
+    Judging on the split from the first eval on, rather than on the whole set until some retrain splits it, keeps
+    the series comparable across champions (a retrained champion has seen the other half) and lets the gate reuse
+    the champion's finished scheduled runs on the same examples instead of asking them again."""
+    from challenger_sets.catalog import get_dataset
+    from challenger_sets.splits import evaluation_set
+    from retrain.data import judge_set
+
+    sets = [get_dataset(store, config.task(task).heldout_dataset)]
+    for name in config.task(task).challenger_datasets:
+        try:
+            sets.append(judge_set(config, store, task, name))
+        except DatasetError as exc:  # too few examples for a split: the whole set is still worth watching
+            log.warning("%s: evaluating all of %s: %s", task, name, exc)
+            sets.append(get_dataset(store, evaluation_set(store, task, name)))
+    return sets
 
 
 def drift_runner(config: Config, store: Store) -> JobFunction:

@@ -50,13 +50,16 @@ class AssembledData:
 
 def gate_sets(config: Config, store: Store, task: str, challengers: list[str]) -> list[GateSet]:
     """The held-out set and the judged split of each challenger set (created on first use)."""
-    settings = config.task(task).retrain
     sets = [GateSet(get_dataset(store, config.task(task).heldout_dataset), "heldout")]
-    for name in challengers:
-        source = get_dataset(store, qualify(task, name).removesuffix(GATE_SUFFIX))
-        sets.append(GateSet(ensure_judge_set(store, config.data_path, source, share=settings.judge_share,
-                                             seed=settings.seed), "challenger"))
+    sets += [GateSet(judge_set(config, store, task, name), "challenger") for name in challengers]
     return sets
+
+
+def judge_set(config: Config, store: Store, task: str, challenger: str) -> DatasetVersion:
+    """The judged split of the latest version of a challenger set (created on first use)."""
+    settings = config.task(task).retrain
+    source = get_dataset(store, qualify(task, challenger).removesuffix(GATE_SUFFIX))
+    return ensure_judge_set(store, config.data_path, source, share=settings.judge_share, seed=settings.seed)
 
 
 def assemble(config: Config, store: Store, task: str, *, challengers: list[str], name: str) -> AssembledData:

@@ -121,3 +121,28 @@ def test_no_new_data_is_a_clear_error(config: Config, store: Store) -> None:
                 source="test")
     with pytest.raises(TrainingError, match="no labelled new data"):
         assemble(config, store, "sentiment", challengers=[], name="retrain-job1")
+
+
+def test_scheduled_evals_judge_the_split_from_the_first_eval_and_the_gate_uses_the_same_version(
+        config: Config, store: Store) -> None:
+    from monitor.service import scheduled_sets
+
+    seed_sets(store, config, examples("topic", 200))
+    assert evaluation_set(store, "sentiment", "other-topics") == "sentiment/other-topics"  # no split yet
+    heldout, judged = scheduled_sets(config, store, "sentiment")
+    assert heldout.manifest.ref == "sentiment/heldout@1"
+    assert judged.manifest.ref == "sentiment/other-topics-gate@1"  # created by the scheduled eval
+    assert input_keys(judged.load()) == input_keys(split(examples("topic", 200), 0.5, 11)[1])
+    later = assemble(config, store, "sentiment", challengers=["sentiment/other-topics"], name="retrain-job1")
+    assert later.gate_sets[1].dataset.manifest.ref == judged.manifest.ref, "the gate reuses the scheduled runs"
+    assert [d.manifest.ref for d in scheduled_sets(config, store, "sentiment")] == [heldout.manifest.ref,
+                                                                                    judged.manifest.ref]
+
+
+def test_a_challenger_set_too_small_to_split_is_still_evaluated_whole(config: Config, store: Store) -> None:
+    from monitor.service import scheduled_sets
+
+    tiny = [e for e in examples("topic", 40) if not split([e], 0.5, 11)[1]][:3]  # none falls in the judge split
+    seed_sets(store, config, tiny)
+    assert [d.manifest.ref for d in scheduled_sets(config, store, "sentiment")] == ["sentiment/heldout@1",
+                                                                                    "sentiment/other-topics@1"]

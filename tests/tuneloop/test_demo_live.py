@@ -1,5 +1,6 @@
 """`tuneloop demo --fast` from a fresh workspace, as a user runs it: the whole loop, unattended, ends with a
-recorded gate decision on a job that both incidents joined, and its narration shows every step."""
+recorded gate decision on a job that both incidents joined, its narration shows every step, and the gate reuses the
+scheduled eval's champion runs."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from evaluators.runs import RunStore
 from tests.serving.conftest import free_port
+from tuneloop.config import load_config
+from tuneloop.store import Store
+from tuneloop.timewindow import as_utc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,7 +33,8 @@ def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     for step in ("1. base model", "2. fine-tune sentiment", "2. fine-tune chat", "3. serve", "4. baseline",
-                 "5. traffic shifts", "6. incident -> retraining job", "7. retraining job", "8. after the decision"):
+                 "5. traffic shifts", "the scheduled eval", "6. incidents -> one retraining job", "7. retraining job",
+                 "8. after the decision"):
         assert step in out, f"missing step {step!r}"
     assert "drift check: DRIFT" in out and "labels arrive" in out and "gate: " in out
     assert "tuneloop_drift_detected{task=\"sentiment\"} 1.0" in out
@@ -42,3 +49,13 @@ def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path)
     assert checks[1]["dataset"].startswith("sentiment/other-topics-gate@")
     assert all(c["delta"] is not None and c["p_value"] is not None and c["mde"] is not None for c in checks)
     assert set(job["stages"]) >= {"assemble", "train", "evaluate"}
+    # The scheduled eval judged the champion on the same judge split, so the gate reused those runs: the champion's
+    # runs behind both checks are older than the gate, the candidate's were asked by it.
+    config = load_config(tmp_path / "tuneloop.yaml")
+    store = Store(config.resolved_database_url)
+    runs = RunStore(store)
+    gate_started = datetime.fromisoformat(job["stages"]["evaluate"]["started_at"])
+    for check in checks:
+        champion_run, candidate_run = (runs.get(run_id) for run_id in check["runs"])
+        assert as_utc(champion_run.started_at) < gate_started <= as_utc(candidate_run.started_at), check
+    store.close()
