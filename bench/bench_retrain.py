@@ -96,7 +96,7 @@ def _timings(config: Any, store: Any, demo_s: float) -> Table:
                       f"{gate.get('margin')}; job {job.id} ended {job.state}. Detect includes "
                       "sending the drifted traffic through the gateway (the demo sends it as fast as vLLM answers), "
                       "the drift checks (thresholds were calibrated at the first, airline-only check) and the "
-                      "scheduled eval of the champion, which the demo runs between two drift checks. Target: "
+                      "scheduled eval of the champion, which the demo runs before the last drift check. Target: "
                       f"under 15 minutes in total. The whole demo took {demo_s:.0f} s.")
 
 
