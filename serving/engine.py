@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LORA_OPS_ENV = "TUNELOOP_LORA_OPS"  # read by serving/lora_ops.py inside vLLM's processes
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 EngineState = Literal["stopped", "starting", "ready", "restarting", "failed"]
 
 
@@ -49,6 +50,7 @@ class EngineSpec:
     lora_target_modules: list[str] = field(default_factory=list)
     lora_modules: dict[str, Path] = field(default_factory=dict)
     kv_cache_gib: float = 2.0
+    cpu_reserved_cores: int | None = field(default=None, metadata={"help": "None: see resolved_reserved_cores."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora_ops: Literal["grouped", "stock"] = "grouped"
     enable_lora: bool = True
@@ -67,9 +69,30 @@ class EngineSpec:
         return "bfloat16" if cpu_has_fast_bf16() or _has_gpu() else "float32"
 
     @property
+    def resolved_reserved_cores(self) -> int | None:
+        """Cores vLLM's CPU backend keeps for its scheduler; None leaves vLLM's choice. vLLM reserves one core
+        per worker, which on a 2-core machine halves the compute for a scheduler that mostly waits."""
+        if self.cpu_reserved_cores is not None:
+            return self.cpu_reserved_cores
+        if RESERVED_CORES_ENV in os.environ:  # the operator's own setting wins over ours
+            return None
+        return 0 if (os.cpu_count() or 1) <= 2 else None
+
+    @property
     def limits(self) -> EngineLimits:
         return EngineLimits(self.base_sha256, vllm_rank(self.max_lora_rank) if self.enable_lora else 0,
                             tuple(self.lora_target_modules))
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
+    """vLLM's environment: ours on top of the caller's."""
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
+           "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", LORA_OPS_ENV: spec.lora_ops}
+    reserved = spec.resolved_reserved_cores
+    if reserved is not None:
+        env[RESERVED_CORES_ENV] = str(reserved)
+    return env
 
 
 def vllm_rank(rank: int) -> int:
@@ -156,10 +179,7 @@ class EngineSupervisor:
     def _launch(self) -> None:
         with self._lock:
             self.spec.lora_modules = dict(self.client.loaded)
-            env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                   "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(self.spec.kv_cache_gib))),
-                   "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-                   LORA_OPS_ENV: self.spec.lora_ops}
+            env = engine_env(self.spec)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             command = build_command(self.spec)
             log.info("starting vLLM: %s", " ".join(command))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine import EngineSpec, build_command, vllm_rank
+from serving.engine import RESERVED_CORES_ENV, EngineSpec, build_command, engine_env, vllm_rank
 from serving.engine_client import EngineLimits, check_servable
 from serving.hotswap import HotSwapper
 from tuneloop.config import Config
@@ -73,3 +73,18 @@ def test_engine_flags_follow_the_served_adapters(tmp_path: Path) -> None:
     joined = " ".join(command)
     assert "--max-lora-rank 8" in joined and "--lora-target-modules q_proj v_proj" in joined
     assert f"--lora-modules sentiment@1={tmp_path / 'a'}" in joined and "--host 127.0.0.1" in joined
+
+
+def test_vllm_keeps_no_core_for_its_scheduler_on_two_cores_unless_told(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RESERVED_CORES_ENV, raising=False)
+    spec = EngineSpec(model_path=tmp_path, served_name="base")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert engine_env(spec)[RESERVED_CORES_ENV] == "0"
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert RESERVED_CORES_ENV not in engine_env(spec), "vLLM's own default on bigger machines"
+    assert engine_env(EngineSpec(model_path=tmp_path, served_name="base", cpu_reserved_cores=1))[
+        RESERVED_CORES_ENV] == "1"
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setenv(RESERVED_CORES_ENV, "1")
+    assert engine_env(spec)[RESERVED_CORES_ENV] == "1", "the operator's environment wins over the default"

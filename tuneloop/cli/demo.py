@@ -1,13 +1,15 @@
 """`tuneloop demo`: the whole loop on the embedded defaults, unattended, narrated.
 
 sentiment is trained on airline tweets and served beside a chat adapter (multi-LoRA); traffic shifts to other
-topics; the scheduled jobs (called here in the order the scheduler would run them) detect drift and a quality
-breach; labels arrive as feedback on the captured requests; the incident starts a retraining job (a detached
-worker process, as in production); the gate compares candidate and champion on the same examples; promotion
-hot-swaps the new champion; the watch re-checks it. The Prometheus series are printed as they change.
+topics; labels arrive as feedback on the captured requests; the scheduled jobs (called here in the order the
+scheduler would run them) find a quality breach and drift; the first incident starts a retraining job (a detached
+worker process, as in production) and the second joins it; the gate compares candidate and champion on the same
+examples (reusing the champion's scheduled runs); promotion hot-swaps the new champion; the watch re-checks it.
+The Prometheus series are printed as they change.
 
-Sizes (`DemoSizes`) keep the full demo near 20 minutes on two cores; `--fast` is a smoke run whose small sets
-mostly let the gate reject for lack of evidence, which it says.
+Sizes (`DemoSizes`) keep the full demo under 20 minutes on two cores, with nothing else competing for the cores
+while the retrain trains; `--fast` is a smoke run whose small sets mostly let the gate reject for lack of
+evidence, which it says.
 """
 
 from __future__ import annotations
