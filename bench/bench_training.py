@@ -53,7 +53,7 @@ BASELINE = "trainer-grouped"
 
 
 def run(*, quick: bool = False) -> list[Table]:
-    steps, repeats = (2, 1) if quick else (8, 2)
+    steps, repeats = (1, 1) if quick else (8, 2)
     config = Config()
     task = config.tasks["sentiment"]
     recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16})

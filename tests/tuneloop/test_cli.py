@@ -135,9 +135,12 @@ def test_eval_and_compare_refuse_bad_requests_before_sending_anything(workspace:
     assert no_dataset.returncode == 4 and "sentiment/nope" in no_dataset.stderr
     unknown = run(workspace, "compare", "sentiment@7", "sentiment@8", ok=False)
     assert unknown.returncode != 0 and "sentiment@7" in unknown.stderr
-    down = run(workspace, "eval", "--task", "sentiment", "--base", "--limit", "2", "--endpoint",
-               "http://127.0.0.1:9", ok=False)
-    assert down.returncode == 9 and "resume" in down.stderr
+    # Two tries instead of the default six: the default's backoff waits ~25 s before giving up, by design.
+    impatient = workspace / "impatient.yaml"
+    impatient.write_text((workspace / "tuneloop.yaml").read_text().replace("max_attempts: 6", "max_attempts: 2"))
+    down = run(workspace, "--config", str(impatient), "eval", "--task", "sentiment", "--base", "--limit", "2",
+               "--endpoint", "http://127.0.0.1:9", ok=False)
+    assert down.returncode == 9 and "after 2 attempts" in down.stderr and "resume" in down.stderr, down.stderr
 
 
 @pytest.mark.integration
