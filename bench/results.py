@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.tables import Table
+from tuneloop.hardware import usable_cpu_cores
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_ENV = "TUNELOOP_BENCH_RESULTS"
@@ -53,11 +54,7 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    return {"model": model, "cores": usable, "flags": [f for f in RELEVANT_FLAGS if f in flags],
+    return {"model": model, "cores": usable_cpu_cores(), "flags": [f for f in RELEVANT_FLAGS if f in flags],
             "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 

@@ -26,7 +26,7 @@ import httpx
 
 from serving.engine_client import EngineClient, EngineLimits
 from tuneloop.errors import AdapterError, EngineUnavailable
-from tuneloop.hardware import cpu_has_fast_bf16
+from tuneloop.hardware import cpu_has_fast_bf16, usable_cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class EngineSpec:
     lora_target_modules: list[str] = field(default_factory=list)
     lora_modules: dict[str, Path] = field(default_factory=dict)
     kv_cache_gib: float = 2.0
-    cpu_reserved_cores: int | None = field(default=None, metadata={"help": "None: see resolved_reserved_cores."})
+    cpu_reserved_cores: int | None = None  # None: engine_env decides
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora_ops: Literal["grouped", "stock"] = "grouped"
     enable_lora: bool = True
@@ -69,29 +69,24 @@ class EngineSpec:
         return "bfloat16" if cpu_has_fast_bf16() or _has_gpu() else "float32"
 
     @property
-    def resolved_reserved_cores(self) -> int | None:
-        """Cores vLLM's CPU backend keeps for its scheduler; None leaves vLLM's choice. vLLM reserves one core
-        per worker, which on a 2-core machine halves the compute for a scheduler that mostly waits."""
-        if self.cpu_reserved_cores is not None:
-            return self.cpu_reserved_cores
-        if RESERVED_CORES_ENV in os.environ:  # the operator's own setting wins over ours
-            return None
-        return 0 if (os.cpu_count() or 1) <= 2 else None
-
-    @property
     def limits(self) -> EngineLimits:
         return EngineLimits(self.base_sha256, vllm_rank(self.max_lora_rank) if self.enable_lora else 0,
                             tuple(self.lora_target_modules))
 
 
 def engine_env(spec: EngineSpec) -> dict[str, str]:
-    """vLLM's environment: ours on top of the caller's."""
+    """vLLM's environment: ours on top of the caller's.
+
+    vLLM's CPU backend keeps one core per worker free for its scheduler, which on a 2-core machine halves the
+    compute for a process that mostly waits; there, unless the spec or the operator's environment says otherwise,
+    it keeps none."""
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
            "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", LORA_OPS_ENV: spec.lora_ops}
-    reserved = spec.resolved_reserved_cores
-    if reserved is not None:
-        env[RESERVED_CORES_ENV] = str(reserved)
+    if spec.cpu_reserved_cores is not None:
+        env[RESERVED_CORES_ENV] = str(spec.cpu_reserved_cores)
+    elif RESERVED_CORES_ENV not in os.environ and usable_cpu_cores() <= 2:
+        env[RESERVED_CORES_ENV] = "0"
     return env
 
 

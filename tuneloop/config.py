@@ -271,9 +271,9 @@ class ServingConfig(StrictModel):
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
     cpu_reserved_cores: int | None = Field(
         default=None, ge=0, description="CPU cores vLLM's CPU backend keeps free of compute threads "
-        "(VLLM_CPU_NUM_OF_RESERVED_CPU). null: none on machines with 2 cores or fewer (vLLM would reserve one of "
-        "two; using both served 1.6x more classification requests, `docs/architecture.md`), vLLM's default "
-        "elsewhere. No effect on GPUs.")
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). null: none where this process may use 2 cores or fewer (vLLM would "
+        "reserve one of two; using both served 1.6x more classification requests, `docs/architecture.md`), "
+        "vLLM's default elsewhere. No effect on GPUs.")
     prefix_caching: bool | None = Field(
         default=None, description="vLLM's automatic prefix caching: true/false force it, null keeps vLLM's default.")
     admin_token: str | None = Field(

@@ -20,6 +20,7 @@ from challenger_sets.records import Example, Message
 from evaluators.compare import compare_runs
 from evaluators.runner import EvalRunner, EvalTarget
 from tests.serving.conftest import ADMIN_TOKEN, LiveGateway
+from tuneloop.hardware import usable_cpu_cores
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, TrafficRow
 from tuneloop.timewindow import parse_instant
 
@@ -235,7 +236,7 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
     log = engine.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
     assert INSTALLED_MESSAGE in log and GROUPED_RAN_MESSAGE in log
     assert FELL_BACK_MESSAGE not in log, f"a LoRA op fell back to vLLM's in {dtype_name}"
-    if (os.cpu_count() or 1) <= 2 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+    if usable_cpu_cores() <= 2 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
         assert "reserve_cpu_num=0" in log, "on two cores vLLM's compute threads should use both"
     assert agree >= 7, f"only {agree}/8 first tokens agree between vLLM ({dtype_name}) and PEFT ({dtype_name})"
     # An ignored adapter would leave the base model's choice where it was: this random adapter moves its
