@@ -68,9 +68,18 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m pytest -q tests/bench $(PYTEST_ARGS)
 
+# mypy cannot follow setuptools' package-dir mapping (tuneloop.serving lives in serving/), so it checks a tree of
+# symlinks laid out as the installed package is, rebuilt on every run; its paths read tuneloop/serving/... .
+TYPECHECK := .cache/typecheck
+SUBSYSTEMS := serving evaluators challenger_sets monitor retrain
+
 lint: install
-	$(BIN)/ruff check tuneloop serving monitor evaluators challenger_sets retrain tests bench
-	$(BIN)/mypy tuneloop challenger_sets retrain evaluators serving monitor bench
+	$(BIN)/ruff check tuneloop $(SUBSYSTEMS) tests bench
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/tuneloop
+	@for entry in tuneloop/*; do ln -s "$(CURDIR)/$$entry" $(TYPECHECK)/tuneloop/; done
+	@for sub in $(SUBSYSTEMS); do ln -s "$(CURDIR)/$$sub" $(TYPECHECK)/tuneloop/$$sub; done
+	@ln -s "$(CURDIR)/bench" $(TYPECHECK)/bench
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p tuneloop -p bench
 
 clean:
 	rm -rf $(VENV) .tuneloop .cache

@@ -35,9 +35,9 @@ import numpy as np
 
 from bench.setup import CACHE, chat_sets, sentiment_sets
 from bench.tables import Table, emit
-from monitor.calibration import calibrate_views
-from monitor.embeddings import Embedder, EmbeddingCache
-from monitor.views import (
+from tuneloop.monitor.calibration import calibrate_views
+from tuneloop.monitor.embeddings import Embedder, EmbeddingCache
+from tuneloop.monitor.views import (
     DescriptorsView,
     DomainClassifierView,
     EmbeddingModelView,
@@ -222,7 +222,7 @@ def _detection(methods: Methods, airline: TextFeatures, other: TextFeatures, siz
 
 def _timing(*, quick: bool) -> Table:
     """A drift check's read + features + views over N captured prompts: warm embedding cache vs cold."""
-    from monitor.samples import reference_sample, traffic_window
+    from tuneloop.monitor.samples import reference_sample, traffic_window
     from tuneloop.store import Store
     from tuneloop.tables import TrafficRow
 
@@ -232,7 +232,7 @@ def _timing(*, quick: bool) -> Table:
     with tempfile.TemporaryDirectory() as tmp:
         config = parse_config("data_dir: data\n", config_dir=Path(tmp))
         store = Store(config.resolved_database_url)
-        from challenger_sets.embedded import ensure_embedded_datasets
+        from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
 
         ensure_embedded_datasets(store, config.data_path, ["sentiment"])
         with store.session() as session:
@@ -272,7 +272,7 @@ def _one_check(config: Config, store: object, reference: object, n: int, cache_p
     """Seconds for read + features + fit + score, with the embedder pointed at `cache_path`."""
     import shutil
 
-    from monitor.views import make_input_views
+    from tuneloop.monitor.views import make_input_views
 
     if seed_from is not None:  # the cold cache holds only the reference's vectors
         shutil.copy(seed_from, cache_path)

@@ -18,17 +18,17 @@ import torch
 from bench.load import free_port
 from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example
-from evaluators.client import request_body
-from evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.client import request_body
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.config import TaskConfig, parse_config
 from tuneloop.store import Store
 
 
 def run(*, quick: bool = False) -> list[Table]:
-    from retrain.finetune import finetune
-    from serving.server import running_server
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.server import running_server
     from tuneloop.registry import get_adapter
 
     sizes = {"sentiment": 16, "chat": 8} if quick else {"sentiment": 96, "chat": 32}
@@ -131,8 +131,8 @@ def _metric_speed(n: int) -> Table:
     import sacrebleu
     from rouge_score import rouge_scorer
 
-    from evaluators.scoring import score_examples
-    from evaluators.statistics import table_interval
+    from tuneloop.evaluators.scoring import score_examples
+    from tuneloop.evaluators.statistics import table_interval
 
     replies = [e.reference for e in chat_sets()["train"]]
     rng = random.Random(3)
@@ -148,7 +148,7 @@ def _metric_speed(n: int) -> Table:
         table_interval(table, resamples=1000)
     ours_ci = time.perf_counter() - started
 
-    from evaluators.metrics import token_f1_one
+    from tuneloop.evaluators.metrics import token_f1_one
 
     started = time.perf_counter()
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)

@@ -21,20 +21,20 @@ from sqlalchemy import select
 from bench.load import free_port
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
-from challenger_sets.catalog import add_dataset
-from evaluators.few_shot import prediction_counts
-from evaluators.label_likelihood import predict_labels
-from evaluators.scoring import score_examples
-from evaluators.statistics import paired_bootstrap, table_interval
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.evaluators.few_shot import prediction_counts
+from tuneloop.evaluators.label_likelihood import predict_labels
+from tuneloop.evaluators.scoring import score_examples
+from tuneloop.evaluators.statistics import paired_bootstrap, table_interval
 from tuneloop.config import parse_config
 from tuneloop.store import Store
 from tuneloop.tables import EvalPredictionRow
 
 
 def run(*, quick: bool = False) -> list[Table]:
-    from evaluators.runner import EvalRunner, EvalTarget
-    from retrain.finetune import finetune
-    from serving.server import running_server
+    from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.server import running_server
     from tuneloop.registry import get_adapter
 
     steps, n = (2, 24) if quick else (40, 1000)

@@ -37,13 +37,13 @@ import torch
 from bench.load import LoadResult, chat_bodies, free_port, run_load
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
-from evaluators.label_likelihood import predict_labels
-from evaluators.scoring import score_examples
-from evaluators.statistics import table_interval
-from retrain.trainer import fit
-from serving.constraints import constrain_to_labels
-from serving.engine import EngineSpec, EngineSupervisor
-from serving.lora_ops import FELL_BACK_MESSAGE, INSTALLED_MESSAGE
+from tuneloop.evaluators.label_likelihood import predict_labels
+from tuneloop.evaluators.scoring import score_examples
+from tuneloop.evaluators.statistics import table_interval
+from tuneloop.retrain.trainer import fit
+from tuneloop.serving.constraints import constrain_to_labels
+from tuneloop.serving.engine import EngineSpec, EngineSupervisor
+from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, INSTALLED_MESSAGE
 from tuneloop.config import Config, TaskConfig
 from tuneloop.hardware import cpu_has_fast_bf16
 
@@ -372,7 +372,7 @@ def _ops_microbenchmark(quick: bool) -> Table:
     """vLLM's stock CPU LoRA ops vs the grouped ops on one 576-wide projection, r=8, one adapter."""
     from vllm.lora.ops.torch_ops import lora_ops as stock
 
-    from serving import lora_ops as grouped
+    from tuneloop.serving import lora_ops as grouped
 
     rows: list[list[Any]] = []
     generator = torch.Generator().manual_seed(0)

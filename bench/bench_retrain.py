@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from bench.load import free_port
 from bench.tables import Table, emit
-from challenger_sets.records import normalize_text
+from tuneloop.challenger_sets.records import normalize_text
 from tuneloop.timewindow import as_utc
 
 METRICS = ("accuracy", "macro_f1")
@@ -59,8 +59,8 @@ def run(*, quick: bool = False) -> list[Table]:
 
 
 def _timings(config: Any, store: Any, demo_s: float) -> Table:
-    from challenger_sets.catalog import get_dataset
-    from retrain.jobs import JobStore
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.retrain.jobs import JobStore
     from tuneloop.events import list_events
     from tuneloop.tables import DriftRunRow, TrafficRow
 
@@ -101,13 +101,13 @@ def _timings(config: Any, store: Any, demo_s: float) -> Table:
 
 
 def _quality(config: Any, store: Any, n: int) -> list[Table]:
-    from challenger_sets.catalog import get_dataset
-    from challenger_sets.splits import evaluation_set
-    from evaluators.compare import compare_runs
-    from evaluators.runner import EvalRunner, EvalTarget
-    from retrain.finetune import finetune
-    from retrain.jobs import JobStore
-    from serving.server import running_server
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.challenger_sets.splits import evaluation_set
+    from tuneloop.evaluators.compare import compare_runs
+    from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.retrain.jobs import JobStore
+    from tuneloop.serving.server import running_server
     from tuneloop.registry import get_adapter
 
     job = JobStore(store).recent(task="sentiment", limit=1)[0]
@@ -126,7 +126,7 @@ def _quality(config: Any, store: Any, n: int) -> list[Table]:
     runs: dict[tuple[str, str], int] = {}
     scores: list[list[Any]] = []
     with running_server(config, store, seed=0) as running:
-        from evaluators.targets import ensure_served
+        from tuneloop.evaluators.targets import ensure_served
 
         runner = EvalRunner(config, store, progress=False)
         for index, dataset in enumerate(sets):

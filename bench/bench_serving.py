@@ -33,16 +33,16 @@ import numpy as np
 from bench.load import LoadResult, chat_bodies, free_port, run_load
 from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
-from challenger_sets.catalog import add_dataset
-from serving.admin_client import AdminClient
-from serving.engine import EngineSupervisor
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.serving.admin_client import AdminClient
+from tuneloop.serving.engine import EngineSupervisor
 from tuneloop.config import parse_config
 from tuneloop.store import Store
 
 
 def run(*, quick: bool = False) -> list[Table]:
-    from retrain.finetune import finetune
-    from serving.server import running_server
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.server import running_server
 
     levels = [(1, 4), (8, 16)] if quick else [(1, 12), (8, 48), (32, 96)]
     tokens = 16 if quick else 64

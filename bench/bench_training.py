@@ -26,8 +26,8 @@ import torch
 
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
-from retrain.batching import encode_example
-from retrain.trainer import fit, load_model_for_method, use_bf16
+from tuneloop.retrain.batching import encode_example
+from tuneloop.retrain.trainer import fit, load_model_for_method, use_bf16
 from tuneloop.config import Config, TrainConfig
 
 

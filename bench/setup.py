@@ -6,7 +6,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from challenger_sets.records import Example
+from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config, parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,13 +28,13 @@ def base_model_path() -> Path:
 
 @cache
 def sentiment_sets() -> dict[str, list[Example]]:
-    from challenger_sets.embedded import build_sentiment
+    from tuneloop.challenger_sets.embedded import build_sentiment
 
     return {built.name: built.examples for built in build_sentiment()}
 
 
 @cache
 def chat_sets() -> dict[str, list[Example]]:
-    from challenger_sets.embedded import build_chat
+    from tuneloop.challenger_sets.embedded import build_chat
 
     return {built.name: built.examples for built in build_chat()}

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
-from challenger_sets.leakage import check_no_leakage, input_keys
-from challenger_sets.records import Example, read_examples, read_numbered_examples, write_jsonl
-from challenger_sets.task_check import check_for_task
+from tuneloop.challenger_sets.leakage import check_no_leakage, input_keys
+from tuneloop.challenger_sets.records import Example, read_examples, read_numbered_examples, write_jsonl
+from tuneloop.challenger_sets.task_check import check_for_task
 from tuneloop.config import TaskConfig
 from tuneloop.errors import DatasetError, DatasetNotFound
 from tuneloop.events import record_event

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from challenger_sets.catalog import DatasetKind, add_dataset, find_latest
-from challenger_sets.leakage import input_keys, overlapping
-from challenger_sets.records import Example, Message, normalize_text
+from tuneloop.challenger_sets.catalog import DatasetKind, add_dataset, find_latest
+from tuneloop.challenger_sets.leakage import input_keys, overlapping
+from tuneloop.challenger_sets.records import Example, Message, normalize_text
 from tuneloop.errors import DatasetError
 from tuneloop.store import Store
 

@@ -12,9 +12,9 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from challenger_sets.catalog import DatasetVersion, add_dataset, list_datasets
-from challenger_sets.leakage import input_keys
-from challenger_sets.records import Example, Message, normalize_text
+from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset, list_datasets
+from tuneloop.challenger_sets.leakage import input_keys
+from tuneloop.challenger_sets.records import Example, Message, normalize_text
 from tuneloop.config import Config
 from tuneloop.errors import DatasetError
 from tuneloop.store import Store

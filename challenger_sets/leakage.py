@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from challenger_sets.records import Example, normalize_text
+from tuneloop.challenger_sets.records import Example, normalize_text
 from tuneloop.errors import LeakageError
 
 

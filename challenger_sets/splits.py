@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 
-from challenger_sets.catalog import DatasetVersion, add_dataset, find_latest, list_datasets, qualify
-from challenger_sets.leakage import input_keys
-from challenger_sets.records import Example, normalize_text
+from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset, find_latest, list_datasets, qualify
+from tuneloop.challenger_sets.leakage import input_keys
+from tuneloop.challenger_sets.records import Example, normalize_text
 from tuneloop.errors import DatasetError
 from tuneloop.store import Store
 

@@ -10,7 +10,7 @@ any is refused whole.
 
 from __future__ import annotations
 
-from challenger_sets.records import Example, raise_all
+from tuneloop.challenger_sets.records import Example, raise_all
 from tuneloop.config import TaskConfig
 from tuneloop.errors import DatasetError
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 
-from challenger_sets.records import Example
-from evaluators.targets import EvalTarget
-from serving.constraints import constrain_to_labels
-from serving.protocol import EVAL_PURPOSE_HEADER
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.targets import EvalTarget
+from tuneloop.serving.constraints import constrain_to_labels
+from tuneloop.serving.protocol import EVAL_PURPOSE_HEADER
 from tuneloop.config import EvaluationConfig, TaskConfig
 from tuneloop.errors import EngineUnavailable, ModelNotFound
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from evaluators.runner import EvalRunner
-from evaluators.statistics import mcnemar, paired_bootstrap
+from tuneloop.evaluators.runner import EvalRunner
+from tuneloop.evaluators.statistics import mcnemar, paired_bootstrap
 from tuneloop.errors import EvaluationError
 
 

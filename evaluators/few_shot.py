@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from challenger_sets.records import Example
-from evaluators.label_likelihood import ShotFormat
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.label_likelihood import ShotFormat
 
 ShotSampling = Literal["balanced", "proportional"]
 

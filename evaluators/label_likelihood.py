@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from challenger_sets.records import Example
+from tuneloop.challenger_sets.records import Example
 
 ShotFormat = Literal["turns", "message"]
 SHOT_FORMATS: tuple[ShotFormat, ...] = ("turns", "message")

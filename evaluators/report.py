@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from challenger_sets.records import Example
-from evaluators.scoring import MetricTable
-from evaluators.statistics import minimum_detectable_effect, table_interval
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.scoring import MetricTable
+from tuneloop.evaluators.statistics import minimum_detectable_effect, table_interval
 from tuneloop.config import EvaluationConfig
 
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import httpx
 from tqdm import tqdm
 
-from challenger_sets.catalog import DatasetVersion
-from challenger_sets.records import Example
-from evaluators.client import FLUSH_EVERY, Answer, EndpointClient, decoding_settings, request_body
-from evaluators.report import EvalReport, score_tables
-from evaluators.runs import RunStore, run_key
-from evaluators.scoring import MetricTable, score_examples
-from evaluators.targets import EvalTarget
+from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.client import FLUSH_EVERY, Answer, EndpointClient, decoding_settings, request_body
+from tuneloop.evaluators.report import EvalReport, score_tables
+from tuneloop.evaluators.runs import RunStore, run_key
+from tuneloop.evaluators.scoring import MetricTable, score_examples
+from tuneloop.evaluators.targets import EvalTarget
 from tuneloop.config import Config, TaskConfig
 from tuneloop.errors import EvaluationError
 from tuneloop.store import Store
@@ -82,7 +82,7 @@ class EvalRunner:
 
     def tables(self, run_id: int) -> tuple[list[str], dict[str, MetricTable]]:
         """Example ids (in dataset order) and the metric tables a finished run was scored with (stored)."""
-        from challenger_sets.catalog import get_dataset
+        from tuneloop.challenger_sets.catalog import get_dataset
 
         run = self.runs.get(run_id)
         if run.status != "complete":

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, func, select, update
 
-from challenger_sets.catalog import DatasetVersion
-from evaluators.client import Answer
-from evaluators.report import EvalReport, MetricScore
-from evaluators.scoring import MetricTable, table_from_stats
-from evaluators.targets import EvalTarget
+from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.evaluators.client import Answer
+from tuneloop.evaluators.report import EvalReport, MetricScore
+from tuneloop.evaluators.scoring import MetricTable, table_from_stats
+from tuneloop.evaluators.targets import EvalTarget
 from tuneloop.errors import EvaluationError
 from tuneloop.store import Store
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, EvalScoreRow

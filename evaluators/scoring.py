@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluators import metrics as m
+from tuneloop.evaluators import metrics as m
 
 MEAN_METRICS = ("accuracy", "exact_match", "token_f1", "rouge1", "rouge2", "rougeL", "rougeLsum")
 

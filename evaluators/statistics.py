@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluators.scoring import MetricTable
+from tuneloop.evaluators.scoring import MetricTable
 
 DEFAULT_SEED = 12345
 DEFAULT_RESAMPLES = 2000

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.admin_client import AdminClient, gateway_url
+from tuneloop.serving.admin_client import AdminClient, gateway_url
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError, AuthError, EvaluationError
 from tuneloop.registry import AdapterVersion, find_alias, get_adapter

@@ -29,7 +29,7 @@ from scipy.stats import norm, skew
 from sqlalchemy import select
 from tqdm import tqdm
 
-from monitor.views import InputView, TextFeatures
+from tuneloop.monitor.views import InputView, TextFeatures
 from tuneloop.store import Store
 from tuneloop.tables import DriftCalibrationRow
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from monitor.calibration import (
+from tuneloop.monitor.calibration import (
     ANY_VIEW,
     Calibration,
     calibrate_views,
@@ -27,9 +27,9 @@ from monitor.calibration import (
     save_calibrations,
     threshold_from_null,
 )
-from monitor.embeddings import Embedder, EmbeddingCache
-from monitor.output_view import NULL_WINDOWS, OutputStatistic, heldout_answers
-from monitor.samples import (
+from tuneloop.monitor.embeddings import Embedder, EmbeddingCache
+from tuneloop.monitor.output_view import NULL_WINDOWS, OutputStatistic, heldout_answers
+from tuneloop.monitor.samples import (
     DriftError,
     NotEnoughTraffic,
     ReferenceSample,
@@ -37,7 +37,7 @@ from monitor.samples import (
     reference_sample,
     traffic_window,
 )
-from monitor.views import INPUT_VIEWS, TextFeatures, make_input_views
+from tuneloop.monitor.views import INPUT_VIEWS, TextFeatures, make_input_views
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
@@ -240,7 +240,7 @@ class DriftDetector:
                                            n=v.n, status=v.status, detail={**v.detail, "calibration": v.calibration}))
             report.run_id, report.created_at = row.id, row.created_at
         if html and reference is not None:
-            from monitor.html_report import render_drift_html, save_report
+            from tuneloop.monitor.html_report import render_drift_html, save_report
 
             t0 = time.perf_counter()
             path = save_report(render_drift_html(reference.texts, current.prompts), self.reports_dir(report.task),

@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from challenger_sets.catalog import short_name
-from challenger_sets.splits import evaluation_set
+from tuneloop.challenger_sets.catalog import short_name
+from tuneloop.challenger_sets.splits import evaluation_set
 from tuneloop.config import Config, schedule_seconds
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Store

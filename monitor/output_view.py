@@ -78,7 +78,7 @@ class OutputStatistic:
     def score_codes(self, codes: np.ndarray) -> float:
         if self.kind == "classification":
             return float(0.5 * np.abs(self._shares(codes) - self.reference_shares).sum())
-        from monitor.views import _ks_statistic
+        from tuneloop.monitor.views import _ks_statistic
 
         empty = abs(float(np.mean(codes == 0)) - self.reference_empty)
         return max(_ks_statistic(self.reference_lengths, codes), empty)

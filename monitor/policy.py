@@ -23,9 +23,9 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import select
 
-from challenger_sets.catalog import qualify
-from challenger_sets.catalog import short_name as _short
-from challenger_sets.splits import evaluation_set
+from tuneloop.challenger_sets.catalog import qualify
+from tuneloop.challenger_sets.catalog import short_name as _short
+from tuneloop.challenger_sets.splits import evaluation_set
 from tuneloop.config import Config, TaskConfig
 from tuneloop.events import record_event
 from tuneloop.registry import find_alias
@@ -137,9 +137,9 @@ class Policy:
     def _difference(self, task_config: TaskConfig, base: EvalRunRow, current: EvalRunRow,
                     metric: str) -> tuple[float, float, float, str] | None:
         """current - baseline with a bootstrap CI: the two runs scored different examples, so independently."""
-        from challenger_sets.catalog import get_dataset
-        from evaluators.runs import RunStore
-        from evaluators.statistics import bootstrap_draws
+        from tuneloop.challenger_sets.catalog import get_dataset
+        from tuneloop.evaluators.runs import RunStore
+        from tuneloop.evaluators.statistics import bootstrap_draws
         from tuneloop.errors import TuneloopError
 
         runs = RunStore(self.store)

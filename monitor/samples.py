@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from challenger_sets.catalog import get_dataset
+from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.config import Config
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Store

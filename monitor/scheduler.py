@@ -19,9 +19,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from monitor import jobs
-from monitor.jobs import JobFunction
-from monitor.lease import Lease
+from tuneloop.monitor import jobs
+from tuneloop.monitor.jobs import JobFunction
+from tuneloop.monitor.lease import Lease
 from tuneloop.config import Config, parse_interval
 from tuneloop.store import Store
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from challenger_sets.catalog import DatasetVersion
-from monitor.jobs import JobFunction
-from monitor.policy import Policy
-from monitor.scheduler import TuneloopScheduler
+from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.monitor.jobs import JobFunction
+from tuneloop.monitor.policy import Policy
+from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.config import Config
 from tuneloop.errors import DatasetError
 from tuneloop.store import Store
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 def eval_runner(config: Config, store: Store) -> JobFunction:
     def run(task: str) -> dict[str, Any]:
-        from evaluators.runner import EvalRunner
-        from evaluators.targets import EvalTarget
-        from serving.admin_client import gateway_url
+        from tuneloop.evaluators.runner import EvalRunner
+        from tuneloop.evaluators.targets import EvalTarget
+        from tuneloop.serving.admin_client import gateway_url
         from tuneloop.registry import find_alias
 
         champion = find_alias(store, task, "champion")
@@ -50,9 +50,9 @@ def scheduled_sets(config: Config, store: Store, task: str) -> list[DatasetVersi
     Judging on the split from the first eval on, rather than on the whole set until some retrain splits it, keeps
     the series comparable across champions (a retrained champion has seen the other half) and lets the gate reuse
     the champion's finished scheduled runs on the same examples instead of asking them again."""
-    from challenger_sets.catalog import get_dataset
-    from challenger_sets.splits import evaluation_set
-    from retrain.data import judge_set
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.challenger_sets.splits import evaluation_set
+    from tuneloop.retrain.data import judge_set
 
     sets = [get_dataset(store, config.task(task).heldout_dataset)]
     for name in config.task(task).challenger_datasets:
@@ -65,7 +65,7 @@ def scheduled_sets(config: Config, store: Store, task: str) -> list[DatasetVersi
 
 
 def drift_runner(config: Config, store: Store) -> JobFunction:
-    from monitor.drift import DriftDetector, NotEnoughTraffic
+    from tuneloop.monitor.drift import DriftDetector, NotEnoughTraffic
 
     detector = DriftDetector(config, store)
 
@@ -82,8 +82,8 @@ def drift_runner(config: Config, store: Store) -> JobFunction:
 def after_job(config: Config, store: Store, job: str, task: str) -> None:
     """What follows a successful scheduled job: the policy (incidents), retraining for new incidents, and, after an
     eval, the watch of a recent promotion."""
-    from retrain.triggers import incident_trigger, request_retrain
-    from retrain.watch import Watch
+    from tuneloop.retrain.triggers import incident_trigger, request_retrain
+    from tuneloop.retrain.watch import Watch
 
     outcome = Policy(config, store).evaluate(task)
     if outcome.opened:

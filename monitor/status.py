@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import func, inspect, select, text
 
-from monitor.policy import list_incidents
-from monitor.scheduler import JOBS_TABLE
+from tuneloop.monitor.policy import list_incidents
+from tuneloop.monitor.scheduler import JOBS_TABLE
 from tuneloop.store import Store
 from tuneloop.tables import DriftRunRow, JobRunRow, LeaseRow
 from tuneloop.timewindow import as_utc
@@ -62,7 +62,7 @@ def monitor_status(store: Store) -> MonitorStatus:
     live = lease is not None and _aware(lease.expires_at) > datetime.now(UTC)  # type: ignore[operator]
     incidents = [{"id": i.id, "task": i.task, "rule": i.rule, "opened_at": i.opened_at, "breaches": i.breaches,
                   "message": i.detail.get("message")} for i in list_incidents(store)]
-    from retrain.jobs import JobStore
+    from tuneloop.retrain.jobs import JobStore
 
     retrain: dict[str, dict[str, Any]] = {}
     for retrain_job in JobStore(store).recent(limit=200):

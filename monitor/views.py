@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from monitor.embeddings import Embedder
+from tuneloop.monitor.embeddings import Embedder
 
 DESCRIPTOR_NAMES = ("length_chars", "word_count", "non_letter_share")
 NOVELTY_NEIGHBOURS = 5

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from challenger_sets.records import Example
+from tuneloop.challenger_sets.records import Example
 
 IGNORE_INDEX = -100
 

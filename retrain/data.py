@@ -21,11 +21,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from challenger_sets.catalog import DatasetVersion, add_dataset, get_dataset, list_datasets, qualify
-from challenger_sets.leakage import check_no_leakage, input_keys
-from challenger_sets.records import Example, Message, normalize_text
-from challenger_sets.splits import GATE_SUFFIX, ensure_judge_set, split
-from serving.redact import Redactor
+from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset, get_dataset, list_datasets, qualify
+from tuneloop.challenger_sets.leakage import check_no_leakage, input_keys
+from tuneloop.challenger_sets.records import Example, Message, normalize_text
+from tuneloop.challenger_sets.splits import GATE_SUFFIX, ensure_judge_set, split
+from tuneloop.serving.redact import Redactor
 from tuneloop.config import Config
 from tuneloop.errors import TrainingError
 from tuneloop.store import Store

@@ -15,9 +15,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from challenger_sets.catalog import get_dataset
-from challenger_sets.records import Example
-from retrain.trainer import FitResult, fit
+from tuneloop.challenger_sets.catalog import get_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.retrain.trainer import FitResult, fit
 from tuneloop.basemodel import ensure_base_model
 from tuneloop.config import Config, TrainConfig, TrainMethod
 from tuneloop.errors import TrainingError

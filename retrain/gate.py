@@ -20,12 +20,12 @@ from typing import Any
 
 import httpx
 
-from challenger_sets.catalog import DatasetVersion
-from evaluators.compare import MetricComparison, compare_runs
-from evaluators.runner import EvalRunner, EvalTarget
-from evaluators.statistics import minimum_detectable_effect, paired_standard_error_floor
-from evaluators.targets import ensure_served
-from retrain.data import GateSet
+from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.evaluators.compare import MetricComparison, compare_runs
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.evaluators.statistics import minimum_detectable_effect, paired_standard_error_floor
+from tuneloop.evaluators.targets import ensure_served
+from tuneloop.retrain.data import GateSet
 from tuneloop.config import Config, GateConfig
 from tuneloop.registry import AdapterVersion
 from tuneloop.store import Store

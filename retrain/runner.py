@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from retrain.jobs import Job
+from tuneloop.retrain.jobs import Job
 from tuneloop.config import Config
 
 CONFIG_SNAPSHOT = "config.json"
@@ -51,7 +51,7 @@ class LocalRunner:
         log_path = folder / "worker.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "retrain.worker", str(job.id), "--config-snapshot", str(snapshot)],
+                [sys.executable, "-m", "tuneloop.retrain.worker", str(job.id), "--config-snapshot", str(snapshot)],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 cwd=str(self.config.config_dir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # Reap the child when it ends so it never lingers as a zombie the job reaper would mistake for alive.

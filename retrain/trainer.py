@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from challenger_sets.records import Example
-from retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
+from tuneloop.challenger_sets.records import Example
+from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TrainingError
 from tuneloop.hardware import cpu_has_fast_bf16

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrain.jobs import JobStore, SubmitOutcome, Trigger
-from retrain.runner import JobRunner, runner_for
+from tuneloop.retrain.jobs import JobStore, SubmitOutcome, Trigger
+from tuneloop.retrain.runner import JobRunner, runner_for
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from retrain.jobs import Job, JobStore
+from tuneloop.retrain.jobs import Job, JobStore
 from tuneloop.config import Config
 from tuneloop.errors import EngineUnavailable
 from tuneloop.events import record_event
@@ -94,7 +94,7 @@ class Watch:
 
     def _roll_back(self, job: Job, task: str, checked: dict[str, Any], regressions: list[Signal],
                    signals: list[Signal]) -> WatchOutcome:
-        from serving.promotion import rollback
+        from tuneloop.serving.promotion import rollback
 
         why = "; ".join(s.message for s in regressions)
         log.warning("%s: rolling back %s@%s: %s", task, task, job.candidate_version, why)
@@ -107,9 +107,9 @@ class Watch:
         return WatchOutcome(job.id, task, "rolled_back", signals)
 
     def _evaluations(self, task: str, old: int, new: int, job: Job) -> list[Signal]:
-        from challenger_sets.catalog import get_dataset
-        from evaluators.targets import ensure_served
-        from retrain.gate import Gate
+        from tuneloop.challenger_sets.catalog import get_dataset
+        from tuneloop.evaluators.targets import ensure_served
+        from tuneloop.retrain.gate import Gate
 
         gate = Gate(self.config, self.store, task)
         settings, metric = gate.settings, gate.metric

@@ -16,11 +16,11 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from retrain.jobs import JobStore, TriggerRecord, remove_staging, staging_prefix
+from tuneloop.retrain.jobs import JobStore, TriggerRecord, remove_staging, staging_prefix
 from tuneloop.config import Config, parse_config
 from tuneloop.store import Store
 
-log = logging.getLogger("retrain.worker")
+log = logging.getLogger("tuneloop.retrain.worker")
 
 
 class Terminated(Exception):
@@ -29,10 +29,10 @@ class Terminated(Exception):
 
 def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None = None) -> str:
     """Run the job's stages; returns its final state."""
-    from retrain.data import assemble, gate_sets
-    from retrain.finetune import finetune
-    from retrain.gate import Gate
-    from serving.promotion import promote
+    from tuneloop.retrain.data import assemble, gate_sets
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.retrain.gate import Gate
+    from tuneloop.serving.promotion import promote
     from tuneloop.registry import find_alias
 
     jobs = JobStore(store)
@@ -94,7 +94,7 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
 
 def _unload(config: Config, ref: str) -> None:
     """A rejected candidate stays registered but should not hold an adapter slot in the engine."""
-    from serving.admin_client import AdminClient
+    from tuneloop.serving.admin_client import AdminClient
 
     try:
         AdminClient(config).unload(ref)
@@ -104,7 +104,7 @@ def _unload(config: Config, ref: str) -> None:
 
 def _challengers(config: Config, triggers: list[TriggerRecord], task: str) -> list[str]:
     """The challenger sets the triggers name (an incident's rule, an alert's `dataset` label), else the task's."""
-    from challenger_sets.catalog import qualify
+    from tuneloop.challenger_sets.catalog import qualify
 
     task_config = config.task(task)
     named: list[str] = []

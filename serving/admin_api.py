@@ -8,15 +8,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving.auth import require_admin
-from serving.protocol import (
+from tuneloop.serving.auth import require_admin
+from tuneloop.serving.protocol import (
     AdapterLoadRequest,
     PromoteRequest,
     RollbackRequest,
     read_json_body,
     validate_body,
 )
-from serving.state import GatewayContext, context
+from tuneloop.serving.state import GatewayContext, context
 from tuneloop.errors import AdapterError
 
 

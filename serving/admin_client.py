@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from serving.protocol import ERROR_TYPES
+from tuneloop.serving.protocol import ERROR_TYPES
 from tuneloop.config import Config
 from tuneloop.errors import EngineUnavailable, TuneloopError
 

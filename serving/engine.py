@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 import httpx
 
-from serving.engine_client import EngineClient, EngineLimits
+from tuneloop.serving.engine_client import EngineClient, EngineLimits
 from tuneloop.errors import AdapterError, EngineUnavailable
 from tuneloop.hardware import cpu_has_fast_bf16, usable_cpu_cores
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from challenger_sets.records import MAX_TEXT_CHARS
+from tuneloop.challenger_sets.records import MAX_TEXT_CHARS
 from tuneloop.config import Config
 from tuneloop.errors import DatasetError, FeedbackConflict, FeedbackError, UnknownRequest
 from tuneloop.store import Store

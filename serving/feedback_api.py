@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving.auth import require_admin
-from serving.feedback import attach_reference
-from serving.protocol import FeedbackRequest, read_json_body, validate_body
-from serving.state import context
+from tuneloop.serving.auth import require_admin
+from tuneloop.serving.feedback import attach_reference
+from tuneloop.serving.protocol import FeedbackRequest, read_json_body, validate_body
+from tuneloop.serving.state import context
 
 
 async def feedback(request: Request) -> Response:

@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import admin_api, feedback_api, hooks_api, openai_api, reports_api
-from serving.protocol import RETRY_AFTER_S, error_response, status_of
-from serving.state import GatewayContext, context
+from tuneloop.serving import admin_api, feedback_api, hooks_api, openai_api, reports_api
+from tuneloop.serving.protocol import RETRY_AFTER_S, error_response, status_of
+from tuneloop.serving.state import GatewayContext, context
 from tuneloop.errors import TuneloopError
 
 __all__ = ["GatewayContext", "create_app"]

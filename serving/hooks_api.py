@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from retrain.triggers import AlertmanagerPayload, alert_triggers, request_retrain
-from serving.auth import require_admin
-from serving.protocol import read_json_body, validate_body
-from serving.state import context
+from tuneloop.retrain.triggers import AlertmanagerPayload, alert_triggers, request_retrain
+from tuneloop.serving.auth import require_admin
+from tuneloop.serving.protocol import read_json_body, validate_body
+from tuneloop.serving.state import context
 
 
 async def alertmanager(request: Request) -> Response:

@@ -11,8 +11,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from serving.engine_client import EngineClient, EngineLimits, check_servable
-from serving.routing import Router
+from tuneloop.serving.engine_client import EngineClient, EngineLimits, check_servable
+from tuneloop.serving.routing import Router
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
 from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias

@@ -208,7 +208,7 @@ REPLACEMENTS: dict[str, Callable[..., None]] = {
 
 def install() -> bool:
     """Swap the grouped ops into vLLM's CPU LoRA modules; True if installed. Idempotent."""
-    from serving.engine import LORA_OPS_ENV
+    from tuneloop.serving.engine import LORA_OPS_ENV
 
     if os.environ.get(LORA_OPS_ENV, "grouped") == "stock":
         return False

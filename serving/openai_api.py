@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving.constraints import constrain_to_labels
-from serving.protocol import (
+from tuneloop.serving.constraints import constrain_to_labels
+from tuneloop.serving.protocol import (
     EVAL_PURPOSE_HEADER,
     ChatRequest,
     CompletionRequest,
@@ -23,8 +23,8 @@ from serving.protocol import (
     text_content,
     validate_body,
 )
-from serving.proxy import ProxiedRequest, forward
-from serving.state import context
+from tuneloop.serving.proxy import ProxiedRequest, forward
+from tuneloop.serving.state import context
 
 
 def _purpose(request: Request) -> Purpose:

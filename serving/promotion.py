@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.admin_client import AdminClient, GatewayNotRunning
-from serving.hotswap import HotSwapper
-from serving.server import offline_limits
+from tuneloop.serving.admin_client import AdminClient, GatewayNotRunning
+from tuneloop.serving.hotswap import HotSwapper
+from tuneloop.serving.server import offline_limits
 from tuneloop.basemodel import ensure_base_model
 from tuneloop.config import Config
 from tuneloop.store import Store

@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving.auth import require_admin
-from serving.protocol import error_response
-from serving.state import context
+from tuneloop.serving.auth import require_admin
+from tuneloop.serving.protocol import error_response
+from tuneloop.serving.state import context
 
 
 def resolve_report(reports_dir: Path, relative: str) -> Path | None:

@@ -19,15 +19,15 @@ from typing import Protocol
 import httpx
 from prometheus_client import CollectorRegistry
 
-from monitor.exporter import MonitorCollector
-from serving.capture import CaptureWriter
-from serving.engine import EngineSpec, EngineSupervisor, ServingEngine
-from serving.engine_client import EngineLimits, check_servable
-from serving.gateway import GatewayContext, create_app
-from serving.hotswap import HotSwapper
-from serving.metrics import GatewayMetrics, ServingStateCollector
-from serving.redact import Redactor
-from serving.routing import Router
+from tuneloop.monitor.exporter import MonitorCollector
+from tuneloop.serving.capture import CaptureWriter
+from tuneloop.serving.engine import EngineSpec, EngineSupervisor, ServingEngine
+from tuneloop.serving.engine_client import EngineLimits, check_servable
+from tuneloop.serving.gateway import GatewayContext, create_app
+from tuneloop.serving.hotswap import HotSwapper
+from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+from tuneloop.serving.redact import Redactor
+from tuneloop.serving.routing import Router
 from tuneloop.basemodel import ensure_base_model
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError, EngineUnavailable

@@ -10,12 +10,12 @@ import httpx
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
-from serving.capture import CaptureWriter
-from serving.engine import ServingEngine
-from serving.hotswap import HotSwapper
-from serving.metrics import GatewayMetrics
-from serving.redact import Redactor
-from serving.routing import Router
+from tuneloop.serving.capture import CaptureWriter
+from tuneloop.serving.engine import ServingEngine
+from tuneloop.serving.hotswap import HotSwapper
+from tuneloop.serving.metrics import GatewayMetrics
+from tuneloop.serving.redact import Redactor
+from tuneloop.serving.routing import Router
 from tuneloop.config import Config
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from serving.admin_client import AdminClient
-from serving.capture import spilled_records
+from tuneloop.serving.admin_client import AdminClient
+from tuneloop.serving.capture import spilled_records
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store

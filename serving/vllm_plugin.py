@@ -8,6 +8,6 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from serving.lora_ops import install
+    from tuneloop.serving.lora_ops import install
 
     install()

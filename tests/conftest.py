@@ -68,6 +68,6 @@ def config_with_base(config: Config, base_model_dir: Path) -> Config:
 @pytest.fixture(scope="session")
 def embedded_sets() -> dict[str, list]:
     """The embedded tasks' built datasets (built once per session)."""
-    from challenger_sets.embedded import build_chat, build_sentiment
+    from tuneloop.challenger_sets.embedded import build_chat, build_sentiment
 
     return {"sentiment": build_sentiment(), "chat": build_chat()}

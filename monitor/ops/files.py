@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from monitor.ops.dashboards import DASHBOARDS, DashboardSpec, render
-from monitor.ops.rule_tests import promtool_tests
-from monitor.ops.rules import ALERT_RULES, RECORDING_RULES, RUNBOOK_BASE, grafana_alert_rules, prometheus_rules
+from tuneloop.monitor.ops.dashboards import DASHBOARDS, DashboardSpec, render
+from tuneloop.monitor.ops.rule_tests import promtool_tests
+from tuneloop.monitor.ops.rules import ALERT_RULES, RECORDING_RULES, RUNBOOK_BASE, grafana_alert_rules, prometheus_rules
 from tuneloop.errors import TuneloopError
 
 DATASOURCE_UID = "tuneloop-prometheus"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.ops.rules import ALERT_RULES, RUNBOOK_BASE
+from tuneloop.monitor.ops.rules import ALERT_RULES, RUNBOOK_BASE
 
 TL = 'job="tuneloop", instance="gateway:8400"'
 SCRAPE = {"job": "tuneloop", "instance": "gateway:8400"}

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from challenger_sets.catalog import add_dataset, get_dataset, import_dataset_file, list_datasets
-from challenger_sets.records import Example
+from tuneloop.challenger_sets.catalog import add_dataset, get_dataset, import_dataset_file, list_datasets
+from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config
 from tuneloop.errors import DatasetError, DatasetNotFound, LeakageError
 from tuneloop.store import Store

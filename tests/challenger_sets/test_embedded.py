@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from challenger_sets.embedded import AIRLINE_HANDLES, clean_tweet, tweet_topic
-from challenger_sets.leakage import input_keys
-from challenger_sets.records import normalize_text
+from tuneloop.challenger_sets.embedded import AIRLINE_HANDLES, clean_tweet, tweet_topic
+from tuneloop.challenger_sets.leakage import input_keys
+from tuneloop.challenger_sets.records import normalize_text
 
 
 def _by_name(built: list) -> dict:
@@ -37,7 +37,7 @@ def test_chat_is_split_by_conversation_and_by_period(embedded_sets: dict) -> Non
 
 
 def test_builds_are_deterministic() -> None:
-    from challenger_sets.embedded import build_sentiment
+    from tuneloop.challenger_sets.embedded import build_sentiment
 
     first = [e.id for e in build_sentiment()[1].examples[:50]]
     second = [e.id for e in build_sentiment()[1].examples[:50]]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from challenger_sets.records import (
+from tuneloop.challenger_sets.records import (
     MAX_LINE_BYTES,
     Example,
     normalize_text,

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from challenger_sets.records import Example
-from evaluators.few_shot import FewShotVariant, draw_shots, label_quota, prediction_counts
-from evaluators.label_likelihood import prompt_messages
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.few_shot import FewShotVariant, draw_shots, label_quota, prediction_counts
+from tuneloop.evaluators.label_likelihood import prompt_messages
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from challenger_sets.records import Example
-from evaluators.few_shot import FewShotVariant, draw_shots
-from evaluators.label_likelihood import calibrate, content_free_log_probs, label_token_ids, score_labels
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.few_shot import FewShotVariant, draw_shots
+from tuneloop.evaluators.label_likelihood import calibrate, content_free_log_probs, label_token_ids, score_labels
 from tuneloop.config import Config
 
 pytestmark = [pytest.mark.integration]

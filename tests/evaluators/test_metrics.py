@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluators.metrics import (
+from tuneloop.evaluators.metrics import (
     INVALID_LABEL,
     bleu,
     chrf,

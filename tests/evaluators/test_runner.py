@@ -12,10 +12,10 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example
-from evaluators.compare import compare_runs
-from evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.compare import compare_runs
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.errors import EngineUnavailable, EvaluationError, ModelNotFound
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, EvalScoreRow
 

@@ -7,8 +7,8 @@ import pytest
 import sacrebleu
 from sklearn.metrics import f1_score
 
-from evaluators import metrics
-from evaluators.scoring import score_examples
+from tuneloop.evaluators import metrics
+from tuneloop.evaluators.scoring import score_examples
 
 PREDICTIONS = ["the cat sat on the mat", "a dog barked loudly", "", "hello world", "кошка сидит на ковре"]
 REFERENCES = ["the cat is on the mat", "the dog barked", "nothing here", "hello world", "кошка сидит на ковре"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluators.scoring import score_examples
-from evaluators.statistics import (
+from tuneloop.evaluators.scoring import score_examples
+from tuneloop.evaluators.statistics import (
     mcnemar,
     minimum_detectable_effect,
     paired_bootstrap,

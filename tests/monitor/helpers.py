@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 
 import httpx
 
-from challenger_sets.catalog import DatasetVersion, add_dataset
-from challenger_sets.records import Example
-from evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.config import Config
 from tuneloop.store import Store
 from tuneloop.tables import AdapterVersionRow, AliasRow, TrafficRow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.calibration import (
+from tuneloop.monitor.calibration import (
     Calibration,
     calibration_size,
     load_calibrations,

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from challenger_sets.catalog import get_dataset
-from challenger_sets.embedded import ensure_embedded_datasets
-from monitor.drift import DriftDetector
-from monitor.embeddings import EmbeddingCache
-from monitor.samples import NotEnoughTraffic
+from tuneloop.challenger_sets.catalog import get_dataset
+from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
+from tuneloop.monitor.drift import DriftDetector
+from tuneloop.monitor.embeddings import EmbeddingCache
+from tuneloop.monitor.samples import NotEnoughTraffic
 from tests.monitor.helpers import capture
 from tuneloop.config import Config
 from tuneloop.store import Store
@@ -136,7 +136,7 @@ def test_the_saved_report_served_by_the_gateway_renders_in_chromium_without_runn
         tmp_path: Path) -> None:
     """Real headless Chromium (Debian package) opens the drifted report from the test above through the gateway's
     /reports route: no script errors, the drift verdicts rendered, and the captured <script> prompts are text."""
-    from serving.gateway import create_app
+    from tuneloop.serving.gateway import create_app
     from tests.browser import click_text, find_chromium, visit
     from tests.serving.test_gateway import TOKEN, _gateway
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.exporter import MonitorCollector
-from monitor.policy import Policy
+from tuneloop.monitor.exporter import MonitorCollector
+from tuneloop.monitor.policy import Policy
 from tests.monitor.helpers import evaluate_champion, make_dataset, register_champion
 from tests.serving.conftest import free_port
 from tuneloop.config import Config, FloorRule
@@ -186,7 +186,7 @@ def test_real_prometheus_scrapes_the_exporter(exporter_process: int, tmp_path: P
 
 
 def test_settings_reports_and_failures_are_exported_for_the_alert_rules(config: Config, store: Store) -> None:
-    from retrain.jobs import JobStore, Trigger
+    from tuneloop.retrain.jobs import JobStore, Trigger
 
     _populate(config, store)
     config.tasks["sentiment"].schedule.eval = "*/20 * * * *"

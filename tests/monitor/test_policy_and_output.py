@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from monitor.drift import DriftDetector
-from monitor.policy import Policy, list_incidents
+from tuneloop.monitor.drift import DriftDetector
+from tuneloop.monitor.policy import Policy, list_incidents
 from tests.monitor.helpers import LABELS, capture, register_champion
 from tests.monitor.helpers import evaluate_champion as run_eval
 from tests.monitor.helpers import make_dataset as dataset

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
 from tests.serving.conftest import free_port
 from tuneloop.config import parse_config
 from tuneloop.store import Store
@@ -34,7 +34,7 @@ def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_run_schedules_real_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path, base_model_dir: Path) -> None:
-    from retrain.finetune import finetune
+    from tuneloop.retrain.finetune import finetune
 
     gateway_port, vllm_port = free_port(), free_port()
     config_path = tmp_path / "tuneloop.yaml"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from monitor.lease import Lease
-from monitor.scheduler import TuneloopScheduler
+from tuneloop.monitor.lease import Lease
+from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.config import Config
 from tuneloop.events import list_events
 from tuneloop.store import Store

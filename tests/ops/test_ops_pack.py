@@ -14,11 +14,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.ops import rules as rules_module
-from monitor.ops.dashboards import DASHBOARDS
-from monitor.ops.files import DATASOURCE_UID, committed_dashboard_queries, differences, panel_queries
-from monitor.ops.rule_tests import promtool_tests
-from monitor.ops.rules import ALERT_RULES, RECORDING_RULES, grafana_alert_rules, prometheus_rules
+from tuneloop.monitor.ops import rules as rules_module
+from tuneloop.monitor.ops.dashboards import DASHBOARDS
+from tuneloop.monitor.ops.files import DATASOURCE_UID, committed_dashboard_queries, differences, panel_queries
+from tuneloop.monitor.ops.rule_tests import promtool_tests
+from tuneloop.monitor.ops.rules import ALERT_RULES, RECORDING_RULES, grafana_alert_rules, prometheus_rules
 from tuneloop.config import Config, load_config
 from tuneloop.store import Store
 
@@ -104,8 +104,8 @@ def test_alertmanager_config_loads_and_routes_retrain_alerts_to_the_webhook() ->
 
 def _tuneloop_names(config: Config, store: Store) -> set[str]:
     """Metric names a real gateway registry exposes (exporter over a real store, gateway and serving collectors)."""
-    from monitor.exporter import MonitorCollector
-    from serving.metrics import GatewayMetrics, ServingStateCollector
+    from tuneloop.monitor.exporter import MonitorCollector
+    from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 
     class Idle:
         state, restarts = "ready", 0

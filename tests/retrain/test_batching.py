@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from challenger_sets.records import Example, Message
-from retrain.batching import IGNORE_INDEX, collate, encode_example, length_grouped_batches
+from tuneloop.challenger_sets.records import Example, Message
+from tuneloop.retrain.batching import IGNORE_INDEX, collate, encode_example, length_grouped_batches
 
 
 def test_length_grouping_covers_every_example_once_and_cuts_padding() -> None:
@@ -26,7 +26,7 @@ def test_length_grouping_covers_every_example_once_and_cuts_padding() -> None:
 
 
 def test_collate_pads_right_and_masks_padding() -> None:
-    from retrain.batching import EncodedExample
+    from tuneloop.retrain.batching import EncodedExample
 
     batch = collate([EncodedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), EncodedExample([4], [4])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from challenger_sets.catalog import add_dataset, get_dataset
-from challenger_sets.leakage import input_keys
-from challenger_sets.records import Example
-from challenger_sets.splits import evaluation_set, split
-from retrain.data import assemble
+from tuneloop.challenger_sets.catalog import add_dataset, get_dataset
+from tuneloop.challenger_sets.leakage import input_keys
+from tuneloop.challenger_sets.records import Example
+from tuneloop.challenger_sets.splits import evaluation_set, split
+from tuneloop.retrain.data import assemble
 from tuneloop.config import Config
 from tuneloop.errors import TrainingError
 from tuneloop.store import Store
@@ -125,7 +125,7 @@ def test_no_new_data_is_a_clear_error(config: Config, store: Store) -> None:
 
 def test_scheduled_evals_judge_the_split_from_the_first_eval_and_the_gate_uses_the_same_version(
         config: Config, store: Store) -> None:
-    from monitor.service import scheduled_sets
+    from tuneloop.monitor.service import scheduled_sets
 
     seed_sets(store, config, examples("topic", 200))
     assert evaluation_set(store, "sentiment", "other-topics") == "sentiment/other-topics"  # no split yet
@@ -140,7 +140,7 @@ def test_scheduled_evals_judge_the_split_from_the_first_eval_and_the_gate_uses_t
 
 
 def test_a_challenger_set_too_small_to_split_is_still_evaluated_whole(config: Config, store: Store) -> None:
-    from monitor.service import scheduled_sets
+    from tuneloop.monitor.service import scheduled_sets
 
     tiny = [e for e in examples("topic", 40) if not split([e], 0.5, 11)[1]][:3]  # none falls in the judge split
     seed_sets(store, config, tiny)

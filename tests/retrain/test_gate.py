@@ -9,9 +9,9 @@ import json
 import httpx
 import pytest
 
-from challenger_sets.catalog import DatasetVersion
-from retrain.data import GateSet
-from retrain.gate import Gate, smallest_mde
+from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.retrain.data import GateSet
+from tuneloop.retrain.gate import Gate, smallest_mde
 from tests.monitor.helpers import LABELS, make_dataset, register_champion
 from tuneloop.config import Config
 from tuneloop.registry import get_adapter

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from retrain.jobs import JobNotFound, JobStore, Trigger, process_alive
+from tuneloop.retrain.jobs import JobNotFound, JobStore, Trigger, process_alive
 from tuneloop.events import list_events
 from tuneloop.store import Store
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example
-from monitor.service import after_job
-from retrain.jobs import Job, JobStore, Trigger, process_alive
-from retrain.triggers import request_retrain
-from retrain.watch import Watch
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.monitor.service import after_job
+from tuneloop.retrain.jobs import Job, JobStore, Trigger, process_alive
+from tuneloop.retrain.triggers import request_retrain
+from tuneloop.retrain.watch import Watch
 from tests.serving.conftest import free_port
 from tuneloop.config import Config, parse_config
 from tuneloop.events import list_events
@@ -83,8 +83,8 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[Loop]:
-    from retrain.finetune import finetune
-    from serving.server import running_server
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.server import running_server
 
     root = tmp_path_factory.mktemp("loop")
     config = parse_config(
@@ -128,7 +128,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
 
 
 def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(loop: Loop) -> None:
-    from monitor.service import eval_runner
+    from tuneloop.monitor.service import eval_runner
 
     eval_runner(loop.config, loop.store)("sentiment")  # the poisoned champion fails the floor on colours-new
     after_job(loop.config, loop.store, "eval", "sentiment")  # policy: incident -> job (the real worker process)
@@ -190,7 +190,7 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_stays_unrouted(loop: Loo
 
 
 def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Loop) -> None:
-    from serving.admin_client import AdminClient
+    from tuneloop.serving.admin_client import AdminClient
 
     jobs = JobStore(loop.store)
     rejected = jobs.recent(limit=1)[0]

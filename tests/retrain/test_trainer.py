@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from challenger_sets.records import Example
-from retrain.batching import collate, encode_example
+from tuneloop.challenger_sets.records import Example
+from tuneloop.retrain.batching import collate, encode_example
 from tests.conftest import small_train_config
 
 SYSTEM = "Classify the sentiment of the tweet. Answer with exactly one word: negative, neutral or positive."
@@ -37,7 +37,7 @@ def test_a_few_lora_steps_lower_the_loss_and_change_the_outputs(base_model_dir: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retrain.trainer import fit
+    from tuneloop.retrain.trainer import fit
 
     examples = _tweets()
     recipe = small_train_config(max_steps=6, learning_rate=2e-3, eval_every=3)
@@ -67,7 +67,7 @@ def test_a_few_lora_steps_lower_the_loss_and_change_the_outputs(base_model_dir: 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_prompt_tuning_and_full_share_the_loop(base_model_dir: Path, tmp_path: Path) -> None:
-    from retrain.trainer import fit
+    from tuneloop.retrain.trainer import fit
 
     examples = _tweets()
     prompt = fit(base_model_dir, examples, [], system_prompt=SYSTEM,
@@ -85,7 +85,7 @@ def test_prompt_tuning_and_full_share_the_loop(base_model_dir: Path, tmp_path: P
 @pytest.mark.integration
 @pytest.mark.slow
 def test_best_validation_loss_is_the_minimum_of_the_curve(base_model_dir: Path, tmp_path: Path) -> None:
-    from retrain.trainer import fit
+    from tuneloop.retrain.trainer import fit
 
     examples = _tweets()
     recipe = small_train_config(max_steps=4, learning_rate=5e-3, eval_every=1, patience=10)
@@ -96,7 +96,7 @@ def test_best_validation_loss_is_the_minimum_of_the_curve(base_model_dir: Path, 
 
 
 def test_early_stopping_counts_validations_without_improvement() -> None:
-    from retrain.trainer import EarlyStopping
+    from tuneloop.retrain.trainer import EarlyStopping
 
     stopper = EarlyStopping(patience=2)
     assert stopper.update(1.0) and not stopper.should_stop

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from retrain.jobs import Job, JobStore
+from tuneloop.retrain.jobs import Job, JobStore
 from tests.serving.test_gateway import TOKEN, Gateway, _gateway
 
 
@@ -27,7 +27,7 @@ class RecordingRunner:
 @pytest.fixture
 def hooked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Gateway, RecordingRunner]]:
     runner = RecordingRunner()
-    monkeypatch.setattr("retrain.triggers.runner_for", lambda config: runner)
+    monkeypatch.setattr("tuneloop.retrain.triggers.runner_for", lambda config: runner)
     for gateway in _gateway(tmp_path):
         yield gateway, runner
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example, Message
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example, Message
 from tuneloop.config import Config, parse_config
 from tuneloop.store import Store
 
@@ -50,8 +50,8 @@ def _tiny_sets(store: Store, data_dir: Path) -> None:
 
 @pytest.fixture(scope="session")
 def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[LiveGateway]:
-    from retrain.finetune import finetune
-    from serving.server import running_server
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.server import running_server
 
     root = tmp_path_factory.mktemp("serving")
     gateway_port, vllm_port = free_port(), free_port()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import select, text
 
-from serving.capture import CaptureWriter, TrafficRecord, spilled_records
+from tuneloop.serving.capture import CaptureWriter, TrafficRecord, spilled_records
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 

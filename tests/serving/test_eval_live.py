@@ -14,11 +14,11 @@ import httpx
 import pytest
 from sqlalchemy import delete, func, select, update
 
-from challenger_sets.catalog import add_dataset, get_dataset
-from challenger_sets.from_traffic import build_from_traffic
-from challenger_sets.records import Example, Message
-from evaluators.compare import compare_runs
-from evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.challenger_sets.catalog import add_dataset, get_dataset
+from tuneloop.challenger_sets.from_traffic import build_from_traffic
+from tuneloop.challenger_sets.records import Example, Message
+from tuneloop.evaluators.compare import compare_runs
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tests.serving.conftest import ADMIN_TOKEN, LiveGateway
 from tuneloop.hardware import usable_cpu_cores
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, TrafficRow
@@ -192,7 +192,7 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
+    from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
     from tuneloop.registry import get_adapter
 
     engine = live_gateway.engine
@@ -246,8 +246,8 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
 
 def test_a_version_the_gateway_does_not_route_is_loaded_through_its_checks_and_evaluated_there(
         live_gateway: LiveGateway, sets) -> None:
-    from evaluators.targets import resolve_target
-    from serving.admin_client import AdminClient
+    from tuneloop.evaluators.targets import resolve_target
+    from tuneloop.serving.admin_client import AdminClient
 
     config = live_gateway.config
     admin = AdminClient(config)

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.from_traffic import build_from_traffic
-from challenger_sets.records import Example
-from serving.feedback import FeedbackConflict, UnknownRequest, attach_reference, import_feedback
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.from_traffic import build_from_traffic
+from tuneloop.challenger_sets.records import Example
+from tuneloop.serving.feedback import FeedbackConflict, UnknownRequest, attach_reference, import_feedback
 from tuneloop.errors import DatasetError, FeedbackError
 from tuneloop.tables import TrafficRow
 from tuneloop.timewindow import parse_instant

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
-from serving.engine import EngineState
-from serving.engine_client import EngineClient, EngineLimits
-from serving.gateway import create_app
-from serving.protocol import MAX_BODY_BYTES
-from serving.server import build_context
-from serving.state import GatewayContext
+from tuneloop.serving.engine import EngineState
+from tuneloop.serving.engine_client import EngineClient, EngineLimits
+from tuneloop.serving.gateway import create_app
+from tuneloop.serving.protocol import MAX_BODY_BYTES
+from tuneloop.serving.server import build_context
+from tuneloop.serving.state import GatewayContext
 from tuneloop.config import Config, parse_config
 from tuneloop.registry import AdapterCard, find_alias, register_adapter
 from tuneloop.store import Store

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine import RESERVED_CORES_ENV, EngineSpec, build_command, engine_env, vllm_rank
-from serving.engine_client import EngineLimits, check_servable
-from serving.hotswap import HotSwapper
+from tuneloop.serving.engine import RESERVED_CORES_ENV, EngineSpec, build_command, engine_env, vllm_rank
+from tuneloop.serving.engine_client import EngineLimits, check_servable
+from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError
 from tuneloop.registry import AdapterCard, find_alias, get_adapter, register_adapter, set_alias
@@ -79,12 +79,12 @@ def test_vllm_keeps_no_core_for_its_scheduler_on_two_cores_unless_told(tmp_path:
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(RESERVED_CORES_ENV, raising=False)
     spec = EngineSpec(model_path=tmp_path, served_name="base")
-    monkeypatch.setattr("serving.engine.usable_cpu_cores", lambda: 2)
+    monkeypatch.setattr("tuneloop.serving.engine.usable_cpu_cores", lambda: 2)
     assert engine_env(spec)[RESERVED_CORES_ENV] == "0"
-    monkeypatch.setattr("serving.engine.usable_cpu_cores", lambda: 16)
+    monkeypatch.setattr("tuneloop.serving.engine.usable_cpu_cores", lambda: 16)
     assert RESERVED_CORES_ENV not in engine_env(spec), "vLLM's own default on bigger machines"
     assert engine_env(EngineSpec(model_path=tmp_path, served_name="base", cpu_reserved_cores=1))[
         RESERVED_CORES_ENV] == "1"
-    monkeypatch.setattr("serving.engine.usable_cpu_cores", lambda: 2)
+    monkeypatch.setattr("tuneloop.serving.engine.usable_cpu_cores", lambda: 2)
     monkeypatch.setenv(RESERVED_CORES_ENV, "1")
     assert engine_env(spec)[RESERVED_CORES_ENV] == "1", "the operator's environment wins over the default"

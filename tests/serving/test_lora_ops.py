@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from serving import lora_ops
+from tuneloop.serving import lora_ops
 
 stock = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 

@@ -23,12 +23,12 @@ import httpx
 import pytest
 import yaml
 
-from challenger_sets.catalog import add_dataset
-from challenger_sets.records import Example
-from evaluators.runner import EvalRunner, EvalTarget
-from monitor.ops.files import panel_queries
-from monitor.ops.rules import ALERT_RULES, grafana_alert_rules
-from retrain.jobs import JobStore, Trigger
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.monitor.ops.files import panel_queries
+from tuneloop.monitor.ops.rules import ALERT_RULES, grafana_alert_rules
+from tuneloop.retrain.jobs import JobStore, Trigger
 from tests.ops.test_ops_pack import tool
 from tests.retrain.test_webhook import RecordingRunner
 from tests.serving.conftest import ADMIN_TOKEN, LiveGateway, free_port
@@ -179,7 +179,7 @@ def _seed(live: LiveGateway) -> None:
 def test_every_panel_has_data_and_a_quality_breach_reaches_the_webhook(
         live_gateway: LiveGateway, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = RecordingRunner()
-    monkeypatch.setattr("retrain.triggers.runner_for", lambda config: runner)
+    monkeypatch.setattr("tuneloop.retrain.triggers.runner_for", lambda config: runner)
     sentiment = live_gateway.config.tasks["sentiment"]
     # a floor that holds, so the "distance to the floor" panel has a series; raised below to inject the breach
     monkeypatch.setattr(sentiment.policy, "floors", [FloorRule(metric="accuracy", dataset="sentiment/ops-heldout",

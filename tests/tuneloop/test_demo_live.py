@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.runs import RunStore
+from tuneloop.evaluators.runs import RunStore
 from tests.serving.conftest import free_port
 from tuneloop.config import load_config
 from tuneloop.store import Store

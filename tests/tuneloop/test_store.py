@@ -98,8 +98,8 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.mark.integration
 def test_same_store_code_runs_on_postgres(postgres_url: str, tmp_path: Path) -> None:
-    from challenger_sets.catalog import add_dataset, get_dataset
-    from challenger_sets.records import Example
+    from tuneloop.challenger_sets.catalog import add_dataset, get_dataset
+    from tuneloop.challenger_sets.records import Example
     from tuneloop.registry import AdapterCard, get_adapter, register_adapter
 
     store = Store(postgres_url)

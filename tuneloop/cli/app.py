@@ -74,7 +74,7 @@ def init(
     STATE.config_path = path
     config = STATE.config
     config.data_path.mkdir(parents=True, exist_ok=True)
-    from challenger_sets.catalog import list_datasets
+    from tuneloop.challenger_sets.catalog import list_datasets
 
     datasets = [d.manifest.ref for d in list_datasets(STATE.store)]
     result = {"config": str(path), "written": written, "data_dir": str(config.data_path),

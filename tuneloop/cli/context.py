@@ -31,7 +31,7 @@ class CliState:
         """The store, with the embedded tasks' datasets registered on first use."""
         if self._store is None:
             self._store = Store(self.config.resolved_database_url)
-            from challenger_sets.embedded import ensure_embedded_datasets
+            from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
 
             ensure_embedded_datasets(self._store, self.config.data_path, list(self.config.tasks))
         return self._store

@@ -32,7 +32,7 @@ def add(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Validate a file whole and register it as the next version of task/name (nothing is imported on error)."""
-    from challenger_sets.catalog import import_dataset_file
+    from tuneloop.challenger_sets.catalog import import_dataset_file
 
     version = import_dataset_file(STATE.store, STATE.config.data_path, file, task=task,
                                   task_config=STATE.config.task(task), name=name, kind=kind.value)
@@ -50,7 +50,7 @@ def list_(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """List datasets (latest version of each unless --all-versions)."""
-    from challenger_sets.catalog import list_datasets
+    from tuneloop.challenger_sets.catalog import list_datasets
 
     versions = list_datasets(STATE.store, task=task, latest_only=not all_versions)
     if json_output:
@@ -69,7 +69,7 @@ def show(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Show a dataset version's manifest and its first rows."""
-    from challenger_sets.catalog import get_dataset
+    from tuneloop.challenger_sets.catalog import get_dataset
 
     version = get_dataset(STATE.store, name, task=task)
     examples = version.load()[:head] if head > 0 else []
@@ -96,7 +96,7 @@ def from_traffic(
 ) -> None:
     """Turn captured requests that got feedback into a new challenger set version (deduplicated, no training
     inputs)."""
-    from challenger_sets.from_traffic import build_from_traffic
+    from tuneloop.challenger_sets.from_traffic import build_from_traffic
     from tuneloop.timewindow import parse_instant
 
     result = build_from_traffic(STATE.config, STATE.store, task, name=name, since=parse_instant(since, "--since"),

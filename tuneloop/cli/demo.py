@@ -71,7 +71,7 @@ def demo(
     STATE._config = demo_config(STATE.config, sizes)
     config = STATE.config
     _train_champions(config, sizes)
-    from serving.server import running_server
+    from tuneloop.serving.server import running_server
 
     with running_server(config, STATE.store) as running:
         console.rule("3. serve: vLLM + gateway, one base model, two LoRA adapters")
@@ -105,8 +105,8 @@ def demo_config(config: Config, sizes: DemoSizes) -> Config:
 
 
 def _train_champions(config: Config, sizes: DemoSizes) -> None:
-    from retrain.finetune import finetune
-    from serving.promotion import promote
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.promotion import promote
     from tuneloop.basemodel import ensure_base_model
 
     console.rule("1. base model and datasets")
@@ -143,9 +143,9 @@ def _multi_lora_requests(url: str) -> None:
 
 def _chat_vs_base(config: Config, url: str, sizes: DemoSizes) -> None:
     """chat's champion against the base model on held-out replies, and what that means, in plain words."""
-    from challenger_sets.catalog import get_dataset
-    from evaluators.compare import compare_runs
-    from evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.evaluators.compare import compare_runs
+    from tuneloop.evaluators.runner import EvalRunner, EvalTarget
     from tuneloop.registry import find_alias
 
     champion = find_alias(STATE.store, "chat", "champion")
@@ -171,11 +171,11 @@ def _chat_vs_base(config: Config, url: str, sizes: DemoSizes) -> None:
 
 
 def _story(config: Config, url: str, sizes: DemoSizes, running: Any) -> None:
-    from challenger_sets.catalog import get_dataset
-    from challenger_sets.from_traffic import build_from_traffic
-    from challenger_sets.splits import split
-    from monitor.service import after_job, drift_runner, eval_runner
-    from retrain.jobs import JobStore
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.challenger_sets.from_traffic import build_from_traffic
+    from tuneloop.challenger_sets.splits import split
+    from tuneloop.monitor.service import after_job, drift_runner, eval_runner
+    from tuneloop.retrain.jobs import JobStore
     from tuneloop.cli.retrain import follow, show_job
 
     task = config.task("sentiment")
@@ -280,8 +280,8 @@ def _minutes_ago(minutes: int) -> Any:
 
 
 def _heldout_baseline(config: Config, url: str, sizes: DemoSizes) -> None:
-    from challenger_sets.catalog import get_dataset
-    from evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.challenger_sets.catalog import get_dataset
+    from tuneloop.evaluators.runner import EvalRunner, EvalTarget
     from tuneloop.registry import find_alias
 
     champion = find_alias(STATE.store, "sentiment", "champion")
@@ -293,7 +293,7 @@ def _heldout_baseline(config: Config, url: str, sizes: DemoSizes) -> None:
 
 
 def _eval_table(config: Config, result: dict[str, Any]) -> None:
-    from evaluators.runs import RunStore
+    from tuneloop.evaluators.runs import RunStore
 
     runs = RunStore(STATE.store)
     metric = config.task("sentiment").primary_metric
@@ -307,7 +307,7 @@ def _eval_table(config: Config, result: dict[str, Any]) -> None:
 
 
 def _incidents() -> None:
-    from monitor.policy import list_incidents
+    from tuneloop.monitor.policy import list_incidents
 
     print_table("open incidents", ["id", "rule", "message"],
                 [[i.id, i.rule, i.detail.get("message", "")] for i in list_incidents(STATE.store, task="sentiment")])

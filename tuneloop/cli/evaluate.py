@@ -12,7 +12,7 @@ from tuneloop.cli.output import console, print_json, print_table
 from tuneloop.errors import EvaluationError
 
 if TYPE_CHECKING:
-    from challenger_sets.catalog import DatasetVersion
+    from tuneloop.challenger_sets.catalog import DatasetVersion
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Attach reference answers to captured requests.")
 
@@ -25,7 +25,7 @@ FreshOption = Annotated[bool, typer.Option("--fresh", help="Ask again even if an
 
 
 def _dataset(task: str, name: str | None) -> DatasetVersion:
-    from challenger_sets.catalog import get_dataset
+    from tuneloop.challenger_sets.catalog import get_dataset
 
     return get_dataset(STATE.store, name or STATE.config.task(task).heldout_dataset, task=task)
 
@@ -54,8 +54,8 @@ def evaluate(
     json_output: JsonOption = False,
 ) -> None:
     """Score a model on a dataset through the served endpoint: every metric with its CI, stored and resumable."""
-    from evaluators.runner import EvalRunner
-    from evaluators.targets import resolve_target
+    from tuneloop.evaluators.runner import EvalRunner
+    from tuneloop.evaluators.targets import resolve_target
 
     target = resolve_target(STATE.config, STATE.store, task=task, adapter=adapter, base=base, endpoint=endpoint)
     task_name = target.task
@@ -96,9 +96,9 @@ def compare(
     json_output: JsonOption = False,
 ) -> None:
     """Paired comparison B - A on the same examples: delta, CI and p-value per metric (McNemar for accuracy)."""
-    from evaluators.compare import compare_runs
-    from evaluators.runner import EvalRunner
-    from evaluators.targets import resolve_target, resolve_version
+    from tuneloop.evaluators.compare import compare_runs
+    from tuneloop.evaluators.runner import EvalRunner
+    from tuneloop.evaluators.targets import resolve_target, resolve_version
 
     # Both sides are resolved (and checked to share a task) before any request is sent or adapter loaded.
     tasks = {resolve_version(STATE.config, STATE.store, task=task, adapter=None if ref == "base" else ref,
@@ -131,7 +131,7 @@ def feedback_import(
     json_output: JsonOption = False,
 ) -> None:
     """Attach references to captured requests; one bad line and nothing is imported."""
-    from serving.feedback import import_feedback
+    from tuneloop.serving.feedback import import_feedback
 
     results = import_feedback(STATE.store, STATE.config, file, overwrite=overwrite)
     if json_output:

@@ -26,8 +26,8 @@ def drift(
     json_output: JsonOption = False,
 ) -> None:
     """Check a task's captured traffic for drift against its training inputs (calibrated thresholds)."""
-    from monitor.drift import DriftDetector
-    from monitor.service import after_job
+    from tuneloop.monitor.drift import DriftDetector
+    from tuneloop.monitor.service import after_job
 
     if window is not None and since is not None:
         raise ConfigError("give --window or --since, not both")
@@ -71,8 +71,8 @@ def _pct(value: float | None) -> str:
 
 def run() -> None:
     """Serve (vLLM + gateway) and run the scheduler: scheduled evals, drift checks, policy; Ctrl-C stops all."""
-    from monitor.service import build_scheduler
-    from serving.server import serve as run_server
+    from tuneloop.monitor.service import build_scheduler
+    from tuneloop.serving.server import serve as run_server
 
     config = STATE.config
     console.print(f"tuneloop run: gateway http://{config.serving.gateway_host}:{config.serving.gateway_port} "
@@ -89,7 +89,7 @@ def exporter(
     """Serve the monitor's Prometheus metrics from the store alone, for a Prometheus that cannot reach the gateway."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from monitor.exporter import MonitorCollector
+    from tuneloop.monitor.exporter import MonitorCollector
 
     config = STATE.config
     registry = CollectorRegistry()
@@ -112,7 +112,7 @@ def incidents(
     json_output: JsonOption = False,
 ) -> None:
     """Incidents opened by the policy (open ones by default)."""
-    from monitor.policy import list_incidents
+    from tuneloop.monitor.policy import list_incidents
 
     found = list_incidents(STATE.store, task=task, status=None if show_all else "open")
     if json_output:

@@ -21,7 +21,7 @@ RunbookOption = Annotated[str, typer.Option("--runbook-base", help="Prefix of ea
 def build(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runbooks.md",
           json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """Write the generated files; files whose content is already current are left alone."""
-    from monitor.ops.files import write
+    from tuneloop.monitor.ops.files import write
 
     written = write(root, runbook_base)
     if json_output:
@@ -35,7 +35,7 @@ def build(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runb
 @app.command()
 def check(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runbooks.md") -> None:
     """Exit 1 when a committed file differs from what the code generates (run `tuneloop ops build`)."""
-    from monitor.ops.files import StaleOpsFiles, differences
+    from tuneloop.monitor.ops.files import StaleOpsFiles, differences
 
     found = differences(root, runbook_base)
     if found:

@@ -22,8 +22,8 @@ def retrain(
     json_output: JsonOption = False,
 ) -> None:
     """Start retraining a task (or join its running job): assemble data, train, gate, promote or reject."""
-    from retrain.jobs import JobStore
-    from retrain.triggers import manual_trigger, request_retrain
+    from tuneloop.retrain.jobs import JobStore
+    from tuneloop.retrain.triggers import manual_trigger, request_retrain
 
     outcome = request_retrain(STATE.config, STATE.store, task, manual_trigger(reason, now=datetime.now(UTC)))
     job = outcome.job
@@ -42,7 +42,7 @@ def retrain(
 
 def follow(job_id: int, *, quiet: bool = False, poll_s: float = 2.0) -> Any:
     """Poll until the job leaves its active states, printing each state and stage once."""
-    from retrain.triggers import reap_stale_jobs
+    from tuneloop.retrain.triggers import reap_stale_jobs
 
     shown: set[str] = set()
     while True:
@@ -71,7 +71,7 @@ def list_jobs(
     json_output: JsonOption = False,
 ) -> None:
     """Retraining jobs, newest first."""
-    from retrain.triggers import reap_stale_jobs
+    from tuneloop.retrain.triggers import reap_stale_jobs
 
     found = reap_stale_jobs(STATE.config, STATE.store).recent(task=task, limit=limit)
     if json_output:
@@ -89,7 +89,7 @@ def show(
     json_output: JsonOption = False,
 ) -> None:
     """One job: triggers, stage timings, the gate's table with every number behind the decision, the watch."""
-    from retrain.jobs import JobStore
+    from tuneloop.retrain.jobs import JobStore
 
     if json_output:
         print_json(job_json(JobStore(STATE.store).get(job_id)))
@@ -98,7 +98,7 @@ def show(
 
 
 def show_job(job_id: int) -> None:
-    from retrain.jobs import JobStore
+    from tuneloop.retrain.jobs import JobStore
 
     job = JobStore(STATE.store).get(job_id)
     console.print(f"job {job.id}: task {job.task}, state [bold]{job.state}[/bold], runner {job.runner}"

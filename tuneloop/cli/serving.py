@@ -15,7 +15,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 def serve() -> None:
     """Start vLLM with every task's champion (and candidate) and the gateway, in the foreground."""
-    from serving.server import serve as run_server
+    from tuneloop.serving.server import serve as run_server
 
     config = STATE.config
     console.print(f"starting vLLM on {config.serving.vllm_host}:{config.serving.vllm_port} and the gateway on "
@@ -25,8 +25,8 @@ def serve() -> None:
 
 def status(json_output: JsonOption = False) -> None:
     """Tasks, their champion and candidate versions, and the health of a running gateway/engine."""
-    from monitor.status import monitor_status
-    from serving.status import serving_status
+    from tuneloop.monitor.status import monitor_status
+    from tuneloop.serving.status import serving_status
 
     result = serving_status(STATE.config, STATE.store)
     monitor = monitor_status(STATE.store)
@@ -64,7 +64,7 @@ def promote(
     json_output: JsonOption = False,
 ) -> None:
     """Make a version champion: hot-swapped into a running gateway, or flipped in the registry if none runs."""
-    from serving.promotion import promote as run_promotion
+    from tuneloop.serving.promotion import promote as run_promotion
 
     _print(asdict(run_promotion(STATE.config, STATE.store, version)), json_output)
 
@@ -74,7 +74,7 @@ def rollback(
     json_output: JsonOption = False,
 ) -> None:
     """Make the previous champion of a task champion again."""
-    from serving.promotion import rollback as run_rollback
+    from tuneloop.serving.promotion import rollback as run_rollback
 
     _print(asdict(run_rollback(STATE.config, STATE.store, task)), json_output)
 

@@ -23,7 +23,7 @@ def train(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Fine-tune the base model on a task's training set (PEFT LoRA by default) and register the version."""
-    from retrain.finetune import finetune
+    from tuneloop.retrain.finetune import finetune
     from tuneloop.errors import TrainingError
 
     if method is not None and method not in ("lora", "prompt-tuning", "full"):
