@@ -56,17 +56,20 @@ demo-fast: install
 	$(BIN)/tuneloop init
 	$(BIN)/tuneloop demo --fast
 
+# Every run ends with its 15 slowest tests, so a test that grows slow shows up in the next CI log.
+DURATIONS := --durations=15 --durations-min=1
+
 test: install
-	$(BIN)/python -m pytest -q -m "not long_bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long_bench" $(DURATIONS) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not integration" $(DURATIONS) $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 bench-smoke: install
-	$(BIN)/python -m pytest -q tests/bench $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests/bench $(DURATIONS) $(PYTEST_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping (tuneloop.serving lives in serving/), so it checks a tree of
 # symlinks laid out as the installed package is, rebuilt on every run; its paths read tuneloop/serving/... .

@@ -36,12 +36,18 @@ import torch
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import Config
 from tuneloop.evaluators.few_shot import FewShotVariant, draw_shots, prediction_counts
-from tuneloop.evaluators.label_likelihood import ShotFormat, calibrate, content_free_log_probs, predict_labels, score_labels
+from tuneloop.evaluators.label_likelihood import (
+    ShotFormat,
+    calibrate,
+    content_free_log_probs,
+    predict_labels,
+    score_labels,
+)
 from tuneloop.evaluators.scoring import MetricTable, score_examples
 from tuneloop.evaluators.statistics import paired_bootstrap, table_interval
 from tuneloop.retrain.trainer import fit
-from tuneloop.config import Config
 
 LEARNING_RATES = {"lora": (3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4)}
 VARIANTS = [FewShotVariant(k, sampling, fmt) for k in (3, 8) for sampling in ("balanced", "proportional")

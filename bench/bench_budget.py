@@ -16,12 +16,12 @@ import torch
 
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
+from tuneloop.config import Config
 from tuneloop.evaluators.label_likelihood import predict_labels
 from tuneloop.evaluators.scoring import score_examples
 from tuneloop.evaluators.statistics import table_interval
 from tuneloop.retrain.finetune import split_validation
 from tuneloop.retrain.trainer import StepInfo, fit
-from tuneloop.config import Config
 
 BUDGETS_MIN = (1, 2, 4, 8, 15)
 

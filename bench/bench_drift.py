@@ -35,6 +35,7 @@ import numpy as np
 
 from bench.setup import CACHE, chat_sets, sentiment_sets
 from bench.tables import Table, emit
+from tuneloop.config import Config, parse_config
 from tuneloop.monitor.calibration import calibrate_views
 from tuneloop.monitor.embeddings import Embedder, EmbeddingCache
 from tuneloop.monitor.views import (
@@ -45,7 +46,6 @@ from tuneloop.monitor.views import (
     InputView,
     TextFeatures,
 )
-from tuneloop.config import Config, parse_config
 
 EVIDENTLY_DEFAULT = 0.55
 CHECK_EVERY = 50

@@ -20,16 +20,16 @@ from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import TaskConfig, parse_config
 from tuneloop.evaluators.client import request_body
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
-from tuneloop.config import TaskConfig, parse_config
 from tuneloop.store import Store
 
 
 def run(*, quick: bool = False) -> list[Table]:
+    from tuneloop.registry import get_adapter
     from tuneloop.retrain.finetune import finetune
     from tuneloop.serving.server import running_server
-    from tuneloop.registry import get_adapter
 
     sizes = {"sentiment": 16, "chat": 8} if quick else {"sentiment": 96, "chat": 32}
     repeats = 1 if quick else 2

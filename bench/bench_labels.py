@@ -22,20 +22,20 @@ from bench.load import free_port
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.config import parse_config
 from tuneloop.evaluators.few_shot import prediction_counts
 from tuneloop.evaluators.label_likelihood import predict_labels
 from tuneloop.evaluators.scoring import score_examples
 from tuneloop.evaluators.statistics import paired_bootstrap, table_interval
-from tuneloop.config import parse_config
 from tuneloop.store import Store
 from tuneloop.tables import EvalPredictionRow
 
 
 def run(*, quick: bool = False) -> list[Table]:
     from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.registry import get_adapter
     from tuneloop.retrain.finetune import finetune
     from tuneloop.serving.server import running_server
-    from tuneloop.registry import get_adapter
 
     steps, n = (2, 24) if quick else (40, 1000)
     rows: list[list[Any]] = []

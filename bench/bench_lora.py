@@ -37,15 +37,15 @@ import torch
 from bench.load import LoadResult, chat_bodies, free_port, run_load
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
+from tuneloop.config import Config, TaskConfig
 from tuneloop.evaluators.label_likelihood import predict_labels
 from tuneloop.evaluators.scoring import score_examples
 from tuneloop.evaluators.statistics import table_interval
+from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.retrain.trainer import fit
 from tuneloop.serving.constraints import constrain_to_labels
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor
 from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, INSTALLED_MESSAGE
-from tuneloop.config import Config, TaskConfig
-from tuneloop.hardware import cpu_has_fast_bf16
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]

@@ -60,8 +60,9 @@ def run(*, quick: bool = False) -> list[Table]:
 
 def _timings(config: Any, store: Any, demo_s: float) -> Table:
     from tuneloop.challenger_sets.catalog import get_dataset
-    from tuneloop.retrain.jobs import JobStore
     from tuneloop.events import list_events
+    from tuneloop.retrain.jobs import JobStore
+    from tuneloop.retrain.records import STAGES
     from tuneloop.tables import DriftRunRow, TrafficRow
 
     task = config.task("sentiment")
@@ -76,24 +77,24 @@ def _timings(config: Any, store: Any, demo_s: float) -> Table:
     with store.session() as session:
         window = session.scalars(select(DriftRunRow.window).where(DriftRunRow.task == "sentiment")
                                  .order_by(DriftRunRow.id.desc()).limit(1)).first()
-    first_trigger = job.triggers[0].reason if job.triggers else "?"
+    first_trigger = job.triggers[0].trigger.reason if job.triggers else "?"
     rows: list[list[Any]] = [[f"detect: first drifted request -> first incident ({first_trigger}) -> job queued "
                               f"(windows of {window} requests, their drift checks, the scheduled eval)",
                               f"{(as_utc(job.created_at) - first).total_seconds():.0f}"]]
-    for stage in ("assemble", "train", "evaluate", "promote"):
-        seconds = job.stages.get(stage, {}).get("seconds")
+    for stage in STAGES:
+        timing = job.stages.get(stage)
+        seconds = timing.seconds if timing is not None else None
         rows.append([stage, "-" if seconds is None else f"{seconds:.0f}"])
     end = as_utc(promoted) if promoted else (as_utc(job.finished_at) if job.finished_at else None)
     total = (end - first).total_seconds() if end else float("nan")
     outcome = "promoted adapter serving" if promoted else f"decision: {job.state}"
     rows.append([f"total: first drifted request -> {outcome}", f"{total:.0f}"])
-    settings = job.settings.get("retrain", {})
-    gate = settings.get("gate", {})
+    settings = job.settings.retrain
     return emit("Time from the first drifted request to the promoted adapter serving, by stage (2 cores)",
                 ["stage", "seconds"], rows, key="retrain-timing",
-                notes=f"The demo's settings: retrain {settings.get('max_steps')} steps x batch "
-                      f"{task.train.batch_size}, gate on {gate.get('limit')} examples per set at margin "
-                      f"{gate.get('margin')}; job {job.id} ended {job.state}. Detect includes "
+                notes=f"The demo's settings: retrain {settings.max_steps} steps x batch "
+                      f"{task.train.batch_size}, gate on {settings.gate.limit} examples per set at margin "
+                      f"{settings.gate.margin}; job {job.id} ended {job.state}. Detect includes "
                       "sending the drifted traffic through the gateway (the demo sends it as fast as vLLM answers), "
                       "the drift checks (thresholds were calibrated at the first, airline-only check) and the "
                       "scheduled eval of the champion, which the demo runs before the last drift check. Target: "
@@ -105,10 +106,11 @@ def _quality(config: Any, store: Any, n: int) -> list[Table]:
     from tuneloop.challenger_sets.splits import evaluation_set
     from tuneloop.evaluators.compare import compare_runs
     from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+    from tuneloop.registry import get_adapter
+    from tuneloop.retrain.data import RetrainRecipe
     from tuneloop.retrain.finetune import finetune
     from tuneloop.retrain.jobs import JobStore
     from tuneloop.serving.server import running_server
-    from tuneloop.registry import get_adapter
 
     job = JobStore(store).recent(task="sentiment", limit=1)[0]
     if job.candidate_version is None:
@@ -147,15 +149,14 @@ def _quality(config: Any, store: Any, n: int) -> list[Table]:
             deltas.append([ref, f"{b} - {a}", compared.n,
                            *[f"{by_metric[m].delta:+.3f} [{by_metric[m].ci_low:+.3f}, {by_metric[m].ci_high:+.3f}] "
                              f"p={by_metric[m].p_value:.3f}" for m in METRICS]])
-    recipe = get_dataset(store, job.dataset_ref).manifest.build if job.dataset_ref else {}
-    settings = (job.settings or {}).get("retrain", {})
-    start = ("the champion's LoRA trained further" if settings.get("start_from", "champion") == "champion"
-             else "a fresh LoRA")
-    replay = "label-balanced" if recipe.get("balance_replay") else "with the training set's label shares"
-    ratio = recipe.get("replay_ratio", 1.0)
+    assert job.dataset_ref is not None, "a job that trained has its training set"
+    recipe = RetrainRecipe.of(get_dataset(store, job.dataset_ref))
+    start = "the champion's LoRA trained further" if job.settings.retrain.start_from == "champion" else "a fresh LoRA"
+    replay = "label-balanced" if recipe.balance_replay else "with the training set's label shares"
+    ratio = recipe.replay_ratio
     replayed = "as many replayed airline tweets" if ratio == 1 else f"{ratio:g} replayed airline tweets per new one"
     notes = (f"Champion: LoRA on airline tweets ({champion.card.steps} steps). Retrained: {start}, {steps} steps "
-             f"on {job.dataset_ref} ({recipe.get('rows')} rows: the trainable half of the other-topic tweets plus "
+             f"on {job.dataset_ref} ({recipe.rows} rows: the trainable half of the other-topic tweets plus "
              f"labelled traffic, label-balanced, and {replayed}, {replay}). Control: the "
              f"champion trained {steps} more steps on airline tweets only (equal compute). Judged on the "
              "other-topics split no "

@@ -26,9 +26,9 @@ import torch
 
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
+from tuneloop.config import Config, TrainConfig
 from tuneloop.retrain.batching import encode_example
 from tuneloop.retrain.trainer import fit, load_model_for_method, use_bf16
-from tuneloop.config import Config, TrainConfig
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _hf_trainer(base: Path, examples: list[Any], system_prompt: str, recipe: Tra
 
     model.get_base_model().model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
-    class StepTimer(TrainerCallback):  # type: ignore[misc]
+    class StepTimer(TrainerCallback):
         started = 0.0
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:
@@ -128,7 +128,7 @@ def _hf_trainer(base: Path, examples: list[Any], system_prompt: str, recipe: Tra
                              use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
                              seed=recipe.seed, dataloader_num_workers=0, bf16=use_bf16(recipe),
                              train_sampling_strategy="random" if max_length else "group_by_length")
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,  # type: ignore[arg-type]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
     return counted.real, counted.padded, counted.seconds

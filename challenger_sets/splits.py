@@ -21,6 +21,10 @@ from tuneloop.store import Store
 GATE_SUFFIX = "-gate"
 
 
+class JudgeSplitTooSmall(DatasetError):
+    """Too few examples of a challenger set fall in its judge split for the gate to use it."""
+
+
 def is_judged(example: Example, share: float, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{normalize_text(example.input_text())}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
@@ -49,7 +53,7 @@ def ensure_judge_set(store: Store, data_dir: object, source: DatasetVersion, *, 
     seen = [e for e in judged if normalize_text(e.input_text()) in trained]
     judged = [e for e in judged if normalize_text(e.input_text()) not in trained]
     if len(judged) < 2:
-        raise DatasetError(f"{source.manifest.ref}: only {len(judged)} example(s) fall in its judge split "
+        raise JudgeSplitTooSmall(f"{source.manifest.ref}: only {len(judged)} example(s) fall in its judge split "
                            f"(share {share}); the gate needs more")
     return add_dataset(store, Path(str(data_dir)), judged, task=source.manifest.task,
                        name=gate_name(source.manifest.name), kind="challenger", source=f"split:{source.manifest.ref}",

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 
 from tuneloop.challenger_sets.records import Example
-from tuneloop.evaluators.targets import EvalTarget
-from tuneloop.serving.constraints import constrain_to_labels
-from tuneloop.serving.protocol import EVAL_PURPOSE_HEADER
 from tuneloop.config import EvaluationConfig, TaskConfig
 from tuneloop.errors import EngineUnavailable, ModelNotFound
+from tuneloop.evaluators.targets import EvalTarget
+from tuneloop.serving.constraints import constrain_to_labels
+from tuneloop.serving.protocol import EVAL_PURPOSE_HEADER, KEEPALIVE_EXPIRY_S
 
 RETRYABLE_STATUS = {429, 502, 503, 504}
 MAX_BACKOFF_S = 10.0
@@ -60,7 +60,8 @@ class EndpointClient:
         self.target, self.settings = target, settings
         self._http = httpx.AsyncClient(base_url=target.base_url, transport=transport,
                                        timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
-                                       limits=httpx.Limits(max_connections=settings.concurrency * 2))
+                                       limits=httpx.Limits(max_connections=settings.concurrency * 2,
+                                                           keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
     async def __aenter__(self) -> EndpointClient:
         return self
@@ -101,10 +102,10 @@ class EndpointClient:
 
 
 def retry_delay(response: httpx.Response, attempt: int) -> float:
-    header = response.headers.get("retry-after", "")
+    header = str(response.headers.get("retry-after", ""))
     if header.replace(".", "", 1).isdigit():
         return min(MAX_BACKOFF_S, float(header))
-    return min(MAX_BACKOFF_S, 0.5 * 2 ** attempt)
+    return min(MAX_BACKOFF_S, 0.5 * 2.0 ** attempt)
 
 
 def error_message(response: httpx.Response) -> str:

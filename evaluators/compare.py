@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tuneloop.errors import EvaluationError
 from tuneloop.evaluators.runner import EvalRunner
 from tuneloop.evaluators.statistics import mcnemar, paired_bootstrap
-from tuneloop.errors import EvaluationError
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class UnicodeTokenizer:
         from nltk.stem import porter  # rouge-score depends on nltk's Porter stemmer
 
         self._stemmer = porter.PorterStemmer() if stem else None
-        self.tokenize = lru_cache(maxsize=200_000)(self._tokenize)  # type: ignore[method-assign]
+        self.tokenize = lru_cache(maxsize=200_000)(self._tokenize)
         self._stem = lru_cache(maxsize=500_000)(self._stemmer.stem) if self._stemmer else None
 
     def _tokenize(self, text: str) -> list[str]:

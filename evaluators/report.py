@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import EvaluationConfig
 from tuneloop.evaluators.scoring import MetricTable
 from tuneloop.evaluators.statistics import minimum_detectable_effect, table_interval
-from tuneloop.config import EvaluationConfig
 
 
 @dataclass(frozen=True)

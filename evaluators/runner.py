@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from tuneloop.challenger_sets.catalog import DatasetVersion
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import Config, TaskConfig
+from tuneloop.errors import EvaluationError
 from tuneloop.evaluators.client import FLUSH_EVERY, Answer, EndpointClient, decoding_settings, request_body
 from tuneloop.evaluators.report import EvalReport, score_tables
 from tuneloop.evaluators.runs import RunStore, run_key
 from tuneloop.evaluators.scoring import MetricTable, score_examples
 from tuneloop.evaluators.targets import EvalTarget
-from tuneloop.config import Config, TaskConfig
-from tuneloop.errors import EvaluationError
 from tuneloop.store import Store
 
 __all__ = ["EvalReport", "EvalRunner", "EvalTarget"]

@@ -19,11 +19,11 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 
 from tuneloop.challenger_sets.catalog import DatasetVersion
+from tuneloop.errors import EvaluationError
 from tuneloop.evaluators.client import Answer
 from tuneloop.evaluators.report import EvalReport, MetricScore
 from tuneloop.evaluators.scoring import MetricTable, table_from_stats
 from tuneloop.evaluators.targets import EvalTarget
-from tuneloop.errors import EvaluationError
 from tuneloop.store import Store
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, EvalScoreRow
 

@@ -54,7 +54,8 @@ class MetricTable:
 
 
 def _mean_reduce(summed: np.ndarray) -> np.ndarray:
-    return np.divide(summed[:, 0], summed[:, 1], out=np.zeros(len(summed)), where=summed[:, 1] > 0)
+    means: np.ndarray = np.divide(summed[:, 0], summed[:, 1], out=np.zeros(len(summed)), where=summed[:, 1] > 0)
+    return means
 
 
 def _sacrebleu_metric(name: str) -> Any:
@@ -74,8 +75,9 @@ def _macro_f1_reducer(k: int) -> Callable[[np.ndarray], np.ndarray]:
     def reduce(summed: np.ndarray) -> np.ndarray:
         tp, true, pred = summed[:, :k], summed[:, k:2 * k], summed[:, 2 * k:]
         denominator = true + pred
-        f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-        return f1.mean(axis=1)
+        f1: np.ndarray = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+        macro: np.ndarray = f1.mean(axis=1)
+        return macro
 
     return reduce
 

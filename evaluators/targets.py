@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuneloop.serving.admin_client import AdminClient, gateway_url
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError, AuthError, EvaluationError
 from tuneloop.registry import AdapterVersion, find_alias, get_adapter
+from tuneloop.serving.admin_client import AdminClient, gateway_url
 from tuneloop.store import Store
 
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tuneloop.config import Config
 from tuneloop.monitor.calibration import (
     ANY_VIEW,
     Calibration,
@@ -38,7 +39,6 @@ from tuneloop.monitor.samples import (
     traffic_window,
 )
 from tuneloop.monitor.views import INPUT_VIEWS, TextFeatures, make_input_views
-from tuneloop.config import Config
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
 from tuneloop.tables import DriftResultRow, DriftRunRow

@@ -1,5 +1,7 @@
 """Prometheus exporter: a Collector that reads the latest state from the store at scrape time.
 
+Retraining's own series come from retrain/metrics.py; the process that serves /metrics registers both.
+
 Nothing is kept in process memory, so values survive restarts and are the same whichever process serves them
 (the gateway's /metrics, or `tuneloop exporter` where Prometheus cannot reach the gateway). Label values are
 bounded: task names, adapter refs of the current champion/candidate (and the base model), dataset names without
@@ -23,6 +25,7 @@ from tuneloop.challenger_sets.catalog import short_name
 from tuneloop.challenger_sets.splits import evaluation_set
 from tuneloop.config import Config, schedule_seconds
 from tuneloop.errors import TuneloopError
+from tuneloop.monitor.incidents import IncidentStore
 from tuneloop.store import Store
 from tuneloop.tables import (
     AdapterVersionRow,
@@ -32,10 +35,8 @@ from tuneloop.tables import (
     EvalRunRow,
     EvalScoreRow,
     EventRow,
-    IncidentRow,
     JobRunRow,
     LeaseRow,
-    RetrainJobRow,
 )
 from tuneloop.timewindow import as_utc
 
@@ -49,8 +50,6 @@ EVENT_COUNTERS = {
     "rollback": ("tuneloop_rollbacks", "Rollbacks to the previous champion."),
 }
 JOB_KINDS = ("eval", "drift")
-RETRAIN_STATES = ("queued", "training", "evaluating", "promoted", "rejected", "failed", "rolled_back")
-RETRAIN_STAGES = ("assemble", "train", "evaluate", "promote")
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -88,10 +87,9 @@ class MonitorCollector(Collector):
             yield from self._aliases(aliases)
             yield from self._evals(session, set(aliases.values()))
             yield from self._drift(session)
-            yield from self._incidents(session)
             yield from self._events(session)
             yield from self._jobs(session)
-            yield from self._retrain(session)
+        yield from self._incidents()
         yield from self._settings()
 
     def _settings(self) -> Iterator[Any]:
@@ -222,19 +220,13 @@ class MonitorCollector(Collector):
             report.add_metric([task], float(run_id))
         yield from (detected, view_detected, score, threshold, window, budget, last, checks, report)
 
-    def _incidents(self, session: Any) -> Iterator[Any]:
+    def _incidents(self) -> Iterator[Any]:
         per_rule = GaugeMetricFamily("tuneloop_incidents_open", "Open incidents by task and rule.",
                                      labels=["task", "rule"])
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        for task, rule, status in session.execute(select(IncidentRow.task, IncidentRow.rule, IncidentRow.status)):
-            counts[(task, rule)] += status == "open"
-        for task in self.config.tasks:
-            counts.setdefault((task, "any"), 0)
         totals: dict[str, int] = defaultdict(int)
-        for (task, rule), n in counts.items():
-            if rule != "any":
-                per_rule.add_metric([task, rule], float(n))
-                totals[task] += n
+        for (task, rule), n in sorted(IncidentStore(self.store).open_counts().items()):
+            per_rule.add_metric([task, str(rule)], float(n))
+            totals[task] += n
         for task in self.config.tasks:
             per_rule.add_metric([task, "any"], float(totals[task]))
         yield per_rule
@@ -304,41 +296,3 @@ class MonitorCollector(Collector):
         held = lease_row is not None and (_ts(lease_row.expires_at) or 0) > now
         lease.add_metric([], float(held))
         yield from (runs, failures, last_ok, age, lease)
-
-    def _retrain(self, session: Any) -> Iterator[Any]:
-        by_state = GaugeMetricFamily("tuneloop_retrain_jobs", "Retraining jobs by current state.",
-                                     labels=["task", "state"])
-        stage = GaugeMetricFamily("tuneloop_retrain_stage_seconds", "Duration of each stage of the task's latest "
-                                  "retraining job that ran it.", labels=["task", "stage"], unit="")
-        gate = GaugeMetricFamily("tuneloop_gate_delta", "Candidate minus champion on the primary metric in the "
-                                 "latest gate decision, per gate set.", labels=["task", "dataset", "role", "bound"])
-        decision = GaugeMetricFamily("tuneloop_gate_promoted", "1 when the task's latest gate decision promoted, "
-                                     "0 when it rejected.", labels=["task"])
-        failures = CounterMetricFamily("tuneloop_retrain_failures", "Retraining jobs that failed (crash, kill, "
-                                       "error); failed is final, so this only grows.", labels=["task"])
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        latest_stages: dict[str, dict[str, Any]] = {}
-        latest_decision: dict[str, dict[str, Any]] = {}
-        for row in session.execute(select(RetrainJobRow.task, RetrainJobRow.state, RetrainJobRow.stages,
-                                          RetrainJobRow.decision).order_by(RetrainJobRow.id)):
-            counts[(row.task, row.state)] += 1
-            if row.stages:
-                latest_stages[row.task] = row.stages
-            if row.decision:
-                latest_decision[row.task] = row.decision
-        for task in self.config.tasks:
-            for state in RETRAIN_STATES:
-                by_state.add_metric([task, state], float(counts.get((task, state), 0)))
-            failures.add_metric([task], float(counts.get((task, "failed"), 0)))
-        for task, stages in latest_stages.items():
-            for name in RETRAIN_STAGES:
-                seconds = (stages.get(name) or {}).get("seconds")
-                if seconds is not None:
-                    stage.add_metric([task, name], float(seconds))
-        for task, made in latest_decision.items():
-            decision.add_metric([task], float(bool(made.get("promote"))))
-            for check in made.get("checks", []):
-                for bound, key in (("point", "delta"), ("lower", "ci_low"), ("upper", "ci_high")):
-                    if check.get(key) is not None:
-                        gate.add_metric([task, short_name(check["dataset"]), check["role"], bound], check[key])
-        yield from (by_state, stage, gate, decision, failures)

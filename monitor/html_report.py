@@ -52,7 +52,7 @@ def render_drift_html(reference_texts: Sequence[str], current_texts: Sequence[st
     snapshot = report.run(dataset(current_texts), dataset(reference_texts))
     with _RENDER_LOCK:
         original = dashboard.json
-        dashboard.json = _ScriptSafeJson()  # type: ignore[assignment]
+        dashboard.json = _ScriptSafeJson()
         try:
             return str(snapshot.get_html_str(as_iframe=False))
         finally:

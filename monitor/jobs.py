@@ -1,10 +1,12 @@
-"""What a scheduled job does, and the record of every run.
+"""Running a scheduled job, and the record of every run.
 
 APScheduler persists a job as a reference to a module-level function plus plain arguments, so the job is
-`run_job(database_url, job, task, attempt)`; the live objects it needs (config, store, drift detector, gateway
-URL) are found through `ACTIVE`, where the scheduler holding the lease for that database registers itself. A job
-that raises is recorded (job_runs row, `job_failed` event, failure counter) and retried with a doubling delay up
-to monitor.retry_attempts; after a successful run the task's policy is evaluated.
+`run_job(database_url, job, task, attempt)`; the live objects it needs (config, store, what each job kind does)
+are found through `ACTIVE`, where the scheduler holding the lease for that database registers itself. `execute`
+is the sequence of one run, the same whoever calls it (the scheduler, or `tuneloop demo` through the conductor):
+a job_runs row, the job function, then either the host's `after_success` (the conductor's policy -> retraining ->
+watch) or, when it raised, the failure recorded (`job_failed` event, failure counter) and a retry with a doubling
+delay up to monitor.retry_attempts.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Literal, Protocol
 
 from tuneloop.config import Config
 from tuneloop.events import record_event
@@ -23,7 +25,33 @@ from tuneloop.tables import JobRunRow
 
 log = logging.getLogger(__name__)
 
-JobFunction = Callable[[str], dict[str, Any]]
+JobKind = Literal["eval", "drift"]
+JOB_KINDS: tuple[JobKind, ...] = ("eval", "drift")
+
+
+@dataclass(frozen=True)
+class EvalJobResult:
+    """A scheduled eval: the champion's run id on each judged set (dataset ref -> run)."""
+
+    adapter: str
+    runs: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DriftJobResult:
+    run_id: int
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Nothing to do yet (no champion, too little traffic): a quiet success, not a failure."""
+
+    reason: str
+
+
+ScheduledResult = EvalJobResult | DriftJobResult | Skipped
+JobFunction = Callable[[str], ScheduledResult]
 
 
 class JobHost(Protocol):
@@ -32,26 +60,26 @@ class JobHost(Protocol):
     config: Config
     store: Store
     holder: str
-    runners: dict[str, JobFunction]
+    runners: dict[JobKind, JobFunction]
 
     def holds_lease(self) -> bool: ...
 
-    def schedule_retry(self, job: str, task: str, attempt: int, delay_s: float) -> None: ...
+    def schedule_retry(self, job: JobKind, task: str, attempt: int, delay_s: float) -> None: ...
 
-    def after_success(self, job: str, task: str) -> None: ...
+    def after_success(self, job: JobKind, task: str) -> None: ...
 
 
 ACTIVE: dict[str, JobHost] = {}
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobOutcome:
-    status: str
-    result: dict[str, Any] = field(default_factory=dict)
+    status: Literal["ok", "failed"]
+    result: ScheduledResult | None = None
     error: str | None = None
 
 
-def run_job(database_url: str, job: str, task: str, attempt: int = 1) -> None:
+def run_job(database_url: str, job: JobKind, task: str, attempt: int = 1) -> None:
     """Entry point APScheduler calls (by reference) for every scheduled run."""
     host = ACTIVE.get(database_url)
     if host is None or not host.holds_lease():
@@ -60,7 +88,7 @@ def run_job(database_url: str, job: str, task: str, attempt: int = 1) -> None:
     execute(host, job, task, attempt)
 
 
-def execute(host: JobHost, job: str, task: str, attempt: int = 1) -> JobOutcome:
+def execute(host: JobHost, job: JobKind, task: str, attempt: int = 1) -> JobOutcome:
     with host.store.session() as session:
         row = JobRunRow(job=job, task=task, status="running", attempt=attempt, holder=host.holder)
         session.add(row)

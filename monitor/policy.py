@@ -10,7 +10,8 @@ Rules (tasks.<name>.policy):
 
 A rule with no data yet is left alone. A breach opens an incident (event `breach`) unless one is open already
 (then it is only refreshed) or the same rule resolved less than `cooldown_s` ago; when the rule holds again the
-incident is resolved (event `incident_resolved`). The next issue starts retraining from open incidents.
+incident is resolved (event `incident_resolved`). The conductor starts retraining from opened incidents
+(tuneloop/conductor/loop.py); incidents and rule ids live in monitor/incidents.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import select
@@ -26,48 +26,21 @@ from sqlalchemy import select
 from tuneloop.challenger_sets.catalog import qualify
 from tuneloop.challenger_sets.catalog import short_name as _short
 from tuneloop.challenger_sets.splits import evaluation_set
-from tuneloop.config import Config, TaskConfig
+from tuneloop.config import Config, MetricName, TaskConfig
 from tuneloop.events import record_event
-from tuneloop.registry import find_alias
+from tuneloop.monitor.incidents import IncidentChanges, IncidentStore, RuleCheck, RuleId
+from tuneloop.registry import AdapterVersion, find_alias
 from tuneloop.store import Store
-from tuneloop.tables import DriftRunRow, EvalRunRow, EvalScoreRow, IncidentRow
-from tuneloop.timewindow import as_utc
+from tuneloop.tables import DriftRunRow, EvalRunRow, EvalScoreRow
 
 log = logging.getLogger(__name__)
-
-Verdict = Literal["breach", "holds", "no_data"]
-
-
-@dataclass
-class RuleCheck:
-    rule: str
-    verdict: Verdict
-    message: str
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PolicyOutcome:
     task: str
     checks: list[RuleCheck]
-    opened: list[int] = field(default_factory=list)
-    opened_by_rule: dict[str, int] = field(default_factory=dict)
-    refreshed: list[int] = field(default_factory=list)
-    resolved: list[int] = field(default_factory=list)
-    suppressed: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Incident:
-    id: int
-    task: str
-    rule: str
-    status: str
-    opened_at: datetime
-    last_seen_at: datetime
-    resolved_at: datetime | None
-    breaches: int
-    detail: dict[str, Any]
+    changes: IncidentChanges = field(default_factory=IncidentChanges)
 
 
 class Policy:
@@ -81,7 +54,7 @@ class Policy:
         champion = find_alias(self.store, task, "champion")
         checks: list[RuleCheck] = []
         for floor in task_config.policy.floors:
-            rule = f"floor:{floor.metric}:{_short(floor.dataset)}"
+            rule = RuleId.floor(floor.metric, _short(floor.dataset))
             if champion is None:
                 checks.append(RuleCheck(rule, "no_data", f"task '{task}' has no champion"))
                 continue
@@ -102,16 +75,17 @@ class Policy:
             checks.append(self._drift_check(task, task_config.policy.drift_windows))
         return checks
 
-    def _drop_checks(self, task: str, task_config: TaskConfig, champion: Any) -> list[RuleCheck]:
+    def _drop_checks(self, task: str, task_config: TaskConfig,
+                     champion: AdapterVersion | None) -> list[RuleCheck]:
         rule_config = task_config.policy.drop
         assert rule_config is not None
-        metric = rule_config.metric or task_config.primary_metric
+        metric: MetricName = rule_config.metric or task_config.primary_metric
         datasets = rule_config.datasets or [task_config.heldout_dataset, *task_config.challenger_datasets]
         checks = []
         for dataset in datasets:
-            rule = f"drop:{metric}:{_short(dataset)}"
+            rule = RuleId.drop(metric, _short(dataset))
             runs = self._runs(task, champion.version, dataset) if champion else []
-            if len(runs) < 2:
+            if champion is None or len(runs) < 2:
                 checks.append(RuleCheck(rule, "no_data", f"need a baseline and a later eval of the champion on "
                                                          f"{dataset}; have {len(runs)}"))
                 continue
@@ -138,9 +112,9 @@ class Policy:
                     metric: str) -> tuple[float, float, float, str] | None:
         """current - baseline with a bootstrap CI: the two runs scored different examples, so independently."""
         from tuneloop.challenger_sets.catalog import get_dataset
+        from tuneloop.errors import TuneloopError
         from tuneloop.evaluators.runs import RunStore
         from tuneloop.evaluators.statistics import bootstrap_draws
-        from tuneloop.errors import TuneloopError
 
         runs = RunStore(self.store)
         settings = self.config.evaluation
@@ -159,7 +133,7 @@ class Policy:
         return tables[1].value() - tables[0].value(), float(low), float(high), "independent bootstrap"
 
     def _drift_check(self, task: str, windows: int) -> RuleCheck:
-        rule = "drift"
+        rule = RuleId.drift()
         with self.store.session() as session:
             recent = list(session.scalars(select(DriftRunRow).where(DriftRunRow.task == task)
                                           .order_by(DriftRunRow.id.desc()).limit(windows)))
@@ -198,56 +172,15 @@ class Policy:
     def evaluate(self, task: str, *, now: datetime | None = None) -> PolicyOutcome:
         """Check every rule of the task and open, refresh or resolve its incidents accordingly."""
         now = now or datetime.now(UTC)
-        cooldown = timedelta(seconds=self.config.task(task).policy.cooldown_s)
         outcome = PolicyOutcome(task=task, checks=self.check_rules(task))
-        events: list[tuple[str, str, dict[str, Any]]] = []
-        with self.store.session() as session:
-            for check in outcome.checks:
-                if check.verdict == "no_data":
-                    continue
-                open_row = session.scalars(select(IncidentRow).where(
-                    IncidentRow.task == task, IncidentRow.rule == check.rule, IncidentRow.status == "open")).first()
-                if check.verdict == "holds":
-                    if open_row is not None:
-                        open_row.status, open_row.resolved_at = "resolved", now
-                        outcome.resolved.append(open_row.id)
-                        events.append(("incident_resolved", f"{task}: {check.rule} holds again: {check.message}",
-                                       {"incident": open_row.id, "rule": check.rule, **check.facts}))
-                    continue
-                if open_row is not None:
-                    open_row.last_seen_at, open_row.breaches = now, open_row.breaches + 1
-                    open_row.detail = {"message": check.message, **check.facts}
-                    outcome.refreshed.append(open_row.id)
-                    continue
-                last = session.scalars(select(IncidentRow).where(
-                    IncidentRow.task == task, IncidentRow.rule == check.rule, IncidentRow.status == "resolved")
-                    .order_by(IncidentRow.resolved_at.desc()).limit(1)).first()
-                if last is not None and last.resolved_at and now - as_utc(last.resolved_at) < cooldown:
-                    outcome.suppressed.append(check.rule)
-                    log.info("%s: %s breached again within its cooldown; no new incident", task, check.rule)
-                    continue
-                row = IncidentRow(task=task, rule=check.rule, status="open", opened_at=now, last_seen_at=now,
-                                  breaches=1, detail={"message": check.message, **check.facts})
-                session.add(row)
-                session.flush()
-                outcome.opened.append(row.id)
-                outcome.opened_by_rule[check.rule] = row.id
-                events.append(("breach", f"{task}: {check.rule} breached: {check.message}",
-                               {"incident": row.id, "rule": check.rule, **check.facts}))
-        for kind, message, payload in events:
-            record_event(self.store, kind, message, task=task, payload=payload)
+        outcome.changes = IncidentStore(self.store).apply(
+            task, outcome.checks, now=now, cooldown=timedelta(seconds=self.config.task(task).policy.cooldown_s))
+        facts = {str(c.rule): c.facts for c in outcome.checks}
+        for incident in outcome.changes.opened:
+            record_event(self.store, "breach", f"{task}: {incident.rule} breached: {incident.message}", task=task,
+                         payload={"incident": incident.id, "rule": str(incident.rule), **facts[str(incident.rule)]})
+        for incident in outcome.changes.resolved:
+            check = next(c for c in outcome.checks if c.rule == incident.rule)
+            record_event(self.store, "incident_resolved", f"{task}: {incident.rule} holds again: {check.message}",
+                         task=task, payload={"incident": incident.id, "rule": str(incident.rule), **check.facts})
         return outcome
-
-
-def list_incidents(store: Store, *, task: str | None = None, status: str | None = "open") -> list[Incident]:
-    query = select(IncidentRow).order_by(IncidentRow.id.desc())
-    if task:
-        query = query.where(IncidentRow.task == task)
-    if status:
-        query = query.where(IncidentRow.status == status)
-    with store.session() as session:
-        return [Incident(r.id, r.task, r.rule, r.status, as_utc(r.opened_at), as_utc(r.last_seen_at),
-                         as_utc(r.resolved_at) if r.resolved_at else None, r.breaches, r.detail)
-                for r in session.scalars(query)]
-
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,10 +20,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from tuneloop.monitor import jobs
-from tuneloop.monitor.jobs import JobFunction
-from tuneloop.monitor.lease import Lease
 from tuneloop.config import Config, parse_interval
+from tuneloop.monitor import jobs
+from tuneloop.monitor.jobs import JOB_KINDS, JobFunction, JobKind
+from tuneloop.monitor.lease import Lease
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ FIRST_RUN_DELAY_S = 3  # a new job runs soon after start, once the gateway liste
 
 @dataclass(frozen=True)
 class JobSpec:
-    job: str
+    job: JobKind
     task: str
     schedule: str
 
@@ -55,18 +56,18 @@ class JobSpec:
 def job_specs(config: Config) -> list[JobSpec]:
     specs = []
     for task, task_config in config.tasks.items():
-        if task_config.schedule.eval:
-            specs.append(JobSpec("eval", task, task_config.schedule.eval))
-        if task_config.schedule.drift:
-            specs.append(JobSpec("drift", task, task_config.schedule.drift))
+        for kind in JOB_KINDS:
+            schedule = task_config.schedule.eval if kind == "eval" else task_config.schedule.drift
+            if schedule:
+                specs.append(JobSpec(kind, task, schedule))
     return specs
 
 
 class TuneloopScheduler:
     """Lease-guarded APScheduler. `runners` maps a job kind to what it does for a task (tests pass their own)."""
 
-    def __init__(self, config: Config, store: Store, runners: dict[str, JobFunction], *,
-                 holder: str | None = None, on_success: Any = None) -> None:
+    def __init__(self, config: Config, store: Store, runners: dict[JobKind, JobFunction], *,
+                 holder: str | None = None, on_success: Callable[[JobKind, str], object] | None = None) -> None:
         self.config, self.store, self.runners = config, store, runners
         self.lease = Lease(store, holder=holder, ttl_s=config.monitor.lease_s)
         self.holder = self.lease.holder
@@ -153,7 +154,7 @@ class TuneloopScheduler:
                                     kwargs={"database_url": self.store.url, "job": spec.job, "task": spec.task},
                                     next_run_time=datetime.now(UTC) + timedelta(seconds=FIRST_RUN_DELAY_S))
 
-    def schedule_retry(self, job: str, task: str, attempt: int, delay_s: float) -> None:
+    def schedule_retry(self, job: JobKind, task: str, attempt: int, delay_s: float) -> None:
         if self._scheduler is None:
             return
         self._scheduler.add_job(jobs.run_job, "date", id=f"{job}:{task}:retry", name=f"{job}:{task} retry {attempt}",
@@ -161,7 +162,7 @@ class TuneloopScheduler:
                                 kwargs={"database_url": self.store.url, "job": job, "task": task,
                                         "attempt": attempt})
 
-    def after_success(self, job: str, task: str) -> None:
+    def after_success(self, job: JobKind, task: str) -> None:
         if self.on_success is not None:
             self.on_success(job, task)
 

@@ -1,16 +1,15 @@
 """The scheduler side of `tuneloop status`: jobs and their next runs, last runs, lease holder, open incidents,
-latest drift verdicts. Read from the database, so it works whether or not `tuneloop run` is up."""
+latest drift verdicts. Read from the database, so it works whether or not `tuneloop run` is up; changes nothing."""
 
 from __future__ import annotations
 
 import pickle
 from datetime import UTC, datetime
-from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import func, inspect, select, text
 
-from tuneloop.monitor.policy import list_incidents
+from tuneloop.monitor.incidents import Incident, IncidentStore
 from tuneloop.monitor.scheduler import JOBS_TABLE
 from tuneloop.store import Store
 from tuneloop.tables import DriftRunRow, JobRunRow, LeaseRow
@@ -26,13 +25,33 @@ class JobStatus(BaseModel):
     last_error: str | None = None
 
 
+class DriftStatus(BaseModel):
+    run_id: int
+    drifted: bool
+    at: datetime | None
+    window: int
+
+
+class OpenIncident(BaseModel):
+    id: int
+    task: str
+    rule: str
+    opened_at: datetime
+    breaches: int
+    message: str
+
+    @classmethod
+    def of(cls, incident: Incident) -> OpenIncident:
+        return cls(id=incident.id, task=incident.task, rule=str(incident.rule), opened_at=incident.opened_at,
+                   breaches=incident.breaches, message=incident.message)
+
+
 class MonitorStatus(BaseModel):
     scheduler_holder: str | None
     lease_expires: datetime | None
     jobs: list[JobStatus]
-    open_incidents: list[dict[str, Any]]
-    drift: dict[str, dict[str, Any]]
-    retrain: dict[str, dict[str, Any]] = {}
+    open_incidents: list[OpenIncident]
+    drift: dict[str, DriftStatus]
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -57,20 +76,10 @@ def monitor_status(store: Store) -> MonitorStatus:
             job.last_status, job.last_started, job.last_error = row.status, _aware(row.started_at), row.error
         lease = session.get(LeaseRow, "scheduler")
         latest_drift = select(func.max(DriftRunRow.id)).group_by(DriftRunRow.task)
-        drift = {r.task: {"run_id": r.id, "drifted": r.drifted, "at": _aware(r.created_at), "window": r.n_current}
+        drift = {r.task: DriftStatus(run_id=r.id, drifted=r.drifted, at=_aware(r.created_at), window=r.n_current)
                  for r in session.scalars(select(DriftRunRow).where(DriftRunRow.id.in_(latest_drift)))}
     live = lease is not None and _aware(lease.expires_at) > datetime.now(UTC)  # type: ignore[operator]
-    incidents = [{"id": i.id, "task": i.task, "rule": i.rule, "opened_at": i.opened_at, "breaches": i.breaches,
-                  "message": i.detail.get("message")} for i in list_incidents(store)]
-    from tuneloop.retrain.jobs import JobStore
-
-    retrain: dict[str, dict[str, Any]] = {}
-    for retrain_job in JobStore(store).recent(limit=200):
-        retrain.setdefault(retrain_job.task, {
-            "job": retrain_job.id, "state": retrain_job.state, "updated_at": retrain_job.updated_at,
-            "candidate": f"{retrain_job.task}@{retrain_job.candidate_version}" if retrain_job.candidate_version
-            else None, "watch": retrain_job.watch.get("status")})
+    incidents = [OpenIncident.of(i) for i in IncidentStore(store).list()]
     return MonitorStatus(scheduler_holder=lease.holder if live and lease else None,
                          lease_expires=_aware(lease.expires_at) if live and lease else None,
-                         jobs=sorted(jobs.values(), key=lambda j: j.id), open_incidents=incidents, drift=drift,
-                         retrain=retrain)
+                         jobs=sorted(jobs.values(), key=lambda j: j.id), open_incidents=incidents, drift=drift)

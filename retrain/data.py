@@ -1,9 +1,10 @@
 """Assemble a retraining set: new labelled data plus replayed training data, clean and provably leak-free.
 
 Sources of new data are the task's challenger sets (their trainable side only when the gate judges on them, see
-challenger_sets/splits.py) and sets built from labelled traffic (`datasets from-traffic`). The recipe:
+challenger_sets/judged.py) and sets built from labelled traffic (`datasets from-traffic`). The recipe:
 
-1. every gate set (the held-out set and each judged split) is fixed first; nothing in them may be trained on;
+1. every gate set (the held-out set and each judged split, given by the caller) is fixed first; nothing in them may
+   be trained on;
 2. new examples are pooled, de-duplicated on the normalised input, PII-redacted with the gateway's redactor,
    capped at `max_new_examples` (seeded sample);
 3. replay: `replay_ratio` x as many examples of the original training set, so the task is not forgotten;
@@ -18,71 +19,111 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset, get_dataset, list_datasets, qualify
+from pydantic import AliasChoices, BaseModel, Field
+
+from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset, get_dataset, list_datasets
+from tuneloop.challenger_sets.judged import GateRole, JudgedSet
 from tuneloop.challenger_sets.leakage import check_no_leakage, input_keys
 from tuneloop.challenger_sets.records import Example, Message, normalize_text
-from tuneloop.challenger_sets.splits import GATE_SUFFIX, ensure_judge_set, split
-from tuneloop.serving.redact import Redactor
+from tuneloop.challenger_sets.splits import GATE_SUFFIX, split
 from tuneloop.config import Config
-from tuneloop.errors import TrainingError
+from tuneloop.errors import DatasetError, TrainingError
+from tuneloop.redact import Redactor
 from tuneloop.store import Store
 
 MAX_ID_CHARS = 200
 
 
+class SourceCounts(BaseModel):
+    rows: int
+    offered: int = Field(description="Examples offered for training (the trainable side of a judged set).")
+    held_back_for_gate: int = 0
+
+
+class NewPart(BaseModel):
+    sources: dict[str, SourceCounts]
+    unique: int
+    duplicates_dropped: int
+    in_gate_sets_dropped: int
+    pii_redacted: dict[str, int]
+    labels: dict[str, int]
+    balancing_repeats: int
+
+    @property
+    def held_back_for_gate(self) -> int:
+        return sum(s.held_back_for_gate for s in self.sources.values())
+
+
+class ReplayPart(BaseModel):
+    source: str = Field(validation_alias=AliasChoices("source", "from"), serialization_alias="from",
+                        description="The training set replayed from.")
+    rows: int
+    in_gate_sets_dropped: int
+    labels: dict[str, int]
+    balancing_repeats: int
+
+
+class GateSetRows(BaseModel):
+    dataset: str
+    role: GateRole
+    rows: int
+
+
+class RetrainRecipe(BaseModel):
+    """How a retraining set was made, every count included; stored as its dataset manifest's `build`."""
+
+    job_name: str
+    seed: int
+    replay_ratio: float
+    judge_share: float
+    max_new_examples: int
+    balance_labels: bool
+    balance_replay: bool
+    gate_sets: list[GateSetRows]
+    new: NewPart
+    replay: ReplayPart
+    rows: int
+
+    @classmethod
+    def of(cls, dataset: DatasetVersion) -> RetrainRecipe:
+        """The recipe of a set `assemble` registered."""
+        if not dataset.manifest.source.startswith("retrain:"):
+            raise DatasetError(f"{dataset.manifest.ref} was not assembled for retraining (source "
+                               f"{dataset.manifest.source})")
+        return cls.model_validate(dataset.manifest.build)
+
+
 @dataclass(frozen=True)
-class GateSet:
-    """A set the gate judges on: the held-out set (non-inferiority) or a judged challenger split (superiority)."""
-
-    dataset: DatasetVersion
-    role: str  # "heldout" | "challenger"
-
-
-@dataclass
 class AssembledData:
     dataset: DatasetVersion
-    gate_sets: list[GateSet]
-    recipe: dict[str, Any] = field(default_factory=dict)
+    recipe: RetrainRecipe
 
 
-def gate_sets(config: Config, store: Store, task: str, challengers: list[str]) -> list[GateSet]:
-    """The held-out set and the judged split of each challenger set (created on first use)."""
-    sets = [GateSet(get_dataset(store, config.task(task).heldout_dataset), "heldout")]
-    sets += [GateSet(judge_set(config, store, task, name), "challenger") for name in challengers]
-    return sets
-
-
-def judge_set(config: Config, store: Store, task: str, challenger: str) -> DatasetVersion:
-    """The judged split of the latest version of a challenger set (created on first use)."""
-    settings = config.task(task).retrain
-    source = get_dataset(store, qualify(task, challenger).removesuffix(GATE_SUFFIX))
-    return ensure_judge_set(store, config.data_path, source, share=settings.judge_share, seed=settings.seed)
-
-
-def assemble(config: Config, store: Store, task: str, *, challengers: list[str], name: str) -> AssembledData:
+def assemble(config: Config, store: Store, task: str, *, judged: list[JudgedSet], name: str) -> AssembledData:
+    """The retraining set for `task`, never holding an input of a `judged` set (judged_sets() of the job)."""
     task_config = config.task(task)
     settings = task_config.retrain
     rng = random.Random(settings.seed)
-    judged = gate_sets(config, store, task, challengers)
     forbidden = set().union(*(input_keys(s.dataset.load()) for s in judged))
-    judged_sources = {qualify(task, c).removesuffix(GATE_SUFFIX) for c in challengers}
+    judged_sources = {s.source: s for s in judged if s.role == "challenger"}
 
-    counts: dict[str, Any] = {"sources": {}}
+    sources: dict[str, SourceCounts] = {}
     pooled: list[tuple[str, Example]] = []
     for source in list_datasets(store, task=task):
         manifest = source.manifest
         if manifest.kind != "challenger" or manifest.name.endswith(GATE_SUFFIX):
             continue
         examples = source.load()
-        if manifest.name in judged_sources:
-            examples, held_back = split(examples, settings.judge_share, settings.seed)
-            counts["sources"][manifest.ref] = {"rows": manifest.rows, "held_back_for_gate": len(held_back),
-                                               "offered": len(examples)}
+        judged_source = judged_sources.get(manifest.name)
+        if judged_source is not None:
+            examples, held_back = ([], examples) if judged_source.whole else split(examples, settings.judge_share,
+                                                                                     settings.seed)
+            sources[manifest.ref] = SourceCounts(rows=manifest.rows, offered=len(examples),
+                                                 held_back_for_gate=len(held_back))
         else:
-            counts["sources"][manifest.ref] = {"rows": manifest.rows, "offered": len(examples)}
+            sources[manifest.ref] = SourceCounts(rows=manifest.rows, offered=len(examples))
         pooled.extend((manifest.ref, e) for e in examples)
     if not pooled:
         raise TrainingError(f"task '{task}' has no labelled new data: add a challenger set or build one from "
@@ -110,23 +151,20 @@ def assemble(config: Config, store: Store, task: str, *, challengers: list[str],
     rng.shuffle(rows)
     check_no_leakage(rows, forbidden, name=f"{task}/{name}", against="the gate's sets")
 
-    recipe = {
-        "job_name": name, "seed": settings.seed, "replay_ratio": settings.replay_ratio,
-        "judge_share": settings.judge_share, "max_new_examples": settings.max_new_examples,
-        "balance_labels": settings.balance_labels and classification,
-        "balance_replay": settings.balance_replay and classification,
-        "gate_sets": [{"dataset": s.dataset.manifest.ref, "role": s.role, "rows": s.dataset.manifest.rows}
-                      for s in judged],
-        "new": {**counts, "unique": len(new), "duplicates_dropped": duplicates,
-                "in_gate_sets_dropped": leaked_new, "pii_redacted": dict(redactor.counts),
-                "labels": _label_counts(new), "balancing_repeats": new_repeats},
-        "replay": {"from": train_set.manifest.ref, "rows": len(replay), "in_gate_sets_dropped": leaked_replay,
-                   "labels": _label_counts(replay), "balancing_repeats": replay_repeats},
-        "rows": len(rows),
-    }
+    recipe = RetrainRecipe(
+        job_name=name, seed=settings.seed, replay_ratio=settings.replay_ratio, judge_share=settings.judge_share,
+        max_new_examples=settings.max_new_examples, balance_labels=settings.balance_labels and classification,
+        balance_replay=settings.balance_replay and classification,
+        gate_sets=[GateSetRows(dataset=s.ref, role=s.role, rows=s.dataset.manifest.rows) for s in judged],
+        new=NewPart(sources=sources, unique=len(new), duplicates_dropped=duplicates, in_gate_sets_dropped=leaked_new,
+                    pii_redacted=dict(redactor.counts), labels=_label_counts(new), balancing_repeats=new_repeats),
+        replay=ReplayPart(source=train_set.manifest.ref, rows=len(replay), in_gate_sets_dropped=leaked_replay,
+                          labels=_label_counts(replay), balancing_repeats=replay_repeats),
+        rows=len(rows))
     dataset = add_dataset(store, config.data_path, rows, task=task, name=name, kind="train",
-                          source=f"retrain:{name}", build=recipe, check_leakage=False)
-    return AssembledData(dataset=dataset, gate_sets=judged, recipe=recipe)
+                          source=f"retrain:{name}", build=recipe.model_dump(mode="json", by_alias=True),
+                          check_leakage=False)
+    return AssembledData(dataset=dataset, recipe=recipe)
 
 
 def _unique(pooled: list[tuple[str, Example]], forbidden: set[str]) -> tuple[list[tuple[str, Example]], int, int]:

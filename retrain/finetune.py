@@ -15,13 +15,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tuneloop.basemodel import ensure_base_model
 from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.challenger_sets.records import Example
-from tuneloop.retrain.trainer import FitResult, fit
-from tuneloop.basemodel import ensure_base_model
 from tuneloop.config import Config, TrainConfig, TrainMethod
 from tuneloop.errors import TrainingError
 from tuneloop.registry import AdapterCard, AdapterVersion, DatasetRef, find_alias, register_adapter
+from tuneloop.retrain.trainer import FitResult, fit
 from tuneloop.store import Store
 
 

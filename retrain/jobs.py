@@ -1,9 +1,12 @@
-"""Retraining job records: one active job per task, its triggers, states, stage timings and outcome.
+"""The job store: retraining jobs and their triggers in the database, as typed records (retrain/records.py).
 
 States: queued -> training -> evaluating -> promoted | rejected | failed; a promoted job becomes rolled_back when
 its watch undoes the promotion. A trigger that arrives while the task has an unfinished job is attached to that
 job instead of queueing a duplicate, and a trigger whose key was seen before (a replayed Alertmanager
 notification, an incident already handled) changes nothing.
+
+This module is the only place job rows become records and back; every write is a named method with typed
+arguments, so no caller sets a column by name.
 """
 
 from __future__ import annotations
@@ -15,27 +18,47 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from tuneloop.errors import StoreError, TuneloopError
 from tuneloop.events import record_event
+from tuneloop.retrain.records import (
+    ACTIVE_STATES,
+    FinalState,
+    GateDecision,
+    Job,
+    JobSettings,
+    JobState,
+    JobTrigger,
+    StageName,
+    StageStatus,
+    StageTiming,
+    Trigger,
+    WatchState,
+)
 from tuneloop.store import Store
 from tuneloop.tables import RetrainJobRow, RetrainTriggerRow
 from tuneloop.timewindow import as_utc
 
 log = logging.getLogger(__name__)
 
-JobState = Literal["queued", "training", "evaluating", "promoted", "rejected", "failed", "rolled_back"]
-ACTIVE_STATES: tuple[JobState, ...] = ("queued", "training", "evaluating")
-FINAL_STATES: tuple[JobState, ...] = ("promoted", "rejected", "failed", "rolled_back")
-TriggerSource = Literal["incident", "alertmanager", "manual"]
+MAX_KEY_CHARS = 300
+T = TypeVar("T")
+_TRIGGER: TypeAdapter[Trigger] = TypeAdapter(Trigger)
+_STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
+_STAGES: TypeAdapter[dict[StageName, StageTiming]] = TypeAdapter(dict[StageName, StageTiming])
+_DECISION = TypeAdapter(GateDecision)
+_WATCH = TypeAdapter(WatchState)
+_SETTINGS = TypeAdapter(JobSettings)
+_TRIGGER_COLUMNS = {"source", "key", "reason"}
 
 
 class JobNotFound(TuneloopError):
@@ -44,49 +67,8 @@ class JobNotFound(TuneloopError):
     exit_code = 4
 
 
-@dataclass(frozen=True)
-class Trigger:
-    """Why retraining is asked for. `key` identifies the request: the same key twice is one request."""
-
-    source: TriggerSource
-    key: str
-    reason: str
-    detail: dict[str, Any]
-
-
-class TriggerRecord(BaseModel):
-    source: str
-    key: str
-    reason: str
-    detail: dict[str, Any]
-    created_at: datetime
-
-
-class Job(BaseModel):
-    id: int
-    task: str
-    state: str
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-    runner: str
-    pid: int | None
-    host: str | None
-    heartbeat_at: datetime | None
-    log_path: str | None
-    champion_version: int | None
-    candidate_version: int | None
-    dataset_ref: str | None
-    stages: dict[str, Any]
-    decision: dict[str, Any]
-    watch: dict[str, Any]
-    settings: dict[str, Any]
-    error: str | None
-    triggers: list[TriggerRecord]
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+class CorruptJobRecord(StoreError):
+    """A job row does not hold what the job store writes (edited by hand, or written by an unknown version)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +78,15 @@ class SubmitOutcome:
     duplicate: bool  # the trigger's key was seen before: nothing changed
 
 
+@dataclass(frozen=True)
+class JobCounts:
+    """What the Prometheus collector needs on every scrape, read without loading every job."""
+
+    by_state: dict[tuple[str, JobState], int] = field(default_factory=dict)
+    latest_stages: dict[str, dict[StageName, StageTiming]] = field(default_factory=dict)
+    latest_decision: dict[str, GateDecision] = field(default_factory=dict)
+
+
 class JobStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -103,7 +94,7 @@ class JobStore:
     # Submission ---------------------------------------------------------------------------------------------
 
     def submit(self, task: str, trigger: Trigger, *, runner: str, champion_version: int | None,
-               settings: dict[str, Any]) -> SubmitOutcome:
+               settings: JobSettings) -> SubmitOutcome:
         """Queue a job for `task`, or attach the trigger to its unfinished one; atomic under concurrency."""
         for _attempt in range(5):
             seen = self._trigger_job(trigger.key)
@@ -114,10 +105,10 @@ class JobStore:
                     now = datetime.now(UTC)
                     row = RetrainJobRow(task=task, state="queued", active_task=task, created_at=now, updated_at=now,
                                         runner=runner, champion_version=champion_version, stages={}, decision={},
-                                        watch={}, settings=settings)
+                                        watch={}, settings=settings.model_dump(mode="json"))
                     session.add(row)
                     session.flush()
-                    session.add(self._trigger_row(row.id, task, trigger))
+                    session.add(_trigger_row(row.id, task, trigger))
                     job_id = row.id
             except StoreError as exc:
                 if not _conflict(exc):
@@ -137,7 +128,7 @@ class JobStore:
                 active = session.scalars(select(RetrainJobRow).where(RetrainJobRow.active_task == task)).first()
                 if active is None:
                     return None
-                session.add(self._trigger_row(active.id, task, trigger))
+                session.add(_trigger_row(active.id, task, trigger))
                 active.updated_at = datetime.now(UTC)
                 job_id = active.id
         except StoreError as exc:
@@ -149,14 +140,9 @@ class JobStore:
                      f"{job_id} ({trigger.reason})", task=task, payload={"job": job_id, "key": trigger.key})
         return SubmitOutcome(self.get(job_id), created=False, duplicate=False)
 
-    @staticmethod
-    def _trigger_row(job_id: int, task: str, trigger: Trigger) -> RetrainTriggerRow:
-        return RetrainTriggerRow(job_id=job_id, task=task, source=trigger.source, key=trigger.key[:300],
-                                 reason=trigger.reason, detail=trigger.detail, created_at=datetime.now(UTC))
-
     def _trigger_job(self, key: str) -> int | None:
         with self.store.session() as session:
-            return session.scalar(select(RetrainTriggerRow.job_id).where(RetrainTriggerRow.key == key[:300]))
+            return session.scalar(select(RetrainTriggerRow.job_id).where(RetrainTriggerRow.key == key[:MAX_KEY_CHARS]))
 
     # Reading ------------------------------------------------------------------------------------------------
 
@@ -165,7 +151,7 @@ class JobStore:
             row = session.get(RetrainJobRow, job_id)
             if row is None:
                 raise JobNotFound(f"no retraining job {job_id}; see `tuneloop jobs list`")
-            return _to_job(row, self._triggers(session, [job_id]).get(job_id, []))
+            return _to_job(row, _triggers(session, [job_id]).get(job_id, []))
 
     def recent(self, *, task: str | None = None, limit: int = 50) -> list[Job]:
         query = select(RetrainJobRow).order_by(RetrainJobRow.id.desc()).limit(limit)
@@ -173,114 +159,158 @@ class JobStore:
             query = query.where(RetrainJobRow.task == task)
         with self.store.session() as session:
             rows = list(session.scalars(query))
-            triggers = self._triggers(session, [r.id for r in rows])
+            triggers = _triggers(session, [r.id for r in rows])
             return [_to_job(r, triggers.get(r.id, [])) for r in rows]
 
-    def latest(self, task: str, state: str) -> Job | None:
+    def active(self) -> list[Job]:
+        with self.store.session() as session:
+            rows = list(session.scalars(select(RetrainJobRow).where(RetrainJobRow.active_task.is_not(None))
+                                        .order_by(RetrainJobRow.id)))
+            triggers = _triggers(session, [r.id for r in rows])
+            return [_to_job(r, triggers.get(r.id, [])) for r in rows]
+
+    def latest(self, task: str, state: JobState) -> Job | None:
         with self.store.session() as session:
             row = session.scalars(select(RetrainJobRow).where(RetrainJobRow.task == task, RetrainJobRow.state == state)
                                   .order_by(RetrainJobRow.id.desc()).limit(1)).first()
-            return _to_job(row, self._triggers(session, [row.id]).get(row.id, [])) if row else None
+            return _to_job(row, _triggers(session, [row.id]).get(row.id, [])) if row else None
 
-    @staticmethod
-    def _triggers(session: Any, ids: list[int]) -> dict[int, list[TriggerRecord]]:
-        out: dict[int, list[TriggerRecord]] = {}
-        if not ids:
-            return out
-        for t in session.scalars(select(RetrainTriggerRow).where(RetrainTriggerRow.job_id.in_(ids))
-                                 .order_by(RetrainTriggerRow.id)):
-            out.setdefault(t.job_id, []).append(TriggerRecord(source=t.source, key=t.key, reason=t.reason,
-                                                              detail=t.detail, created_at=as_utc(t.created_at)))
-        return out
-
-    # Progress -----------------------------------------------------------------------------------------------
-
-    def update(self, job_id: int, **values: Any) -> None:
+    def counts(self) -> JobCounts:
+        """State counts per task, and the stages and gate decision of each task's latest job that has them."""
+        counts = JobCounts()
         with self.store.session() as session:
-            row = session.get(RetrainJobRow, job_id)
-            if row is None:
-                raise JobNotFound(f"no retraining job {job_id}")
-            for key, value in values.items():
-                setattr(row, key, value)
-            row.updated_at = datetime.now(UTC)
+            for row in session.execute(select(RetrainJobRow.id, RetrainJobRow.task, RetrainJobRow.state,
+                                              RetrainJobRow.stages, RetrainJobRow.decision)
+                                       .order_by(RetrainJobRow.id)):
+                state = _state(row.id, row.state)
+                counts.by_state[(row.task, state)] = counts.by_state.get((row.task, state), 0) + 1
+                if row.stages:
+                    counts.latest_stages[row.task] = _stages(row.id, row.stages)
+                if row.decision:
+                    counts.latest_decision[row.task] = _decision(row.id, row.decision)
+        return counts
+
+    # Progress (the worker) --------------------------------------------------------------------------------
 
     def claim(self, job_id: int, *, log_path: str | None) -> None:
         """The worker process announces itself: pid and host (for the reaper), first heartbeat."""
-        self.update(job_id, pid=os.getpid(), host=socket.gethostname(), heartbeat_at=datetime.now(UTC),
-                    log_path=log_path)
+        with self._row(job_id) as row:
+            row.pid, row.host, row.log_path = os.getpid(), socket.gethostname(), log_path
+            row.heartbeat_at = datetime.now(UTC)
+
+    def heartbeat(self, job_id: int) -> None:
+        with self._row(job_id) as row:
+            row.heartbeat_at = datetime.now(UTC)
 
     def transition(self, job_id: int, state: JobState) -> None:
-        self.update(job_id, state=state)
+        with self._row(job_id) as row:
+            row.state = state
         log.info("job %s: %s", job_id, state)
 
+    def record_champion(self, job_id: int, version: int, settings: JobSettings) -> None:
+        """The champion the candidate will be compared with, and the settings the job decided on."""
+        with self._row(job_id) as row:
+            row.champion_version, row.settings = version, settings.model_dump(mode="json")
+
+    def record_dataset(self, job_id: int, ref: str) -> None:
+        with self._row(job_id) as row:
+            row.dataset_ref = ref
+
+    def record_candidate(self, job_id: int, version: int) -> None:
+        with self._row(job_id) as row:
+            row.candidate_version = version
+
+    def record_decision(self, job_id: int, decision: GateDecision) -> None:
+        with self._row(job_id) as row:
+            row.decision = decision.model_dump(mode="json")
+
+    def record_watch(self, job_id: int, watch: WatchState, *, state: JobState | None = None) -> None:
+        """The watch's latest findings; `state` rolled_back when it undid the promotion."""
+        with self._row(job_id) as row:
+            row.watch = watch.model_dump(mode="json")
+            if state is not None:
+                row.state = state
+
     @contextlib.contextmanager
-    def stage(self, job_id: int, name: str) -> Iterator[None]:
+    def stage(self, job_id: int, name: StageName) -> Iterator[None]:
         """Record the stage's start, end and seconds in the job (also when it fails)."""
         started, wall = time.perf_counter(), datetime.now(UTC)
-        self._set_stage(job_id, name, {"started_at": wall.isoformat(), "status": "running"})
+        self._set_stage(job_id, name, StageTiming(started_at=wall, status="running"))
         log.info("job %s: stage %s started", job_id, name)
-        status = "failed"
+        status: StageStatus = "failed"
         try:
             yield
             status = "done"
         finally:
             seconds = round(time.perf_counter() - started, 2)
-            self._set_stage(job_id, name, {"started_at": wall.isoformat(), "seconds": seconds, "status": status,
-                                           "finished_at": datetime.now(UTC).isoformat()})
+            self._set_stage(job_id, name, StageTiming(started_at=wall, status=status, seconds=seconds,
+                                                      finished_at=datetime.now(UTC)))
             log.info("job %s: stage %s %s in %.1f s", job_id, name, status, seconds)
 
-    def _set_stage(self, job_id: int, name: str, value: dict[str, Any]) -> None:
-        with self.store.session() as session:
-            row = session.get(RetrainJobRow, job_id)
-            if row is not None:
-                row.stages = {**(row.stages or {}), name: value}
-                row.updated_at = datetime.now(UTC)
+    def _set_stage(self, job_id: int, name: StageName, timing: StageTiming) -> None:
+        with self._row(job_id) as row:
+            row.stages = {**(row.stages or {}), name: timing.model_dump(mode="json")}
 
-    def heartbeat(self, job_id: int) -> None:
-        self.update(job_id, heartbeat_at=datetime.now(UTC))
-
-    def finish(self, job_id: int, state: JobState, *, error: str | None = None, **values: Any) -> Job:
+    def finish(self, job_id: int, state: FinalState, *, error: str | None = None,
+               decision: GateDecision | None = None, watch: WatchState | None = None) -> Job:
         """Move to a final state and release the task's one-job lock."""
-        assert state in FINAL_STATES
-        with self.store.session() as session:
-            row = session.get(RetrainJobRow, job_id)
-            if row is None:
-                raise JobNotFound(f"no retraining job {job_id}")
+        with self._row(job_id) as row:
             was_active = row.state in ACTIVE_STATES
-            row.state, row.active_task, row.error = state, None, error if error is not None else row.error
+            row.state, row.active_task = state, None
+            row.error = error if error is not None else row.error
             row.finished_at = row.finished_at or datetime.now(UTC)
-            row.updated_at = datetime.now(UTC)
-            for key, value in values.items():
-                setattr(row, key, value)
+            if decision is not None:
+                row.decision = decision.model_dump(mode="json")
+            if watch is not None:
+                row.watch = watch.model_dump(mode="json")
             task = row.task
         if was_active:
             record_event(self.store, "retrain_finished", f"{task}: retraining job {job_id} {state}"
                          + (f": {error}" if error else ""), task=task, payload={"job": job_id, "state": state})
         return self.get(job_id)
 
+    @contextlib.contextmanager
+    def _row(self, job_id: int) -> Iterator[RetrainJobRow]:
+        with self.store.session() as session:
+            row = session.get(RetrainJobRow, job_id)
+            if row is None:
+                raise JobNotFound(f"no retraining job {job_id}")
+            yield row
+            row.updated_at = datetime.now(UTC)
+
+    # The reaper ---------------------------------------------------------------------------------------------
+
     def reap(self, *, stale_after_s: float, data_dir: Path | None = None) -> list[int]:
         """Mark unfinished jobs whose worker is gone (or silent for `stale_after_s`) failed and remove their
-        half-written adapter folders under `data_dir`; returns their ids."""
-        now, host = datetime.now(UTC), socket.gethostname()
+        half-written adapter folders under `data_dir`; returns their ids. Changes state: the scheduler process and
+        `tuneloop jobs reap` call it, read commands only show `why_stale`."""
         failed = []
-        for job in self.recent(limit=1000):
-            if not job.active:
+        for job in self.active():
+            reason = why_stale(job, stale_after_s=stale_after_s)
+            if reason is None:
                 continue
-            reason = None
-            if job.pid is not None and job.host == host and not process_alive(job.pid):
-                reason = f"worker process {job.pid} exited during '{job.state}' without finishing (killed or crashed)"
-            elif job.heartbeat_at is not None and (now - job.heartbeat_at).total_seconds() > stale_after_s:
-                reason = (f"no heartbeat from worker {job.pid}@{job.host} for "
-                          f"{(now - job.heartbeat_at).total_seconds():.0f} s during '{job.state}'")
-            elif job.pid is None and (now - job.created_at).total_seconds() > stale_after_s:
-                reason = f"no worker picked the job up within {stale_after_s:.0f} s"
-            if reason:
-                if data_dir is not None:
-                    remove_staging(data_dir, job.task, job.id)
-                self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
-                failed.append(job.id)
-                log.warning("job %s failed: %s", job.id, reason)
+            if data_dir is not None:
+                remove_staging(data_dir, job.task, job.id)
+            self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
+            failed.append(job.id)
+            log.warning("job %s failed: %s", job.id, reason)
         return failed
+
+
+def why_stale(job: Job, *, stale_after_s: float, now: datetime | None = None) -> str | None:
+    """Why an unfinished job's worker must be gone (its process exited, its heartbeat lapsed, no worker ever
+    claimed it), or None while it may still be running. Reads only."""
+    if not job.active:
+        return None
+    now = now or datetime.now(UTC)
+    if job.pid is not None and job.host == socket.gethostname() and not process_alive(job.pid):
+        return f"worker process {job.pid} exited during '{job.state}' without finishing (killed or crashed)"
+    if job.heartbeat_at is not None and (now - job.heartbeat_at).total_seconds() > stale_after_s:
+        return (f"no heartbeat from worker {job.pid}@{job.host} for "
+                f"{(now - job.heartbeat_at).total_seconds():.0f} s during '{job.state}'")
+    if job.pid is None and (now - job.created_at).total_seconds() > stale_after_s:
+        return f"no worker picked the job up within {stale_after_s:.0f} s"
+    return None
 
 
 def staging_prefix(job_id: int) -> str:
@@ -291,11 +321,6 @@ def staging_prefix(job_id: int) -> str:
 def remove_staging(data_dir: Path, task: str, job_id: int) -> None:
     for folder in (data_dir / "adapters" / task).glob(staging_prefix(job_id) + "*"):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _conflict(exc: StoreError) -> bool:
-    """The store wraps driver errors; a unique-constraint conflict is the expected race, anything else is not."""
-    return isinstance(exc.__cause__, IntegrityError)
 
 
 def process_alive(pid: int) -> bool:
@@ -315,11 +340,60 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def _to_job(row: RetrainJobRow, triggers: list[TriggerRecord]) -> Job:
-    return Job(id=row.id, task=row.task, state=row.state, created_at=as_utc(row.created_at),
+# Rows <-> records -----------------------------------------------------------------------------------------------
+
+def _conflict(exc: StoreError) -> bool:
+    """The store wraps driver errors; a unique-constraint conflict is the expected race, anything else is not."""
+    return isinstance(exc.__cause__, IntegrityError)
+
+
+def _trigger_row(job_id: int, task: str, trigger: Trigger) -> RetrainTriggerRow:
+    return RetrainTriggerRow(job_id=job_id, task=task, source=trigger.source, key=trigger.key[:MAX_KEY_CHARS],
+                             reason=trigger.reason, detail=trigger.model_dump(mode="json", exclude=_TRIGGER_COLUMNS),
+                             created_at=datetime.now(UTC))
+
+
+def _triggers(session: Session, ids: list[int]) -> dict[int, list[JobTrigger]]:
+    out: dict[int, list[JobTrigger]] = {}
+    if not ids:
+        return out
+    for t in session.scalars(select(RetrainTriggerRow).where(RetrainTriggerRow.job_id.in_(ids))
+                             .order_by(RetrainTriggerRow.id)):
+        trigger = _validated(t.job_id, "trigger", _TRIGGER,
+                             {**t.detail, "source": t.source, "key": t.key, "reason": t.reason})
+        out.setdefault(t.job_id, []).append(JobTrigger(trigger=trigger, received_at=as_utc(t.created_at)))
+    return out
+
+
+def _validated(job_id: int, what: str, adapter: TypeAdapter[T], value: object) -> T:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise CorruptJobRecord(f"retraining job {job_id}: its stored {what} is not a valid record ({problems}); "
+                               "was it written by another tuneloop version or edited by hand?") from None
+
+
+def _state(job_id: int, value: str) -> JobState:
+    return _validated(job_id, "state", _STATE, value)
+
+
+def _stages(job_id: int, value: dict[str, Any]) -> dict[StageName, StageTiming]:
+    return _validated(job_id, "stages", _STAGES, value)
+
+
+def _decision(job_id: int, value: dict[str, Any]) -> GateDecision:
+    return _validated(job_id, "gate decision", _DECISION, value)
+
+
+def _to_job(row: RetrainJobRow, triggers: list[JobTrigger]) -> Job:
+    settings = _validated(row.id, "settings", _SETTINGS, row.settings)
+    watch = _validated(row.id, "watch", _WATCH, row.watch) if row.watch else None
+    return Job(id=row.id, task=row.task, state=_state(row.id, row.state), created_at=as_utc(row.created_at),
                updated_at=as_utc(row.updated_at), finished_at=as_utc(row.finished_at) if row.finished_at else None,
                runner=row.runner, pid=row.pid, host=row.host,
                heartbeat_at=as_utc(row.heartbeat_at) if row.heartbeat_at else None, log_path=row.log_path,
                champion_version=row.champion_version, candidate_version=row.candidate_version,
-               dataset_ref=row.dataset_ref, stages=row.stages or {}, decision=row.decision or {},
-               watch=row.watch or {}, settings=row.settings or {}, error=row.error, triggers=triggers)
+               dataset_ref=row.dataset_ref, stages=_stages(row.id, row.stages or {}),
+               decision=_decision(row.id, row.decision) if row.decision else None, watch=watch, settings=settings,
+               error=row.error, triggers=triggers)

@@ -1,6 +1,7 @@
-"""Where a retraining job runs. `LocalRunner` starts `python -m retrain.worker` as a detached process on this
-machine: its own session, so stopping or restarting the gateway that launched it does not stop it, with its output
-in `<data_dir>/jobs/job-<N>/worker.log`. A cluster runner would implement the same `launch`.
+"""Where a retraining job runs. `LocalRunner` starts the worker module it is given (the conductor's,
+`python -m tuneloop.conductor.worker`) as a detached process on this machine: its own session, so stopping or
+restarting the gateway that launched it does not stop it, with its output in `<data_dir>/jobs/job-<N>/worker.log`.
+A cluster runner implements the same `launch`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from tuneloop.retrain.jobs import Job
-from tuneloop.config import Config
+from tuneloop.config import Config, parse_config
+from tuneloop.retrain.records import Job
 
 CONFIG_SNAPSHOT = "config.json"
 
@@ -39,11 +40,17 @@ def write_config_snapshot(config: Config, folder: Path) -> Path:
     return path
 
 
+def load_config_snapshot(path: Path) -> Config:
+    """The config a job was launched with (write_config_snapshot), for the worker process."""
+    raw = json.loads(path.read_text())
+    return parse_config(json.dumps(raw["config"]), source=str(path), config_dir=Path(raw["config_dir"]))
+
+
 class LocalRunner:
     name = "local"
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config, *, worker_module: str) -> None:
+        self.config, self.worker_module = config, worker_module
 
     def launch(self, job: Job) -> None:
         folder = job_dir(self.config, job.id)
@@ -51,12 +58,8 @@ class LocalRunner:
         log_path = folder / "worker.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tuneloop.retrain.worker", str(job.id), "--config-snapshot", str(snapshot)],
+                [sys.executable, "-m", self.worker_module, str(job.id), "--config-snapshot", str(snapshot)],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 cwd=str(self.config.config_dir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # Reap the child when it ends so it never lingers as a zombie the job reaper would mistake for alive.
         threading.Thread(target=process.wait, name=f"job-{job.id}-wait", daemon=True).start()
-
-
-def runner_for(config: Config) -> JobRunner:
-    return LocalRunner(config)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from tuneloop.challenger_sets.records import Example
-from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TrainingError
 from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.registry import CurvePoint
+from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 
 
 @dataclass
@@ -226,7 +226,8 @@ def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str) -> torch
     inside PEFT's own forward, so it keeps the standard path.
     """
     if method == "prompt-tuning":
-        return model(**batch).loss
+        loss: torch.Tensor = model(**batch).loss
+        return loss
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]

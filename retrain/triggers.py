@@ -2,34 +2,36 @@
 
 Every request goes through `request_retrain`: stale jobs are reaped first (so a crashed job does not hold the
 task's lock), the trigger is queued as a new job or attached to the task's unfinished one, and a new job is handed
-to the configured runner. A runner that cannot start marks the job failed on the spot.
+to the runner. A runner that cannot start marks the job failed on the spot. Incident triggers are built by the
+conductor from the incident's typed rule id (tuneloop/conductor/loop.py); this module builds the other two.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneloop.retrain.jobs import JobStore, SubmitOutcome, Trigger
-from tuneloop.retrain.runner import JobRunner, runner_for
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
+from tuneloop.retrain.jobs import JobStore, SubmitOutcome
+from tuneloop.retrain.records import AlertTrigger, JobSettings, ManualTrigger, Trigger
+from tuneloop.retrain.runner import JobRunner
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
+MAX_ALERTS = 1000
 
 
-def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *,
-                    runner: JobRunner | None = None) -> SubmitOutcome:
+def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *, runner: JobRunner) -> SubmitOutcome:
     config.task(task)
-    jobs = reap_stale_jobs(config, store)
-    runner = runner or runner_for(config)
+    jobs = JobStore(store)
+    jobs.reap(stale_after_s=config.jobs.stale_after_s, data_dir=config.data_path)
     champion = find_alias(store, task, "champion")
     outcome = jobs.submit(task, trigger, runner=runner.name, champion_version=champion.version if champion else None,
-                          settings={"retrain": config.task(task).retrain.model_dump(mode="json")})
+                          settings=JobSettings(retrain=config.task(task).retrain))
     if outcome.created:
         try:
             runner.launch(outcome.job)
@@ -40,25 +42,8 @@ def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *
     return outcome
 
 
-def reap_stale_jobs(config: Config, store: Store) -> JobStore:
-    """Fail the jobs whose worker is gone (see JobStore.reap) with this config's limits; returns the job store."""
-    jobs = JobStore(store)
-    jobs.reap(stale_after_s=config.jobs.stale_after_s, data_dir=config.data_path)
-    return jobs
-
-
-def incident_trigger(incident_id: int, rule: str, detail: dict[str, Any]) -> Trigger:
-    """An opened incident; a floor or drop rule names the dataset it breached on."""
-    parts = rule.split(":")
-    datasets = [parts[2]] if parts[0] in ("floor", "drop") and len(parts) > 2 else []
-    return Trigger(source="incident", key=f"incident:{incident_id}", reason=f"incident {incident_id}: {rule}",
-                   detail={"incident": incident_id, "rule": rule, "datasets": datasets,
-                           "message": str(detail.get("message", ""))[:500]})
-
-
-def manual_trigger(reason: str | None, *, now: datetime) -> Trigger:
-    return Trigger(source="manual", key=f"manual:{now.isoformat()}", reason=reason or "requested by hand",
-                   detail={"datasets": []})
+def manual_trigger(reason: str | None, *, now: datetime) -> ManualTrigger:
+    return ManualTrigger(key=f"manual:{now.isoformat()}", reason=reason or "requested by hand")
 
 
 # Alertmanager -----------------------------------------------------------------------------------------------
@@ -71,8 +56,8 @@ class AlertmanagerAlert(BaseModel):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str = Field(min_length=1)  # noqa: N815 - Alertmanager's field name
-    fingerprint: str | None = None
+    startsAt: str = Field(min_length=1, max_length=100)  # noqa: N815 - Alertmanager's field name
+    fingerprint: str | None = Field(default=None, max_length=200)
 
 
 class AlertmanagerPayload(BaseModel):
@@ -82,10 +67,10 @@ class AlertmanagerPayload(BaseModel):
     status: Literal["firing", "resolved"]
     receiver: str = ""
     groupKey: str = ""  # noqa: N815 - Alertmanager's field name
-    alerts: list[AlertmanagerAlert] = Field(min_length=1, max_length=1000)
+    alerts: list[AlertmanagerAlert] = Field(min_length=1, max_length=MAX_ALERTS)
 
 
-def alert_triggers(payload: AlertmanagerPayload, config: Config) -> tuple[list[tuple[str, Trigger]], list[str]]:
+def alert_triggers(payload: AlertmanagerPayload, config: Config) -> tuple[list[tuple[str, AlertTrigger]], list[str]]:
     """(task, trigger) per firing alert that names a configured task; and why each other alert was ignored.
 
     The key is the alert's fingerprint and start time: Alertmanager re-sends the same firing alert every
@@ -103,9 +88,7 @@ def alert_triggers(payload: AlertmanagerPayload, config: Config) -> tuple[list[t
         else:
             fingerprint = alert.fingerprint or "|".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
             datasets = [alert.labels["dataset"]] if alert.labels.get("dataset") else []
-            accepted.append((task, Trigger(
-                source="alertmanager", key=f"alertmanager:{fingerprint}:{alert.startsAt}",
-                reason=f"alert {name}", detail={"alertname": name, "labels": alert.labels,
-                                                "annotations": alert.annotations, "startsAt": alert.startsAt,
-                                                "datasets": datasets})))
+            accepted.append((task, AlertTrigger(
+                key=f"alertmanager:{fingerprint}:{alert.startsAt}", reason=f"alert {name}", alertname=name,
+                labels=alert.labels, annotations=alert.annotations, starts_at=alert.startsAt, datasets=datasets)))
     return accepted, ignored

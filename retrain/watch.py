@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select
 
-from tuneloop.retrain.jobs import Job, JobStore
+from tuneloop.challenger_sets.judged import judged_sets
 from tuneloop.config import Config
 from tuneloop.errors import EngineUnavailable
 from tuneloop.events import record_event
-from tuneloop.registry import find_alias, get_adapter
+from tuneloop.registry import AdapterVersion, find_alias, get_adapter
+from tuneloop.retrain.deployment import Deployment
+from tuneloop.retrain.gate import Gate
+from tuneloop.retrain.jobs import JobStore
+from tuneloop.retrain.records import (
+    ErrorRateSignal,
+    EvaluationSignal,
+    Job,
+    LabelSharesSignal,
+    WatchSignal,
+    WatchState,
+    WatchStatus,
+)
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 
@@ -37,100 +48,79 @@ log = logging.getLogger(__name__)
 MIN_REQUESTS = 20
 
 
-@dataclass
-class Signal:
-    name: str
-    regression: bool
-    message: str
-    facts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
+@dataclass(frozen=True)
 class WatchOutcome:
+    """What one check of a watched promotion found."""
+
     job: int
     task: str
-    status: str  # watching | confirmed | rolled_back | superseded
-    signals: list[Signal]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"job": self.job, "task": self.task, "status": self.status, "signals": [asdict(s) for s in self.signals]}
+    status: WatchStatus
+    signals: list[WatchSignal]
 
 
 class Watch:
-    def __init__(self, config: Config, store: Store) -> None:
-        self.config, self.store = config, store
+    def __init__(self, config: Config, store: Store, deployment: Deployment) -> None:
+        self.config, self.store, self.deployment = config, store, deployment
         self.jobs = JobStore(store)
 
     def watched_job(self, task: str) -> Job | None:
         job = self.jobs.latest(task, "promoted")
-        return job if job is not None and job.watch.get("status") == "watching" else None
+        return job if job is not None and job.watch is not None and job.watch.status == "watching" else None
 
     def check(self, task: str, *, now: datetime | None = None) -> WatchOutcome | None:
         job = self.watched_job(task)
-        if job is None:
+        if job is None or job.watch is None or job.candidate_version is None:
             return None
-        now = now or datetime.now(UTC)
+        watch, now = job.watch, now or datetime.now(UTC)
         champion = find_alias(self.store, task, "champion")
         if champion is None or champion.version != job.candidate_version:
-            self.jobs.update(job.id, watch={**job.watch, "status": "superseded", "checked_at": now.isoformat()})
+            self.jobs.record_watch(job.id, watch.model_copy(update={"status": "superseded", "checked_at": now}))
             return WatchOutcome(job.id, task, "superseded", [])
-        old, new = job.watch["previous_version"], job.candidate_version
-        assert new is not None
-        signals = [*self._evaluations(task, old, new, job), self._error_rate(task, old, new, job, now)]
-        labels = self._label_shares(task, old, new, job, now)
+        old = get_adapter(self.store, f"{task}@{watch.previous_version}")
+        new = get_adapter(self.store, f"{task}@{job.candidate_version}")
+        signals: list[WatchSignal] = [*self._evaluations(job, old, new), self._error_rate(job, watch, old, new, now)]
+        labels = self._label_shares(job, watch, old, new, now)
         if labels is not None:
             signals.append(labels)
-        regressions = [s for s in signals if s.regression]
-        checked = {**job.watch, "checked_at": now.isoformat(), "signals": [asdict(s) for s in signals]}
+        checked = watch.model_copy(update={"checked_at": now, "signals": signals})
+        regressions: list[WatchSignal] = [s for s in signals if s.regression]
         if regressions:
-            return self._roll_back(job, task, checked, regressions, signals)
-        until = datetime.fromisoformat(job.watch["until"])
-        status = "confirmed" if now >= until else "watching"
-        self.jobs.update(job.id, watch={**checked, "status": status})
+            return self._roll_back(job, checked, regressions)
+        status: WatchStatus = "confirmed" if now >= watch.until else "watching"
+        self.jobs.record_watch(job.id, checked.model_copy(update={"status": status}))
         if status == "confirmed":
-            record_event(self.store, "watch_confirmed", f"{task}: {task}@{new} held through its watch", task=task,
-                         payload={"job": job.id, "version": new})
+            record_event(self.store, "watch_confirmed", f"{task}: {new.ref} held through its watch", task=task,
+                         payload={"job": job.id, "version": new.version})
         return WatchOutcome(job.id, task, status, signals)
 
-    def _roll_back(self, job: Job, task: str, checked: dict[str, Any], regressions: list[Signal],
-                   signals: list[Signal]) -> WatchOutcome:
-        from tuneloop.serving.promotion import rollback
-
+    def _roll_back(self, job: Job, checked: WatchState, regressions: list[WatchSignal]) -> WatchOutcome:
         why = "; ".join(s.message for s in regressions)
-        log.warning("%s: rolling back %s@%s: %s", task, task, job.candidate_version, why)
-        record_event(self.store, "watch_regression", f"{task}: {task}@{job.candidate_version} regressed: {why}",
-                     task=task, payload={"job": job.id, "version": job.candidate_version,
-                                         "signals": [s.name for s in regressions]})
-        result = rollback(self.config, self.store, task)
-        self.jobs.update(job.id, state="rolled_back", watch={**checked, "status": "rolled_back", "reason": why,
-                                                             "restored": result.champion})
-        return WatchOutcome(job.id, task, "rolled_back", signals)
+        log.warning("%s: rolling back %s: %s", job.task, job.candidate_ref, why)
+        record_event(self.store, "watch_regression", f"{job.task}: {job.candidate_ref} regressed: {why}",
+                     task=job.task, payload={"job": job.id, "version": job.candidate_version,
+                                             "signals": [s.kind for s in regressions]})
+        restored = self.deployment.rollback(job.task)
+        self.jobs.record_watch(job.id, checked.model_copy(update={"status": "rolled_back", "reason": why,
+                                                                  "restored": restored.champion}),
+                               state="rolled_back")
+        return WatchOutcome(job.id, job.task, "rolled_back", checked.signals)
 
-    def _evaluations(self, task: str, old: int, new: int, job: Job) -> list[Signal]:
-        from tuneloop.challenger_sets.catalog import get_dataset
-        from tuneloop.evaluators.targets import ensure_served
-        from tuneloop.retrain.gate import Gate
-
-        gate = Gate(self.config, self.store, task)
-        settings, metric = gate.settings, gate.metric
-        runner = gate.runner()
-        old_version, new_version = get_adapter(self.store, f"{task}@{old}"), get_adapter(self.store, f"{task}@{new}")
+    def _evaluations(self, job: Job, old: AdapterVersion, new: AdapterVersion) -> list[EvaluationSignal]:
+        """Both versions, paired, on the latest judged split of every set the gate judged."""
+        gate = Gate(self.config, self.store, job.task, self.deployment)
         try:
-            url = ensure_served(self.config, old_version)
+            self.deployment.endpoint_for(old)
         except EngineUnavailable as exc:
-            return [Signal("evaluations", False, f"not evaluated: {exc}")]
+            return [EvaluationSignal(regression=False, message=f"not evaluated: {exc}")]
+        runner = gate.runner()
         signals = []
-        for entry in job.watch.get("gate_sets", []):
-            dataset = get_dataset(self.store, entry["dataset"].split("@", 1)[0])
-            limit = min(dataset.manifest.rows, settings.limit) if settings.limit else None
-            result, runs = gate.paired(runner, url, old_version, new_version, dataset, limit)
-            regression = result.ci_high < 0 and result.p_value < 1 - settings.level
-            signals.append(Signal(
-                f"eval:{dataset.manifest.ref}", regression,
-                f"{metric} on {dataset.manifest.ref}: {task}@{new} - {task}@{old} = {result.delta:+.4f} "
-                f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}], p={result.p_value:.4f}, n={result.n}",
-                {"delta": result.delta, "ci_low": result.ci_low, "ci_high": result.ci_high,
-                 "p_value": result.p_value, "n": result.n, "runs": runs}))
+        for judged in judged_sets(self.config, self.store, job.task, job.settings.challenger_sets):
+            result, runs = gate.paired(runner, old, new, judged.dataset)
+            regression = result.ci_high < 0 and result.p_value < 1 - gate.settings.level
+            signals.append(EvaluationSignal(
+                regression=regression, dataset=judged.ref, comparison=result, runs=runs,
+                message=f"{gate.metric} on {judged.ref}: {new.ref} - {old.ref} = {result.delta:+.4f} "
+                        f"[{result.ci_low:+.4f}, {result.ci_high:+.4f}], p={result.p_value:.4f}, n={result.n}"))
         return signals
 
     def _traffic(self, task: str, version: int, start: datetime, end: datetime) -> list[TrafficRow]:
@@ -139,38 +129,40 @@ class Watch:
                 TrafficRow.task == task, TrafficRow.adapter_version == version, TrafficRow.shadow_of.is_(None),
                 TrafficRow.created_at >= start, TrafficRow.created_at < end)))
 
-    def _windows(self, task: str, old: int, new: int, job: Job,
+    def _windows(self, task: str, watch: WatchState, old: AdapterVersion, new: AdapterVersion,
                  now: datetime) -> tuple[list[TrafficRow], list[TrafficRow]]:
-        promoted = datetime.fromisoformat(job.watch["promoted_at"])
-        span = max(now - promoted, timedelta(seconds=1))
-        return self._traffic(task, old, promoted - span, promoted), self._traffic(task, new, promoted, now)
+        span = max(now - watch.promoted_at, timedelta(seconds=1))
+        return (self._traffic(task, old.version, watch.promoted_at - span, watch.promoted_at),
+                self._traffic(task, new.version, watch.promoted_at, now))
 
-    def _error_rate(self, task: str, old: int, new: int, job: Job, now: datetime) -> Signal:
+    def _error_rate(self, job: Job, watch: WatchState, old: AdapterVersion, new: AdapterVersion,
+                    now: datetime) -> ErrorRateSignal:
         from scipy.stats import fisher_exact
 
-        before, after = self._windows(task, old, new, job, now)
+        before, after = self._windows(job.task, watch, old, new, now)
         errors_before = sum(r.status >= 500 for r in before)
         errors_after = sum(r.status >= 500 for r in after)
-        facts = {"old_requests": len(before), "old_errors": errors_before, "new_requests": len(after),
-                 "new_errors": errors_after}
+        signal = ErrorRateSignal(regression=False, message="", old_requests=len(before), old_errors=errors_before,
+                                 new_requests=len(after), new_errors=errors_after)
         if len(before) < MIN_REQUESTS or len(after) < MIN_REQUESTS:
-            return Signal("error_rate", False, f"too few requests to compare error rates ({len(before)} before, "
-                          f"{len(after)} since; {MIN_REQUESTS} each needed)", facts)
-        level = self.config.task(task).retrain.gate.level
+            return signal.model_copy(update={"message": f"too few requests to compare error rates ({len(before)} "
+                                             f"before, {len(after)} since; {MIN_REQUESTS} each needed)"})
+        level = self.config.task(job.task).retrain.gate.level
         p = float(fisher_exact([[errors_after, len(after) - errors_after],
                                 [errors_before, len(before) - errors_before]], alternative="greater")[1])
-        regression = p < 1 - level
-        return Signal("error_rate", regression,
-                      f"error rate {errors_after / len(after):.1%} since promotion vs "
-                      f"{errors_before / len(before):.1%} before (one-sided Fisher p={p:.4f})", {**facts, "p_value": p})
+        return signal.model_copy(update={
+            "regression": p < 1 - level, "p_value": p,
+            "message": f"error rate {errors_after / len(after):.1%} since promotion vs "
+                       f"{errors_before / len(before):.1%} before (one-sided Fisher p={p:.4f})"})
 
-    def _label_shares(self, task: str, old: int, new: int, job: Job, now: datetime) -> Signal | None:
+    def _label_shares(self, job: Job, watch: WatchState, old: AdapterVersion, new: AdapterVersion,
+                      now: datetime) -> LabelSharesSignal | None:
         from scipy.stats import chi2_contingency
 
-        task_config = self.config.task(task)
+        task_config = self.config.task(job.task)
         if task_config.kind != "classification":
             return None
-        before, after = self._windows(task, old, new, job, now)
+        before, after = self._windows(job.task, watch, old, new, now)
         if len(before) < MIN_REQUESTS or len(after) < MIN_REQUESTS:
             return None
         labels = task_config.labels
@@ -180,7 +172,7 @@ class Watch:
         if len(used) < 2:
             return None
         p = float(chi2_contingency([[row[i] for i in used] for row in table])[1])
-        shares = {f"{name}:{label}": counts[k].get(label, 0) for k, name in enumerate(("old", "new"))
-                  for label in labels}
-        return Signal("label_shares", False, f"answer label shares differ with chi-square p={p:.4f} (reported, "
-                      "not acted on)", {"p_value": p, **shares})
+        return LabelSharesSignal(p_value=p, old={label: counts[0].get(label, 0) for label in labels},
+                                 new={label: counts[1].get(label, 0) for label in labels},
+                                 message=f"answer label shares differ with chi-square p={p:.4f} (reported, not "
+                                         "acted on)")

@@ -1,39 +1,41 @@
-"""`python -m retrain.worker JOB_ID --config-snapshot PATH`: run one retraining job to its end.
+"""One retraining job, start to end: the stage sequence a worker process runs (tuneloop/conductor/worker.py is
+that process's entry point; it hands in the deployment).
 
-assemble -> train -> evaluate (gate) -> promote or reject. Any exception marks the job failed with its message
-and leaves the champion serving; SIGTERM does the same. SIGKILL cannot be caught: the reaper (retrain/jobs.py)
-finds the dead worker, marks the job failed and removes the half-written weights.
+champion? -> judged sets -> preflight -> assemble -> train -> evaluate (gate) -> promote (and start the watch) or
+reject (and release the candidate). Any exception marks the job failed with its message and leaves the champion
+serving; SIGTERM does the same (`Terminated`). SIGKILL cannot be caught: the reaper (JobStore.reap) finds the dead
+worker, marks the job failed and removes the half-written weights.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
-import sys
 import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from tuneloop.retrain.jobs import JobStore, TriggerRecord, remove_staging, staging_prefix
-from tuneloop.config import Config, parse_config
+from tuneloop.challenger_sets.catalog import qualify
+from tuneloop.challenger_sets.splits import GATE_SUFFIX
+from tuneloop.config import Config
+from tuneloop.registry import find_alias
+from tuneloop.retrain.deployment import Deployment
+from tuneloop.retrain.jobs import JobStore, remove_staging, staging_prefix
+from tuneloop.retrain.records import JobSettings, JobState, JobTrigger, WatchState
 from tuneloop.store import Store
 
-log = logging.getLogger("tuneloop.retrain.worker")
+log = logging.getLogger(__name__)
 
 
 class Terminated(Exception):
     """SIGTERM arrived."""
 
 
-def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None = None) -> str:
+def run_job(config: Config, store: Store, job_id: int, deployment: Deployment, *,
+            log_path: str | None = None) -> JobState:
     """Run the job's stages; returns its final state."""
-    from tuneloop.retrain.data import assemble, gate_sets
+    from tuneloop.challenger_sets.judged import judged_sets
+    from tuneloop.retrain.data import assemble
     from tuneloop.retrain.finetune import finetune
     from tuneloop.retrain.gate import Gate
-    from tuneloop.serving.promotion import promote
-    from tuneloop.registry import find_alias
 
     jobs = JobStore(store)
     job = jobs.get(job_id)
@@ -47,38 +49,38 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
         if champion is None:
             return jobs.finish(job_id, "failed", error=f"task '{task}' has no champion to compare a candidate "
                                "with; train one first").state
-        challengers = _challengers(config, job.triggers, task)
-        jobs.update(job_id, champion_version=champion.version,
-                    settings={**job.settings, "challenger_sets": challengers})
-        gate = Gate(config, store, task)
-        refused = gate.preflight(gate_sets(config, store, task, challengers), champion.ref)
+        challengers = challenger_sets(config, job.triggers, task)
+        jobs.record_champion(job_id, champion.version, JobSettings(retrain=job.settings.retrain,
+                                                                   challenger_sets=challengers))
+        judged = judged_sets(config, store, task, challengers)
+        gate = Gate(config, store, task, deployment)
+        refused = gate.preflight(judged, champion.ref)
         if refused is not None:
-            return jobs.finish(job_id, "rejected", decision=refused.to_json()).state
+            return jobs.finish(job_id, "rejected", decision=refused).state
         jobs.transition(job_id, "training")
         with jobs.stage(job_id, "assemble"):
-            data = assemble(config, store, task, challengers=challengers, name=f"retrain-job{job_id}")
-        jobs.update(job_id, dataset_ref=data.dataset.manifest.ref)
+            data = assemble(config, store, task, judged=judged, name=f"retrain-job{job_id}")
+        jobs.record_dataset(job_id, data.dataset.manifest.ref)
         with jobs.stage(job_id, "train"):
             candidate = finetune(config, store, task, dataset=data.dataset.manifest.ref, max_steps=settings.max_steps,
                                  progress=False, staging_prefix=staging_prefix(job_id),
                                  init_from=champion if settings.start_from == "champion" else None)
-        jobs.update(job_id, candidate_version=candidate.version)
+        jobs.record_candidate(job_id, candidate.version)
         jobs.transition(job_id, "evaluating")
         with jobs.stage(job_id, "evaluate"):
-            decision = gate.decide(champion, candidate, data.gate_sets)
-        jobs.update(job_id, decision=decision.to_json())
+            decision = gate.decide(champion, candidate, judged)
+        jobs.record_decision(job_id, decision)
         for line in decision.reasons:
             log.info("job %s gate: %s", job_id, line)
         if not decision.promote:
-            _unload(config, candidate.ref)
+            deployment.release(candidate)
             return jobs.finish(job_id, "rejected").state
         with jobs.stage(job_id, "promote"):
-            promoted = promote(config, store, candidate.ref)
+            promoted = deployment.promote(candidate)
         now = datetime.now(UTC)
-        watch = {"status": "watching" if settings.watch_s > 0 else "off", "promoted_at": now.isoformat(),
-                 "until": (now + timedelta(seconds=settings.watch_s)).isoformat(),
-                 "previous_version": champion.version, "through_gateway": promoted.gateway,
-                 "gate_sets": [{"dataset": s.dataset.manifest.ref, "role": s.role} for s in data.gate_sets]}
+        watch = WatchState(status="watching" if settings.watch_s > 0 else "off", promoted_at=now,
+                           until=now + timedelta(seconds=settings.watch_s), previous_version=champion.version,
+                           through_gateway=promoted.through_gateway)
         return jobs.finish(job_id, "promoted", watch=watch).state
     except BaseException as exc:  # noqa: BLE001 - every way out of a job must leave a record
         reason = "terminated (SIGTERM)" if isinstance(exc, Terminated) else f"{type(exc).__name__}: {exc}"
@@ -92,26 +94,14 @@ def run_job(config: Config, store: Store, job_id: int, *, log_path: str | None =
         stop.set()
 
 
-def _unload(config: Config, ref: str) -> None:
-    """A rejected candidate stays registered but should not hold an adapter slot in the engine."""
-    from tuneloop.serving.admin_client import AdminClient
-
-    try:
-        AdminClient(config).unload(ref)
-    except Exception as exc:  # noqa: BLE001 - costs only memory; the decision stands
-        log.warning("could not unload rejected %s: %s", ref, exc)
-
-
-def _challengers(config: Config, triggers: list[TriggerRecord], task: str) -> list[str]:
-    """The challenger sets the triggers name (an incident's rule, an alert's `dataset` label), else the task's."""
-    from tuneloop.challenger_sets.catalog import qualify
-
-    task_config = config.task(task)
+def challenger_sets(config: Config, triggers: list[JobTrigger], task: str) -> list[str]:
+    """The configured challenger sets the triggers name (an incident's rule, an alert's `dataset` label), else all
+    of the task's."""
+    configured = {qualify(task, c) for c in config.task(task).challenger_datasets}
     named: list[str] = []
-    configured = {qualify(task, c) for c in task_config.challenger_datasets}
-    for trigger in triggers:
-        for name in trigger.detail.get("datasets", []):
-            full = qualify(task, name).removesuffix("-gate")
+    for received in triggers:
+        for name in received.trigger.datasets:
+            full = qualify(task, name).removesuffix(GATE_SUFFIX)
             if full in configured and full not in named:
                 named.append(full)
     return named or sorted(configured)
@@ -123,36 +113,3 @@ def _heartbeat(jobs: JobStore, job_id: int, every_s: float, stop: threading.Even
             jobs.heartbeat(job_id)
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried; the job goes on
             log.warning("heartbeat of job %s failed: %s", job_id, exc)
-
-
-def load_snapshot(path: Path) -> Config:
-    raw = json.loads(path.read_text())
-    return parse_config(json.dumps(raw["config"]), source=str(path), config_dir=Path(raw["config_dir"]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrain.worker", description=__doc__)
-    parser.add_argument("job", type=int, help="job id")
-    parser.add_argument("--config-snapshot", type=Path, required=True, help="config.json written by the runner")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("httpx", "alembic", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    def terminate(_signum: int, _frame: object) -> None:
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminate)
-    config = load_snapshot(args.config_snapshot)
-    store = Store(config.resolved_database_url)
-    try:
-        state = run_job(config, store, args.job, log_path=str(args.config_snapshot.parent / "worker.log"))
-    finally:
-        store.close()
-    log.info("job %s finished: %s", args.job, state)
-    return 0 if state in ("promoted", "rejected") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

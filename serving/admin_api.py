@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tuneloop.errors import AdapterError
 from tuneloop.serving.auth import require_admin
 from tuneloop.serving.protocol import (
     AdapterLoadRequest,
@@ -17,7 +18,6 @@ from tuneloop.serving.protocol import (
     validate_body,
 )
 from tuneloop.serving.state import GatewayContext, context
-from tuneloop.errors import AdapterError
 
 
 async def _authorised(request: Request) -> GatewayContext:

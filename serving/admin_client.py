@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from tuneloop.serving.protocol import ERROR_TYPES
 from tuneloop.config import Config
 from tuneloop.errors import EngineUnavailable, TuneloopError
+from tuneloop.serving.protocol import ERROR_TYPES
 
 
 class GatewayNotRunning(EngineUnavailable):

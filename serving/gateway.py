@@ -1,14 +1,15 @@
 """The task gateway: an OpenAI-compatible front for vLLM that routes task names to adapters and captures traffic.
 
 This module assembles the app from its per-feature routers (serving/openai_api.py, admin_api.py,
-feedback_api.py) plus health and metrics, and maps every TuneloopError to one OpenAI-style error body with the
-status of its type (serving/protocol.py), so every failure looks the same to clients.
+feedback_api.py, reports_api.py) plus health and metrics, and the routes the process's assembler adds (the
+Alertmanager webhook, tuneloop/conductor/webhook.py), and maps every TuneloopError to one OpenAI-style error body
+with the status of its type (serving/protocol.py), so every failure looks the same to clients.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 from prometheus_client import generate_latest
@@ -16,12 +17,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from tuneloop.serving import admin_api, feedback_api, hooks_api, openai_api, reports_api
-from tuneloop.serving.protocol import RETRY_AFTER_S, error_response, status_of
-from tuneloop.serving.state import GatewayContext, context
 from tuneloop.errors import TuneloopError
+from tuneloop.serving import admin_api, feedback_api, openai_api, reports_api
+from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S, RETRY_AFTER_S, error_response, status_of
+from tuneloop.serving.state import GatewayContext, context
 
 __all__ = ["GatewayContext", "create_app"]
 
@@ -49,20 +50,20 @@ async def on_error(_: Request, exc: Exception) -> Response:
     return error_response(status, str(exc), name, headers=headers)
 
 
-def create_app(ctx: GatewayContext) -> Starlette:
+def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         ctx.client = httpx.AsyncClient(base_url=ctx.engine.base_url, transport=ctx.upstream_transport,
                                        timeout=httpx.Timeout(ctx.config.serving.request_timeout_s, connect=2.0),
-                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                                           keepalive_expiry=KEEPALIVE_EXPIRY_S))
         try:
             yield
         finally:
             await ctx.client.aclose()
 
-    routes = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(),
-              *hooks_api.routes(),
-              Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, exception_handlers={TuneloopError: on_error}, lifespan=lifespan)
+    every = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(), *routes,
+             Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=every, exception_handlers={TuneloopError: on_error}, lifespan=lifespan)
     app.state.ctx = ctx
     return app

@@ -11,11 +11,11 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from tuneloop.serving.engine_client import EngineClient, EngineLimits, check_servable
-from tuneloop.serving.routing import Router
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
 from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias
+from tuneloop.serving.engine_client import EngineClient, EngineLimits, check_servable
+from tuneloop.serving.routing import Router
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)

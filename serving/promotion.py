@@ -3,22 +3,13 @@ admin API when one answers, otherwise in the registry alone, with the same check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from tuneloop.basemodel import ensure_base_model
+from tuneloop.config import Config
+from tuneloop.registry import Promotion
 from tuneloop.serving.admin_client import AdminClient, GatewayNotRunning
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.server import offline_limits
-from tuneloop.basemodel import ensure_base_model
-from tuneloop.config import Config
 from tuneloop.store import Store
-
-
-@dataclass(frozen=True)
-class Promotion:
-    task: str
-    champion: str
-    previous: str | None
-    gateway: bool
 
 
 def _offline(config: Config, store: Store) -> HotSwapper:
@@ -28,17 +19,17 @@ def _offline(config: Config, store: Store) -> HotSwapper:
 def promote(config: Config, store: Store, version: str) -> Promotion:
     try:
         result = AdminClient(config).promote(version)
-        return Promotion(result["task"], result["champion"], result["previous"], gateway=True)
+        return Promotion(result["task"], result["champion"], result["previous"], through_gateway=True)
     except GatewayNotRunning:
         swap = _offline(config, store).promote(version, reason="promoted (no gateway running)")
-        return Promotion(swap.task, swap.champion, swap.previous, gateway=False)
+        return Promotion(swap.task, swap.champion, swap.previous, through_gateway=False)
 
 
 def rollback(config: Config, store: Store, task: str) -> Promotion:
     config.task(task)
     try:
         result = AdminClient(config).rollback(task)
-        return Promotion(result["task"], result["champion"], result["previous"], gateway=True)
+        return Promotion(result["task"], result["champion"], result["previous"], through_gateway=True)
     except GatewayNotRunning:
         swap = _offline(config, store).rollback(task)
-        return Promotion(swap.task, swap.champion, swap.previous, gateway=False)
+        return Promotion(swap.task, swap.champion, swap.previous, through_gateway=False)

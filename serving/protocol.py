@@ -28,6 +28,10 @@ from tuneloop.errors import (
 MAX_BODY_BYTES = 2_000_000
 EVAL_PURPOSE_HEADER = "X-Tuneloop-Purpose"  # "eval": counted, never captured as user traffic
 RETRY_AFTER_S = "5"
+# Idle pooled connections are dropped after this, safely before the server's own keep-alive timeout (uvicorn's, so
+# vLLM's and the gateway's: 5 s) closes them: reusing a connection the server is closing at that moment fails the
+# request (seen once in `tuneloop demo --fast` as a 503 between two traffic windows ~5 s apart).
+KEEPALIVE_EXPIRY_S = 2.0
 Endpoint = Literal["chat", "completion"]
 Purpose = Literal["user", "eval"]
 ErrorType = Literal["authentication_error", "not_found_error", "conflict_error", "service_unavailable",

@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 from starlette.responses import Response, StreamingResponse
 
+from tuneloop.errors import EngineUnavailable
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
-from tuneloop.errors import EngineUnavailable
 
 UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 

@@ -1,4 +1,10 @@
-"""`tuneloop serve`: engine + gateway + capture writer in one foreground process.
+"""The serving process: engine + gateway + capture writer, started and stopped in one sequence.
+
+`running_server` is that sequence (engine first, blocking until ready; the gateway's context, the capture writer
+and the replay of its spill file; uvicorn; then whatever runs beside it); `serve` runs it in the foreground until
+SIGINT or SIGTERM. What the gateway serves beyond inference and admin (the Alertmanager webhook, the monitor's and
+retraining's metrics) is handed in as `GatewayExtensions` by whoever assembles the process (tuneloop/conductor/),
+so this package imports neither.
 
 The engine's LoRA flags come from the adapters it will serve (every task's champion and candidate) and the
 tasks' training recipes (so a freshly trained adapter can be hot-swapped in without a restart), never a
@@ -12,26 +18,27 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute
 
-from tuneloop.monitor.exporter import MonitorCollector
+from tuneloop.basemodel import ensure_base_model
+from tuneloop.config import Config
+from tuneloop.errors import AdapterError, EngineUnavailable
+from tuneloop.redact import Redactor
+from tuneloop.registry import ALIASES, AdapterVersion, find_alias
 from tuneloop.serving.capture import CaptureWriter
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor, ServingEngine
 from tuneloop.serving.engine_client import EngineLimits, check_servable
 from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
-from tuneloop.serving.redact import Redactor
 from tuneloop.serving.routing import Router
-from tuneloop.basemodel import ensure_base_model
-from tuneloop.config import Config
-from tuneloop.errors import AdapterError, EngineUnavailable
-from tuneloop.registry import AdapterVersion, find_alias
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,14 @@ class ShutdownRequested(Exception):
 
 def _raise_shutdown(_signum: int, _frame: object) -> None:
     raise ShutdownRequested
+
+
+@dataclass(frozen=True)
+class GatewayExtensions:
+    """Routes and Prometheus collectors added to the gateway by whoever assembles the process."""
+
+    routes: Sequence[BaseRoute] = field(default_factory=tuple)
+    collectors: Sequence[Collector] = field(default_factory=tuple)
 
 
 @dataclass
@@ -58,8 +73,8 @@ def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapt
     ranks = [t.train.rank for t in config.tasks.values() if t.train.method == "lora"]
     targets: set[str] = {m for t in config.tasks.values() if t.train.method == "lora" for m in t.train.target_modules}
     for task in config.tasks:
-        for alias in ("champion", "candidate"):
-            version = find_alias(store, task, alias)  # type: ignore[arg-type]
+        for alias in ALIASES:
+            version = find_alias(store, task, alias)
             if version is None or version in adapters:
                 continue
             try:
@@ -90,13 +105,15 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
                       lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib,
                       lora_ops=config.serving.lora_ops, base_sha256=base.sha256,
                       prefix_caching=config.serving.prefix_caching,
-                      cpu_reserved_cores=config.serving.cpu_reserved_cores)
+                      cpu_reserved_cores=config.serving.cpu_reserved_cores,
+                      single_process=config.serving.engine_processes == "single")
     engine = EngineSupervisor(spec, config.data_path / "logs" / "vllm.log",
                               start_timeout_s=config.serving.start_timeout_s)
     return engine, base.sha256
 
 
-def build_context(config: Config, store: Store, engine: ServingEngine, *, seed: int | None = None,
+def build_context(config: Config, store: Store, engine: ServingEngine, *,
+                  extensions: GatewayExtensions = GatewayExtensions(), seed: int | None = None,
                   upstream_transport: httpx.AsyncBaseTransport | None = None) -> GatewayContext:
     """The gateway's shared state around an engine (a supervised vLLM, or a test's stand-in)."""
     registry = CollectorRegistry()
@@ -107,44 +124,19 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *, seed: 
     swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
                          grace_s=config.serving.unload_grace_s)
     registry.register(ServingStateCollector(engine, capture, redactor))
-    registry.register(MonitorCollector(config, store))
+    for collector in extensions.collectors:
+        registry.register(collector)
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
                           upstream_transport=upstream_transport)
 
 
 class Background(Protocol):
-    """Something that runs beside the gateway (the scheduler): started once vLLM is ready, stopped first."""
+    """Something that runs beside the gateway (the scheduler): started once the gateway listens, stopped first."""
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def serve(config: Config, store: Store, *, background: Background | None = None) -> None:
-    """Run until interrupted: vLLM first (blocking until ready), then the gateway on its port (and `background`)."""
-    import uvicorn
-
-    engine, _ = build_engine(config, store)
-    # uvicorn re-raises the SIGTERM it caught once it has shut down; make that an exception so the engine and the
-    # capture writer below are still stopped and flushed.
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    engine.start()
-    ctx = build_context(config, store, engine)
-    ctx.capture.start()
-    ctx.capture.replay_spill()
-    try:
-        if background is not None:
-            background.start()
-        uvicorn.run(create_app(ctx), host=config.serving.gateway_host, port=config.serving.gateway_port,
-                    log_level="info", access_log=False)
-    except ShutdownRequested:
-        log.info("shutting down on SIGTERM")
-    finally:
-        if background is not None:
-            background.stop()
-        ctx.capture.close()
-        engine.stop()
 
 
 @dataclass
@@ -154,36 +146,66 @@ class RunningServer:
     url: str
     engine: EngineSupervisor
     ctx: GatewayContext
+    thread: threading.Thread
 
 
 @contextlib.contextmanager
-def running_server(config: Config, store: Store, *, seed: int | None = None,
-                   background: Background | None = None) -> Iterator[RunningServer]:
-    """Engine + gateway (uvicorn on a thread) for the demo, tests and benchmarks; stopped on exit."""
+def running_server(config: Config, store: Store, *, extensions: GatewayExtensions = GatewayExtensions(),
+                   background: Background | None = None, seed: int | None = None,
+                   log_level: str = "warning") -> Iterator[RunningServer]:
+    """Engine, gateway (uvicorn on a thread) and `background`, started in order and stopped in reverse.
+
+    Captured traffic that a previous process spilled to disk is replayed before the gateway takes requests."""
     import uvicorn
 
     engine, _ = build_engine(config, store)
-    engine.start()
-    ctx = build_context(config, store, engine, seed=seed)
-    ctx.capture.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host=config.serving.gateway_host,
-                                           port=config.serving.gateway_port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
+    ctx: GatewayContext | None = None
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+    started_background = False
     try:
+        engine.start()
+        ctx = build_context(config, store, engine, extensions=extensions, seed=seed)
+        ctx.capture.start()
+        ctx.capture.replay_spill()
+        app = create_app(ctx, routes=extensions.routes)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.serving.gateway_host, port=config.serving.gateway_port,
+                                               log_level=log_level, access_log=False))
+        thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+        thread.start()
         deadline = time.monotonic() + 30
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if not server.started:
-            raise EngineUnavailable(f"the gateway did not start on port {config.serving.gateway_port}")
+            raise EngineUnavailable(f"the gateway did not start on {config.serving.gateway_host}:"
+                                    f"{config.serving.gateway_port} (is the port in use?)")
         if background is not None:
             background.start()
+            started_background = True
         yield RunningServer(url=f"http://{config.serving.gateway_host}:{config.serving.gateway_port}",
-                            engine=engine, ctx=ctx)
+                            engine=engine, ctx=ctx, thread=thread)
     finally:
-        if background is not None:
+        if started_background and background is not None:
             background.stop()
-        server.should_exit = True
-        thread.join(15)
-        ctx.capture.close()
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(15)
+        if ctx is not None:
+            ctx.capture.close()
         engine.stop()
+
+
+def serve(config: Config, store: Store, *, extensions: GatewayExtensions = GatewayExtensions(),
+          background: Background | None = None) -> None:
+    """`running_server` in the foreground until SIGINT or SIGTERM (or the gateway stops by itself)."""
+    # The default SIGTERM would end the process without the cleanup above: make it an exception instead.
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    try:
+        with running_server(config, store, extensions=extensions, background=background,
+                            log_level="info") as running:
+            log.info("gateway on %s, vLLM on %s", running.url, running.engine.spec.base_url)
+            while running.thread.is_alive():
+                running.thread.join(0.5)
+            log.error("the gateway stopped by itself; shutting down")
+    except (KeyboardInterrupt, ShutdownRequested):
+        log.info("shutting down")

@@ -10,13 +10,13 @@ import httpx
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
+from tuneloop.config import Config
+from tuneloop.redact import Redactor
 from tuneloop.serving.capture import CaptureWriter
 from tuneloop.serving.engine import ServingEngine
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics
-from tuneloop.serving.redact import Redactor
 from tuneloop.serving.routing import Router
-from tuneloop.config import Config
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tuneloop.serving.admin_client import AdminClient
-from tuneloop.serving.capture import spilled_records
 from tuneloop.config import Config
 from tuneloop.registry import find_alias
+from tuneloop.serving.admin_client import AdminClient
+from tuneloop.serving.capture import spilled_records
 from tuneloop.store import Store
 
 

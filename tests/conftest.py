@@ -15,6 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from tests.fakes import RecordingRunner  # noqa: E402
+from tests.live import ADMIN_TOKEN, LiveGateway, add_tiny_sets, free_port  # noqa: E402
 from tuneloop.config import Config, TrainConfig, parse_config  # noqa: E402
 from tuneloop.store import Store  # noqa: E402
 
@@ -71,3 +73,32 @@ def embedded_sets() -> dict[str, list]:
     from tuneloop.challenger_sets.embedded import build_chat, build_sentiment
 
     return {"sentiment": build_sentiment(), "chat": build_chat()}
+
+
+@pytest.fixture(scope="session")
+def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[LiveGateway]:
+    """One real vLLM + gateway for the whole test session (serving, evaluators and monitor tests share it), with
+    real adapters trained for two tasks. The engine and gateway run in this process (uvicorn on a thread, vLLM as
+    the supervised child), so tests can kill vLLM and watch the supervisor bring it back."""
+    from tuneloop.conductor.process import running
+    from tuneloop.retrain.finetune import finetune
+
+    root = tmp_path_factory.mktemp("serving")
+    gateway_port, vllm_port = free_port(), free_port()
+    config = parse_config(
+        f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
+        f"serving:\n  gateway_port: {gateway_port}\n  vllm_port: {vllm_port}\n  max_model_len: 512\n"
+        "  engine_processes: single\n"
+        f"  kv_cache_gib: 1\n  admin_token: {ADMIN_TOKEN}\n  unload_grace_s: 1\n"
+        "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n      eval_every: 100\n"
+        "  chat:\n    train:\n      batch_size: 4\n      validation_examples: 2\n      eval_every: 100\n",
+        config_dir=root)
+    store = Store(config.resolved_database_url)
+    add_tiny_sets(store, config.data_path)
+    for task, steps in (("sentiment", 2), ("sentiment", 3), ("chat", 2)):
+        finetune(config, store, task, max_steps=steps, dataset=f"{task}/tiny", progress=False)
+    runner = RecordingRunner()
+    with running(config, store, seed=0, runner=runner) as stack:
+        yield LiveGateway(url=stack.url, config=config, store=store, ctx=stack.server.ctx, engine=stack.server.engine,
+                          loop=stack.loop, runner=runner)
+    store.close()

@@ -276,6 +276,11 @@ class ServingConfig(StrictModel):
         "vLLM's default elsewhere. No effect on GPUs.")
     prefix_caching: bool | None = Field(
         default=None, description="vLLM's automatic prefix caching: true/false force it, null keeps vLLM's default.")
+    engine_processes: Literal["separate", "single"] = Field(
+        default="separate", description="separate: vLLM's default, API server, engine core and worker in three "
+        "processes; single: all in one (VLLM_ENABLE_V1_MULTIPROCESSING=0), which started in 37 s instead of 52 s "
+        "on 2 cores (the three import torch one after another). The tests use single; the benchmarks measured "
+        "separate.")
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
     start_timeout_s: float = Field(default=600, gt=0, description="How long vLLM may take to become ready.")
@@ -539,7 +544,7 @@ def _suggest(loc: tuple[Any, ...]) -> str | None:
             model = TaskConfig
             continue
         is_model = isinstance(model, type) and issubclass(model, BaseModel)
-        field = model.model_fields.get(str(part)) if is_model else None  # type: ignore[union-attr]
+        field = model.model_fields.get(str(part)) if is_model else None
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +89,17 @@ class AdapterVersion(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.task}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """An alias move that made `champion` its task's champion: hot-swapped in a running gateway
+    (`through_gateway`), or flipped in the registry alone when no gateway ran."""
+
+    task: str
+    champion: str
+    previous: str | None
+    through_gateway: bool
 
 
 def parse_ref(ref: str) -> tuple[str, str]:

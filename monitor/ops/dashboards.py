@@ -368,7 +368,8 @@ def build(spec: DashboardSpec) -> dict[str, Any]:
         dashboard = dashboard.with_row(Row(row_title))
         for panel in panels:
             dashboard = dashboard.with_panel(_panel(panel))
-    return json.loads(json.dumps(dashboard.build(), cls=JSONEncoder))
+    built: dict[str, Any] = json.loads(json.dumps(dashboard.build(), cls=JSONEncoder))
+    return built
 
 
 def render(spec: DashboardSpec) -> str:

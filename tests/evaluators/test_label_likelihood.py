@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import Config
 from tuneloop.evaluators.few_shot import FewShotVariant, draw_shots
 from tuneloop.evaluators.label_likelihood import calibrate, content_free_log_probs, label_token_ids, score_labels
-from tuneloop.config import Config
 
 pytestmark = [pytest.mark.integration]
 TASK = Config().tasks["sentiment"]

@@ -14,9 +14,9 @@ from sqlalchemy import select, update
 
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
+from tuneloop.errors import EngineUnavailable, EvaluationError, ModelNotFound
 from tuneloop.evaluators.compare import compare_runs
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
-from tuneloop.errors import EngineUnavailable, EvaluationError, ModelNotFound
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, EvalScoreRow
 
 TOPICS = ["airlines", "sports", "music"]

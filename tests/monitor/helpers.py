@@ -12,8 +12,8 @@ import httpx
 
 from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset
 from tuneloop.challenger_sets.records import Example
-from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.config import Config
+from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.store import Store
 from tuneloop.tables import AdapterVersionRow, AliasRow, TrafficRow
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from tests.monitor.helpers import capture
 from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
+from tuneloop.config import Config
 from tuneloop.monitor.drift import DriftDetector
 from tuneloop.monitor.embeddings import EmbeddingCache
 from tuneloop.monitor.samples import NotEnoughTraffic
-from tests.monitor.helpers import capture
-from tuneloop.config import Config
 from tuneloop.store import Store
 from tuneloop.tables import DriftCalibrationRow, DriftResultRow, DriftRunRow
 
@@ -116,7 +116,7 @@ def test_a_time_window_selects_by_capture_time(small_monitor: Config, store: Sto
 def _serving(app: object) -> Iterator[str]:
     import uvicorn
 
-    from tests.serving.conftest import free_port
+    from tests.live import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
@@ -136,9 +136,9 @@ def test_the_saved_report_served_by_the_gateway_renders_in_chromium_without_runn
         tmp_path: Path) -> None:
     """Real headless Chromium (Debian package) opens the drifted report from the test above through the gateway's
     /reports route: no script errors, the drift verdicts rendered, and the captured <script> prompts are text."""
-    from tuneloop.serving.gateway import create_app
     from tests.browser import click_text, find_chromium, visit
     from tests.serving.test_gateway import TOKEN, _gateway
+    from tuneloop.serving.gateway import create_app
 
     if find_chromium() is None:
         pytest.fail("Chromium is not installed: `make install` installs the Debian package chromium")

@@ -14,12 +14,12 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tuneloop.monitor.exporter import MonitorCollector
-from tuneloop.monitor.policy import Policy
+from tests.live import free_port
 from tests.monitor.helpers import evaluate_champion, make_dataset, register_champion
-from tests.serving.conftest import free_port
 from tuneloop.config import Config, FloorRule
 from tuneloop.events import record_event
+from tuneloop.monitor.exporter import MonitorCollector
+from tuneloop.monitor.policy import Policy
 from tuneloop.store import Store
 from tuneloop.tables import DriftResultRow, DriftRunRow, JobRunRow
 
@@ -94,8 +94,10 @@ def test_an_unreachable_store_reports_store_down_instead_of_failing_the_scrape(c
 
 def test_gateway_metrics_and_reports_route(tmp_path: Path) -> None:
     from tests.serving.test_gateway import TOKEN, _gateway
+    from tuneloop.conductor.process import collectors
+    from tuneloop.serving.server import GatewayExtensions
 
-    gen = _gateway(tmp_path)
+    gen = _gateway(tmp_path, extend=lambda config, store: GatewayExtensions(collectors=collectors(config, store)))
     gateway = next(gen)
     try:
         _populate(gateway.config, gateway.store, champion=False)  # the gateway fixture's sentiment@1 is champion
@@ -104,6 +106,7 @@ def test_gateway_metrics_and_reports_route(tmp_path: Path) -> None:
         series = 'tuneloop_eval_score{adapter="sentiment@1",dataset="fresh",metric="accuracy",task="sentiment"}'
         assert series in metrics
         assert "tuneloop_engine_up 1.0" in metrics  # the serving collector is still there beside the monitor one
+        assert 'tuneloop_retrain_jobs{state="queued",task="sentiment"} 0.0' in metrics  # and retraining's
         reports = gateway.config.data_path / "reports" / "drift" / "sentiment"
         reports.mkdir(parents=True)
         (reports / "drift-1.html").write_text("<html>report</html>")
@@ -185,18 +188,12 @@ def test_real_prometheus_scrapes_the_exporter(exporter_process: int, tmp_path: P
         proc.wait(15)
 
 
-def test_settings_reports_and_failures_are_exported_for_the_alert_rules(config: Config, store: Store) -> None:
-    from tuneloop.retrain.jobs import JobStore, Trigger
-
+def test_settings_and_reports_are_exported_for_the_alert_rules(config: Config, store: Store) -> None:
     _populate(config, store)
     config.tasks["sentiment"].schedule.eval = "*/20 * * * *"
     with store.session() as session:
         session.add(DriftRunRow(task="sentiment", window=200, n_current=200, n_reference=2000, drifted=False,
                                 false_alarm_rate=0.05, report_path="drift/sentiment/drift-7.html"))
-    jobs = JobStore(store)
-    job = jobs.submit("sentiment", Trigger("manual", "k", "r", {}), runner="recording", champion_version=1,
-                      settings={}).job
-    jobs.finish(job.id, "failed", error="boom")
     registry = CollectorRegistry()
     registry.register(MonitorCollector(config, store))
     value = registry.get_sample_value
@@ -207,5 +204,4 @@ def test_settings_reports_and_failures_are_exported_for_the_alert_rules(config: 
     with store.session() as session:
         latest_with_report = max(r.id for r in session.query(DriftRunRow) if r.report_path)
     assert value("tuneloop_drift_report_run_id", {"task": "sentiment"}) == latest_with_report
-    assert value("tuneloop_retrain_failures_total", {"task": "sentiment"}) == 1
-    assert value("tuneloop_retrain_failures_total", {"task": "chat"}) == 0
+

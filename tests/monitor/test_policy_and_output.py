@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tuneloop.monitor.drift import DriftDetector
-from tuneloop.monitor.policy import Policy, list_incidents
 from tests.monitor.helpers import LABELS, capture, register_champion
 from tests.monitor.helpers import evaluate_champion as run_eval
 from tests.monitor.helpers import make_dataset as dataset
 from tuneloop.config import Config, FloorRule
 from tuneloop.events import list_events
+from tuneloop.monitor.drift import DriftDetector
+from tuneloop.monitor.incidents import IncidentStore, RuleId
+from tuneloop.monitor.policy import Policy
 from tuneloop.store import Store
 from tuneloop.tables import DriftRunRow
 
@@ -35,17 +36,19 @@ def test_floor_breach_opens_one_incident_and_resolves_when_the_rule_holds(policy
 
     run_eval(policy_config, store, dataset(store, policy_config, "fresh", 60), accuracy_every=2)  # 0.5 accuracy
     first = policy.evaluate("sentiment")
-    assert len(first.opened) == 1 and first.checks[0].verdict == "breach"
+    assert len(first.changes.opened) == 1 and first.checks[0].verdict == "breach"
     assert "0.5000" in first.checks[0].message
     second = policy.evaluate("sentiment")  # still in breach: the same incident, refreshed, not a second one
-    assert second.opened == [] and second.refreshed == first.opened
-    [incident] = list_incidents(store, task="sentiment")
-    assert incident.rule == "floor:accuracy:fresh" and incident.breaches == 2
+    assert second.changes.opened == [] and second.changes.refreshed == [i.id for i in first.changes.opened]
+    [incident] = IncidentStore(store).list(task="sentiment")
+    assert incident.rule == RuleId.floor("accuracy", "fresh") and incident.breaches == 2
+    assert str(incident.rule) == "floor:accuracy:fresh" and RuleId.parse(str(incident.rule)) == incident.rule
 
     # a new version of the dataset on which the champion does well: the rule holds, the incident resolves
     run_eval(policy_config, store, dataset(store, policy_config, "fresh", 60, offset=100), accuracy_every=10)
     third = policy.evaluate("sentiment")
-    assert third.resolved == first.opened and list_incidents(store, task="sentiment") == []
+    assert [i.id for i in third.changes.resolved] == [i.id for i in first.changes.opened]
+    assert IncidentStore(store).list(task="sentiment") == []
     kinds = [e.kind for e in list_events(store, task="sentiment")]
     assert kinds.count("breach") == 1 and kinds.count("incident_resolved") == 1
 
@@ -56,14 +59,14 @@ def test_a_breach_inside_the_cooldown_opens_nothing(policy_config: Config, store
     bad = dataset(store, policy_config, "fresh", 60)
     run_eval(policy_config, store, bad, accuracy_every=2)
     now = datetime.now(UTC)
-    assert policy.evaluate("sentiment", now=now).opened
+    assert policy.evaluate("sentiment", now=now).changes.opened
     run_eval(policy_config, store, dataset(store, policy_config, "fresh", 60, offset=100), accuracy_every=10)
-    assert policy.evaluate("sentiment", now=now + timedelta(minutes=1)).resolved
+    assert policy.evaluate("sentiment", now=now + timedelta(minutes=1)).changes.resolved
     run_eval(policy_config, store, dataset(store, policy_config, "fresh", 60, offset=200), accuracy_every=2)
     flapping = policy.evaluate("sentiment", now=now + timedelta(minutes=2))
-    assert flapping.opened == [] and flapping.suppressed == ["floor:accuracy:fresh"]
+    assert flapping.changes.opened == [] and flapping.changes.suppressed == [RuleId.floor("accuracy", "fresh")]
     later = policy.evaluate("sentiment", now=now + timedelta(hours=2))
-    assert len(later.opened) == 1
+    assert len(later.changes.opened) == 1
 
 
 def test_drop_counts_only_when_its_interval_excludes_zero(config: Config, store: Store) -> None:
@@ -80,7 +83,7 @@ def test_drop_counts_only_when_its_interval_excludes_zero(config: Config, store:
     [drop] = policy.check_rules("sentiment")
     assert drop.verdict == "breach" and drop.facts["ci_high"] < 0
     assert drop.facts["method"] == "independent bootstrap"
-    assert policy.evaluate("sentiment").opened
+    assert [str(i.rule) for i in policy.evaluate("sentiment").changes.opened] == ["drop:macro_f1:fresh"]
 
 
 def test_drift_on_consecutive_windows(policy_config: Config, store: Store) -> None:
@@ -95,9 +98,9 @@ def test_drift_on_consecutive_windows(policy_config: Config, store: Store) -> No
     drift_run(True)
     assert policy.check_rules("sentiment")[0].verdict == "no_data"  # one flagged window is not two
     drift_run(True)
-    assert policy.evaluate("sentiment").opened
+    assert [i.rule for i in policy.evaluate("sentiment").changes.opened] == [RuleId.drift()]
     drift_run(False)
-    assert policy.evaluate("sentiment").resolved
+    assert policy.evaluate("sentiment").changes.resolved
 
 
 def test_output_view_fires_when_the_adapter_label_shares_move(config: Config, store: Store) -> None:

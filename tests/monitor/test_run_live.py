@@ -14,9 +14,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from tests.live import free_port
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
-from tests.serving.conftest import free_port
 from tuneloop.config import parse_config
 from tuneloop.store import Store
 from tuneloop.tables import EvalRunRow, JobRunRow, LeaseRow
@@ -41,6 +41,7 @@ def test_run_schedules_real_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path, ba
     config_path.write_text(
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {gateway_port}\n  vllm_port: {vllm_port}\n  max_model_len: 512\n"
+        "  engine_processes: single\n"
         "  kv_cache_gib: 1\n"
         "monitor:\n  lease_s: 3\n"
         "tasks:\n  sentiment:\n    train_dataset: sentiment/tiny\n    heldout_dataset: sentiment/tiny-heldout\n"

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tuneloop.monitor.lease import Lease
-from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.config import Config
 from tuneloop.events import list_events
+from tuneloop.monitor.lease import Lease
+from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.store import Store
 from tuneloop.tables import JobRunRow
 

@@ -10,32 +10,58 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tuneloop.retrain.jobs import JobNotFound, JobStore, Trigger, process_alive
+from tuneloop.config import RetrainConfig
+from tuneloop.evaluators.compare import MetricComparison
 from tuneloop.events import list_events
+from tuneloop.retrain.jobs import CorruptJobRecord, JobNotFound, JobStore, SubmitOutcome, process_alive, why_stale
+from tuneloop.retrain.records import (
+    AlertTrigger,
+    ErrorRateSignal,
+    GateCheck,
+    GateDecision,
+    IncidentTrigger,
+    JobSettings,
+    ManualTrigger,
+    Trigger,
+    WatchState,
+)
 from tuneloop.store import Store
+from tuneloop.tables import RetrainJobRow
+
+SETTINGS = JobSettings(retrain=RetrainConfig())
 
 
-def trigger(key: str, source: str = "manual") -> Trigger:
-    return Trigger(source=source, key=key, reason=f"because {key}", detail={})  # type: ignore[arg-type]
+def trigger(key: str) -> ManualTrigger:
+    return ManualTrigger(key=key, reason=f"because {key}")
 
 
-def submit(jobs: JobStore, task: str, key: str) -> object:
-    return jobs.submit(task, trigger(key), runner="test", champion_version=1, settings={})
+def submit(jobs: JobStore, task: str, new: Trigger) -> SubmitOutcome:
+    return jobs.submit(task, new, runner="test", champion_version=1, settings=SETTINGS)
+
+
+def simulate_worker(store: Store, job_id: int, *, host: str, heartbeat_at: datetime) -> None:
+    """Test setup: a worker on `host` that last beat at `heartbeat_at` (another machine cannot be started here)."""
+    with store.session() as session:
+        row = session.get(RetrainJobRow, job_id)
+        assert row is not None
+        row.pid, row.host, row.heartbeat_at, row.state = 1, host, heartbeat_at, "training"
 
 
 def test_a_second_trigger_joins_the_running_job_and_a_replay_changes_nothing(store: Store) -> None:
     jobs = JobStore(store)
-    first = jobs.submit("sentiment", trigger("incident:1", "incident"), runner="test", champion_version=1,
-                        settings={})
-    second = jobs.submit("sentiment", trigger("alertmanager:abc:t0", "alertmanager"), runner="test",
-                         champion_version=1, settings={})
-    replay = jobs.submit("sentiment", trigger("alertmanager:abc:t0", "alertmanager"), runner="test",
-                         champion_version=1, settings={})
+    incident = IncidentTrigger(key="incident:1", reason="incident 1: floor:macro_f1:other-topics", incident=1,
+                               rule="floor:macro_f1:other-topics", datasets=["other-topics"])
+    alert = AlertTrigger(key="alertmanager:abc:t0", reason="alert Q", alertname="Q", labels={"task": "sentiment"},
+                         starts_at="t0")
+    first = submit(jobs, "sentiment", incident)
+    second = submit(jobs, "sentiment", alert)
+    replay = submit(jobs, "sentiment", alert)
     assert first.created and not second.created and not second.duplicate
     assert second.job.id == first.job.id and replay.job.id == first.job.id and replay.duplicate
-    assert [t.source for t in jobs.get(first.job.id).triggers] == ["incident", "alertmanager"]
+    stored = jobs.get(first.job.id).triggers
+    assert [t.trigger for t in stored] == [incident, alert], "triggers come back as the records that were sent"
     assert len(jobs.recent()) == 1
-    other = jobs.submit("chat", trigger("manual:x"), runner="test", champion_version=None, settings={})
+    other = jobs.submit("chat", trigger("manual:x"), runner="test", champion_version=None, settings=SETTINGS)
     assert other.created and other.job.id != first.job.id, "the lock is per task"
     kinds = [e.kind for e in list_events(store, task="sentiment")]
     assert kinds.count("retrain_started") == 1 and kinds.count("retrain_trigger_attached") == 1
@@ -43,51 +69,53 @@ def test_a_second_trigger_joins_the_running_job_and_a_replay_changes_nothing(sto
 
 def test_after_a_job_finishes_the_next_trigger_queues_a_new_one(store: Store) -> None:
     jobs = JobStore(store)
-    first = jobs.submit("sentiment", trigger("a"), runner="test", champion_version=1, settings={}).job
+    first = submit(jobs, "sentiment", trigger("a")).job
     jobs.finish(first.id, "rejected")
-    again = jobs.submit("sentiment", trigger("a"), runner="test", champion_version=1, settings={})
+    again = submit(jobs, "sentiment", trigger("a"))
     assert again.duplicate and again.job.id == first.id, "a replayed key still names the old job"
-    fresh = jobs.submit("sentiment", trigger("b"), runner="test", champion_version=1, settings={})
+    fresh = submit(jobs, "sentiment", trigger("b"))
     assert fresh.created and fresh.job.id != first.id
 
 
 def test_concurrent_triggers_make_exactly_one_job(store: Store) -> None:
     jobs = JobStore(store)
     barrier = threading.Barrier(6)
-    results: list[object] = []
+    results: list[SubmitOutcome] = []
 
     def fire(i: int) -> None:
         barrier.wait()
-        results.append(jobs.submit("sentiment", trigger(f"k{i}"), runner="test", champion_version=1, settings={}))
+        results.append(submit(jobs, "sentiment", trigger(f"k{i}")))
 
     threads = [threading.Thread(target=fire, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    created = [r for r in results if r.created]  # type: ignore[attr-defined]
+    created = [r for r in results if r.created]
     assert len(created) == 1 and len(jobs.recent()) == 1
-    assert len(jobs.get(created[0].job.id).triggers) == 6  # type: ignore[attr-defined]
+    assert len(jobs.get(created[0].job.id).triggers) == 6
 
 
 def test_the_reaper_fails_a_job_whose_worker_died(store: Store) -> None:
     jobs = JobStore(store)
-    job = jobs.submit("sentiment", trigger("a"), runner="test", champion_version=1, settings={}).job
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    jobs.update(job.id, pid=dead.pid, host=__import__("socket").gethostname(), heartbeat_at=datetime.now(UTC),
-                state="training")
-    assert not process_alive(dead.pid)
+    job = submit(jobs, "sentiment", trigger("a")).job
+    jobs.transition(job.id, "training")
+    # A real worker process claims the job (pid, host, heartbeat) and dies without finishing it.
+    claim = (f"from tuneloop.retrain.jobs import JobStore; from tuneloop.store import Store; "
+             f"JobStore(Store({store.url!r})).claim({job.id}, log_path=None)")
+    subprocess.run([sys.executable, "-c", claim], check=True)
+    dead = jobs.get(job.id)
+    assert dead.pid is not None and not process_alive(dead.pid) and dead.heartbeat_at is not None
     assert jobs.reap(stale_after_s=600) == [job.id]
     failed = jobs.get(job.id)
     assert failed.state == "failed" and "exited during 'training'" in (failed.error or "")
-    assert jobs.submit("sentiment", trigger("b"), runner="test", champion_version=1, settings={}).created
+    assert submit(jobs, "sentiment", trigger("b")).created
 
 
 def test_a_silent_worker_on_another_host_is_failed_after_its_heartbeat_lapses(store: Store) -> None:
     jobs = JobStore(store)
-    job = jobs.submit("sentiment", trigger("a"), runner="test", champion_version=1, settings={}).job
-    jobs.update(job.id, pid=1, host="elsewhere", heartbeat_at=datetime.now(UTC) - timedelta(seconds=30))
+    job = submit(jobs, "sentiment", trigger("a")).job
+    simulate_worker(store, job.id, host="elsewhere", heartbeat_at=datetime.now(UTC) - timedelta(seconds=30))
     assert jobs.reap(stale_after_s=60) == []
     assert jobs.reap(stale_after_s=10) == [job.id]
     assert "no heartbeat" in (jobs.get(job.id).error or "")
@@ -95,16 +123,63 @@ def test_a_silent_worker_on_another_host_is_failed_after_its_heartbeat_lapses(st
 
 def test_stages_record_their_time_and_failures(store: Store) -> None:
     jobs = JobStore(store)
-    job = jobs.submit("sentiment", trigger("a"), runner="test", champion_version=1, settings={}).job
+    job = submit(jobs, "sentiment", trigger("a")).job
     with jobs.stage(job.id, "assemble"):
         pass
     with pytest.raises(RuntimeError), jobs.stage(job.id, "train"):
         raise RuntimeError("boom")
     stages = jobs.get(job.id).stages
-    assert stages["assemble"]["status"] == "done" and stages["assemble"]["seconds"] >= 0
-    assert stages["train"]["status"] == "failed"
+    assert stages["assemble"].status == "done" and stages["assemble"].seconds is not None
+    assert stages["train"].status == "failed" and stages["train"].finished_at is not None
 
 
 def test_an_unknown_job_is_a_clear_error(store: Store) -> None:
     with pytest.raises(JobNotFound, match="no retraining job 42"):
         JobStore(store).get(42)
+
+
+def decision() -> GateDecision:
+    comparison = MetricComparison("macro_f1", a=0.4, b=0.5, delta=0.1, ci_low=0.05, ci_high=0.15, p_value=0.001,
+                                  method="paired bootstrap", level=0.95, n=400, mde=0.08, paired_mde=0.06)
+    return GateDecision(promote=True, metric="macro_f1", level=0.95, margin=0.15, champion="sentiment@1",
+                        candidate="sentiment@2", reasons=["every gate set passed"], checks=[
+                            GateCheck(dataset="sentiment/other-topics-gate@1", role="challenger", n=400, mde=0.06,
+                                      passed=True, reason="better", comparison=comparison, runs=(3, 4))])
+
+
+def test_the_gate_decision_and_watch_come_back_as_the_records_that_were_stored(store: Store) -> None:
+    jobs = JobStore(store)
+    job = submit(jobs, "sentiment", trigger("a")).job
+    made = decision()
+    jobs.record_decision(job.id, made)
+    now = datetime.now(UTC)
+    watch = WatchState(status="watching", promoted_at=now, until=now + timedelta(hours=1), previous_version=1,
+                       through_gateway=True, signals=[
+                           ErrorRateSignal(regression=False, message="too few", old_requests=3, old_errors=0,
+                                           new_requests=2, new_errors=0)])
+    finished = jobs.finish(job.id, "promoted", watch=watch)
+    assert finished.decision == made and finished.watch == watch and not finished.active
+    assert finished.decision is not None and finished.decision.checks[0].comparison == made.checks[0].comparison
+    counts = jobs.counts()
+    assert counts.by_state[("sentiment", "promoted")] == 1 and counts.latest_decision["sentiment"] == made
+
+
+def test_a_row_the_store_did_not_write_is_a_clear_error_not_a_half_read(store: Store) -> None:
+    jobs = JobStore(store)
+    job = submit(jobs, "sentiment", trigger("a")).job
+    with store.session() as session:
+        row = session.get(RetrainJobRow, job.id)
+        assert row is not None
+        row.decision = {"promote": "yes please"}
+    with pytest.raises(CorruptJobRecord, match=f"retraining job {job.id}: its stored gate decision"):
+        jobs.get(job.id)
+
+
+def test_why_stale_only_reads(store: Store) -> None:
+    jobs = JobStore(store)
+    job = submit(jobs, "sentiment", trigger("a")).job
+    simulate_worker(store, job.id, host="elsewhere", heartbeat_at=datetime.now(UTC) - timedelta(seconds=300))
+    stale = jobs.get(job.id)
+    assert "no heartbeat" in (why_stale(stale, stale_after_s=60) or "")
+    assert why_stale(stale, stale_after_s=600) is None
+    assert jobs.get(job.id).state == "training", "asking why a job is stale changes nothing"

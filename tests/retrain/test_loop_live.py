@@ -25,16 +25,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.live import free_port
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
-from tuneloop.monitor.service import after_job
-from tuneloop.retrain.jobs import Job, JobStore, Trigger, process_alive
-from tuneloop.retrain.triggers import request_retrain
-from tuneloop.retrain.watch import Watch
-from tests.serving.conftest import free_port
+from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config, parse_config
 from tuneloop.events import list_events
 from tuneloop.registry import find_alias, list_adapters
+from tuneloop.retrain.jobs import JobStore, process_alive
+from tuneloop.retrain.records import AlertTrigger, IncidentTrigger, Job, ManualTrigger, WatchState
+from tuneloop.serving.engine import EngineSupervisor
 from tuneloop.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,11 +57,12 @@ def colours(mapping: dict[str, str], first_ticket: int, n: int, seed: int) -> li
 
 
 @dataclass
-class Loop:
+class Scenario:
     url: str
     config: Config
     store: Store
-    engine: object
+    engine: EngineSupervisor
+    loop: Loop
 
     def ask(self, text: str, model: str = "sentiment") -> httpx.Response:
         return httpx.post(f"{self.url}/v1/chat/completions", timeout=60, json={
@@ -82,14 +83,17 @@ class Loop:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[Loop]:
+def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[Scenario]:
+    """The process `tuneloop serve` assembles (conductor: webhook, collectors, the local job runner), in this one;
+    retraining jobs run in real worker processes that get the config, admin token included, as a snapshot."""
+    from tuneloop.conductor.process import running
     from tuneloop.retrain.finetune import finetune
-    from tuneloop.serving.server import running_server
 
     root = tmp_path_factory.mktemp("loop")
     config = parse_config(
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n"
+        "  engine_processes: single\n"
         f"  kv_cache_gib: 1\n  admin_token: {TOKEN}\n  unload_grace_s: 1\n"
         "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
         "tasks:\n  sentiment:\n"
@@ -113,28 +117,24 @@ def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iter
                 kind="challenger", source="test")
     champion = finetune(config, store, "sentiment", dataset="sentiment/poisoned", progress=False)
     assert champion.aliases == ["champion"]
-    previous = os.environ.get("TUNELOOP_ADMIN_TOKEN")
-    os.environ["TUNELOOP_ADMIN_TOKEN"] = TOKEN  # the worker inherits the environment
-    with running_server(config, store, seed=0) as running:
-        yield Loop(url=running.url, config=config, store=store, engine=running.engine)
-    if previous is None:
-        os.environ.pop("TUNELOOP_ADMIN_TOKEN", None)
-    else:
-        os.environ["TUNELOOP_ADMIN_TOKEN"] = previous
+    with running(config, store, seed=0) as stack:
+        yield Scenario(url=stack.url, config=config, store=store, engine=stack.server.engine, loop=stack.loop)
     for job in JobStore(store).recent():
         if job.pid and process_alive(job.pid):
             os.kill(job.pid, signal.SIGKILL)
     store.close()
 
 
-def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(loop: Loop) -> None:
-    from tuneloop.monitor.service import eval_runner
-
-    eval_runner(loop.config, loop.store)("sentiment")  # the poisoned champion fails the floor on colours-new
-    after_job(loop.config, loop.store, "eval", "sentiment")  # policy: incident -> job (the real worker process)
+def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(loop: Scenario) -> None:
+    # the scheduled eval, as the scheduler runs it: the poisoned champion fails the floor on colours-new, the
+    # policy opens an incident, the incident starts a job (the real worker process)
+    outcome = loop.loop.run_scheduled("eval", "sentiment")
+    assert outcome.status == "ok", outcome.error
     jobs = JobStore(loop.store).recent()
-    assert len(jobs) == 1 and jobs[0].triggers[0].source == "incident"
-    assert jobs[0].triggers[0].reason.endswith("floor:macro_f1:colours-new")
+    assert len(jobs) == 1
+    incident = jobs[0].triggers[0].trigger
+    assert isinstance(incident, IncidentTrigger) and incident.rule == "floor:macro_f1:colours-new"
+    assert incident.datasets == ["colours-new"], "the rule names the set the job learns from"
     alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
         {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
          "annotations": {}, "startsAt": "2026-11-27T09:00:00Z", "fingerprint": "first"}]}
@@ -142,24 +142,32 @@ def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(l
                         headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert joined["triggers"][0]["outcome"] == "attached" and joined["triggers"][0]["job"] == jobs[0].id
     assert len(JobStore(loop.store).recent()) == 1, "the alert joined the running job instead of queueing another"
-    assert [t.source for t in JobStore(loop.store).get(jobs[0].id).triggers] == ["incident", "alertmanager"]
+    received = [t.trigger for t in JobStore(loop.store).get(jobs[0].id).triggers]
+    assert isinstance(received[0], IncidentTrigger) and isinstance(received[1], AlertTrigger)
 
 
-def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Loop) -> None:
+def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Scenario) -> None:
     [job] = JobStore(loop.store).recent()
-    engine_pid = loop.engine.process.pid  # type: ignore[attr-defined]
+    engine = loop.engine.process
+    assert engine is not None
+    engine_pid = engine.pid
     done = loop.wait(job.id)
-    assert done.state == "promoted", (done.error, done.decision.get("reasons"))
+    assert done.decision is not None, done.error
+    assert done.state == "promoted", (done.error, done.decision.reasons)
     assert set(done.stages) == {"assemble", "train", "evaluate", "promote"}
-    assert all(s["status"] == "done" for s in done.stages.values())
-    held, new = done.decision["checks"]
-    assert held["role"] == "heldout" and held["passed"] and held["ci_low"] > -0.3
-    assert new["dataset"].startswith("sentiment/colours-new-gate@") and new["delta"] > 0.5 and new["p_value"] < 0.05
-    assert find_alias(loop.store, "sentiment", "champion").version == done.candidate_version == 2  # type: ignore[union-attr]
+    assert all(s.status == "done" for s in done.stages.values())
+    held, new = done.decision.checks
+    assert held.comparison is not None and new.comparison is not None
+    assert held.role == "heldout" and held.passed and held.comparison.ci_low > -0.3
+    assert new.dataset.startswith("sentiment/colours-new-gate@") and new.comparison.delta > 0.5
+    assert new.comparison.p_value < 0.05
+    champion = find_alias(loop.store, "sentiment", "champion")
+    assert champion is not None and champion.version == done.candidate_version == 2
     reply = loop.ask("Ticket 9999: the sky over Oslo looks blue.").json()
     assert reply["model"] == "sentiment@2" and reply["choices"][0]["message"]["content"] == "positive"
-    assert loop.engine.process.pid == engine_pid, "hot-swapped: vLLM was not restarted"  # type: ignore[attr-defined]
-    assert done.watch["status"] == "watching" and done.watch["previous_version"] == 1
+    assert loop.engine.process is not None and loop.engine.process.pid == engine_pid, "hot-swapped: no restart"
+    assert done.watch is not None and done.watch.status == "watching" and done.watch.previous_version == 1
+    assert done.watch.through_gateway, "the worker promoted through the gateway's admin API"
     recipe = done.dataset_ref
     assert recipe is not None and recipe.startswith("sentiment/retrain-job")
     metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
@@ -169,27 +177,27 @@ def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Loo
     assert 'tuneloop_gate_delta{bound="lower",dataset="colours-new-gate",role="challenger",task="sentiment"}' in metrics
 
 
-def test_a_worse_candidate_is_rejected_with_reasons_and_stays_unrouted(loop: Loop) -> None:
+def test_a_worse_candidate_is_rejected_with_reasons_and_stays_unrouted(loop: Scenario) -> None:
     # poisoned feedback: labelled "traffic" with the wrong mapping outweighs the right new data (and no replay)
     add_dataset(loop.store, loop.config.data_path, colours(WRONG, 5000, 300, 5), task="sentiment",
                 name="feedback", kind="challenger", source="traffic:sentiment:test")
     settings = loop.config.tasks["sentiment"].retrain
     settings.replay_ratio = 0.0
     try:
-        outcome = request_retrain(loop.config, loop.store, "sentiment",
-                                  Trigger("manual", "manual:worse", "poisoned feedback", {"datasets": []}))
+        outcome = loop.loop.request_retrain("sentiment", ManualTrigger(key="manual:worse", reason="poisoned feedback"))
     finally:
         settings.replay_ratio = 0.5
     done = loop.wait(outcome.job.id)
-    assert done.state == "rejected", (done.error, done.decision)
-    reasons = " ".join(done.decision["reasons"])
+    assert done.state == "rejected" and done.decision is not None, (done.error, done.decision)
+    reasons = " ".join(done.decision.reasons)
     assert "not significantly better" in reasons or "may be worse" in reasons
-    assert find_alias(loop.store, "sentiment", "champion").version == 2  # type: ignore[union-attr]
+    champion = find_alias(loop.store, "sentiment", "champion")
+    assert champion is not None and champion.version == 2
     rejected = [v for v in list_adapters(loop.store, "sentiment") if v.version == done.candidate_version]
     assert rejected and rejected[0].aliases == [], "registered, never routed"
 
 
-def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Loop) -> None:
+def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Scenario) -> None:
     from tuneloop.serving.admin_client import AdminClient
 
     jobs = JobStore(loop.store)
@@ -197,35 +205,38 @@ def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Loop) -> None:
     # Make the regressed candidate champion behind the gate's back, as a hand promotion would, and watch it.
     AdminClient(loop.config).promote(f"sentiment@{rejected.candidate_version}")
     now = datetime.now(UTC)
-    jobs.update(rejected.id, state="promoted", watch={
-        "status": "watching", "promoted_at": now.isoformat(), "until": (now + timedelta(hours=1)).isoformat(),
-        "previous_version": 2, "gate_sets": [{"dataset": c["dataset"]} for c in rejected.decision["checks"]]})
-    outcome = Watch(loop.config, loop.store).check("sentiment")
+    jobs.record_watch(rejected.id, WatchState(status="watching", promoted_at=now, until=now + timedelta(hours=1),
+                                              previous_version=2, through_gateway=True), state="promoted")
+    outcome = loop.loop.check_watch("sentiment")
     assert outcome is not None and outcome.status == "rolled_back"
-    assert any(s.regression and s.name.startswith("eval:") for s in outcome.signals)
-    assert find_alias(loop.store, "sentiment", "champion").version == 2  # type: ignore[union-attr]
+    assert any(s.regression and s.kind == "evaluation" for s in outcome.signals)
+    champion = find_alias(loop.store, "sentiment", "champion")
+    assert champion is not None and champion.version == 2
     assert loop.ask("Ticket 9998: the sky over Rome looks red.").json()["model"] == "sentiment@2"
-    assert jobs.get(rejected.id).state == "rolled_back"
+    rolled_back = jobs.get(rejected.id)
+    assert rolled_back.state == "rolled_back" and rolled_back.watch is not None
+    assert rolled_back.watch.status == "rolled_back" and rolled_back.watch.restored == "sentiment@2"
     kinds = [e.kind for e in list_events(loop.store, task="sentiment", limit=20)]
     assert "watch_regression" in kinds and "rollback" in kinds
     metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
     assert 'tuneloop_rollbacks_total{task="sentiment"} 1.0' in metrics
 
 
-def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_failed(loop: Loop) -> None:
-    outcome = request_retrain(loop.config, loop.store, "sentiment",
-                              Trigger("manual", "manual:kill", "to be killed", {"datasets": []}))
+def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_failed(loop: Scenario) -> None:
+    outcome = loop.loop.request_retrain("sentiment", ManualTrigger(key="manual:kill", reason="to be killed"))
     jobs = JobStore(loop.store)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         job = jobs.get(outcome.job.id)
-        if job.stages.get("train", {}).get("status") == "running":
+        train = job.stages.get("train")
+        if train is not None and train.status == "running":
             break
         assert job.active, (job.state, job.error)
         time.sleep(0.5)
     time.sleep(3)  # inside the training loop
     versions_before = len(list_adapters(loop.store, "sentiment"))
-    os.kill(job.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    assert job.pid is not None
+    os.kill(job.pid, signal.SIGKILL)
     failed = loop.wait(job.id, timeout=60)
     assert failed.state == "failed" and "killed or crashed" in (failed.error or "")
     assert len(list_adapters(loop.store, "sentiment")) == versions_before, "nothing half-registered"
@@ -233,7 +244,7 @@ def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_fa
     assert loop.ask("Ticket 9997: the sky over Lima looks green.").json()["model"] == "sentiment@2"
 
 
-def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_its_mde(loop: Loop) -> None:
+def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_its_mde(loop: Scenario) -> None:
     alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
         {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
          "annotations": {}, "startsAt": "2026-11-27T10:00:00Z", "fingerprint": "live"}]}
@@ -255,7 +266,7 @@ def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_i
     assert first["triggers"][0]["outcome"] == "queued" and replay["triggers"][0] == {
         **first["triggers"][0], "outcome": "duplicate", "state": replay["triggers"][0]["state"]}
     done = loop.wait(job_id, timeout=120)
-    assert done.state == "rejected" and done.decision["preflight"] is True
-    assert "too small to decide: n=40" in done.decision["reasons"][0]
+    assert done.state == "rejected" and done.decision is not None and done.decision.preflight
+    assert "too small to decide: n=40" in done.decision.reasons[0]
     assert "train" not in done.stages and done.candidate_version is None
     assert len(JobStore(loop.store).recent()) == before + 1

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import small_train_config
 from tuneloop.challenger_sets.records import Example
 from tuneloop.retrain.batching import collate, encode_example
-from tests.conftest import small_train_config
 
 SYSTEM = "Classify the sentiment of the tweet. Answer with exactly one word: negative, neutral or positive."
 

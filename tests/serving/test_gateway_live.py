@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.serving.conftest import ADMIN_TOKEN, LiveGateway
+from tests.live import ADMIN_TOKEN, LiveGateway
 from tuneloop.registry import find_alias
 from tuneloop.tables import TrafficRow
 

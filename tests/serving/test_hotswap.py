@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.serving.engine import RESERVED_CORES_ENV, EngineSpec, build_command, engine_env, vllm_rank
-from tuneloop.serving.engine_client import EngineLimits, check_servable
-from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError
 from tuneloop.registry import AdapterCard, find_alias, get_adapter, register_adapter, set_alias
+from tuneloop.serving.engine import RESERVED_CORES_ENV, EngineSpec, build_command, engine_env, vllm_rank
+from tuneloop.serving.engine_client import EngineLimits, check_servable
+from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.store import Store
 
 BASE = "b" * 64

@@ -173,7 +173,7 @@ def test_offline_promote_applies_the_admin_api_checks_and_changes_nothing_when_r
         assert done.returncode == 5 and reason in done.stderr, done.stderr
         assert champion() == before, "a refused promotion changes nothing"
     promoted = json.loads(run(workspace, "--config", str(config_file), "promote", first, "--json").stdout)
-    assert promoted["champion"] == first and promoted["gateway"] is False
+    assert promoted["champion"] == first and promoted["through_gateway"] is False
 
 
 def test_feedback_import_reports_bad_lines(workspace: Path, tmp_path: Path) -> None:

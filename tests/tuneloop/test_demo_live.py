@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.evaluators.runs import RunStore
-from tests.serving.conftest import free_port
+from tests.live import free_port
 from tuneloop.config import load_config
+from tuneloop.evaluators.runs import RunStore
 from tuneloop.store import Store
 from tuneloop.timewindow import as_utc
 
@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path) -> None:
-    (tmp_path / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n")
+    (tmp_path / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n"
+                                            "  engine_processes: single\n")
     models = tmp_path / ".tuneloop" / "models"
     models.mkdir(parents=True)
     (models / base_model_dir.name).symlink_to(base_model_dir, target_is_directory=True)
@@ -42,12 +43,14 @@ def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path)
                             capture_output=True, text=True, timeout=120)
     [job] = json.loads(listed.stdout)["jobs"]
     assert job["state"] in ("promoted", "rejected"), job
-    assert [t["source"] for t in job["triggers"]] == ["incident", "incident"], "the second incident joined"
-    assert {t["reason"].split(": ", 1)[1] for t in job["triggers"]} == {"drift", "floor:macro_f1:other-topics"}
+    triggers = [t["trigger"] for t in job["triggers"]]
+    assert [t["source"] for t in triggers] == ["incident", "incident"], "the second incident joined"
+    assert {t["rule"] for t in triggers} == {"drift", "floor:macro_f1:other-topics"}
     checks = job["decision"]["checks"]
     assert [c["role"] for c in checks] == ["heldout", "challenger"]
     assert checks[1]["dataset"].startswith("sentiment/other-topics-gate@")
-    assert all(c["delta"] is not None and c["p_value"] is not None and c["mde"] is not None for c in checks)
+    assert all(c["comparison"]["delta"] is not None and c["comparison"]["p_value"] is not None for c in checks)
+    assert all(c["mde"] > 0 for c in checks)
     assert set(job["stages"]) >= {"assemble", "train", "evaluate"}
     # The scheduled eval judged the champion on the same judge split, so the gate reused those runs: the champion's
     # runs behind both checks are older than the gate, the candidate's were asked by it.

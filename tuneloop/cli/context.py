@@ -26,6 +26,10 @@ class CliState:
             self._config = load_config(self.config_path)
         return self._config
 
+    def use_config(self, config: Config) -> None:
+        """Run the rest of this invocation with `config` (the demo's sized copy); the store stays the same."""
+        self._config = config
+
     @property
     def store(self) -> Store:
         """The store, with the embedded tasks' datasets registered on first use."""

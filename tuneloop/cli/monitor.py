@@ -25,9 +25,9 @@ def drift(
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the Evidently HTML report.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Check a task's captured traffic for drift against its training inputs (calibrated thresholds)."""
-    from tuneloop.monitor.drift import DriftDetector
-    from tuneloop.monitor.service import after_job
+    """Check a task's captured traffic for drift against its training inputs (calibrated thresholds), then run the
+    policy on it as after a scheduled check (a new incident can start retraining)."""
+    from tuneloop.conductor.process import assemble_loop
 
     if window is not None and since is not None:
         raise ConfigError("give --window or --since, not both")
@@ -37,9 +37,8 @@ def drift(
             start = datetime.now(UTC) - timedelta(seconds=parse_interval(since))
         except ValueError as exc:
             raise ConfigError(f"--since: {exc}") from None
-    detector = DriftDetector(STATE.config, STATE.store, progress=not json_output)
-    report = detector.run(task, window=window, since=start, html=False if no_report else None)
-    after_job(STATE.config, STATE.store, "drift", task)  # the policy, and retraining for a new incident
+    report, _ = assemble_loop(STATE.config, STATE.store).check_drift(
+        task, window=window, since=start, html=False if no_report else None, progress=not json_output)
     if json_output:
         print_json(report.to_json())
         return
@@ -71,15 +70,14 @@ def _pct(value: float | None) -> str:
 
 def run() -> None:
     """Serve (vLLM + gateway) and run the scheduler: scheduled evals, drift checks, policy; Ctrl-C stops all."""
-    from tuneloop.monitor.service import build_scheduler
-    from tuneloop.serving.server import serve as run_server
+    from tuneloop.conductor.process import serve
 
     config = STATE.config
     console.print(f"tuneloop run: gateway http://{config.serving.gateway_host}:{config.serving.gateway_port} "
                   "(/v1, /metrics, /reports), scheduler with "
                   f"{sum(bool(t.schedule.eval) + bool(t.schedule.drift) for t in config.tasks.values())} jobs; "
                   "Ctrl-C stops everything")
-    run_server(config, STATE.store, background=build_scheduler(config, STATE.store))
+    serve(config, STATE.store, schedule=True)
 
 
 def exporter(
@@ -87,13 +85,12 @@ def exporter(
     host: Annotated[str | None, typer.Option("--host", help="Bind address (default: monitor.exporter_host).")] = None,
 ) -> None:
     """Serve the monitor's Prometheus metrics from the store alone, for a Prometheus that cannot reach the gateway."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import start_http_server
 
-    from tuneloop.monitor.exporter import MonitorCollector
+    from tuneloop.conductor.process import exporter_registry
 
     config = STATE.config
-    registry = CollectorRegistry()
-    registry.register(MonitorCollector(config, STATE.store))
+    registry = exporter_registry(config, STATE.store)
     bind_host, bind_port = host or config.monitor.exporter_host, port or config.monitor.exporter_port
     server, thread = start_http_server(bind_port, addr=bind_host, registry=registry)
     console.print(f"exporter on http://{bind_host}:{bind_port}/metrics (Ctrl-C stops)")
@@ -112,12 +109,14 @@ def incidents(
     json_output: JsonOption = False,
 ) -> None:
     """Incidents opened by the policy (open ones by default)."""
-    from tuneloop.monitor.policy import list_incidents
+    from dataclasses import asdict
 
-    found = list_incidents(STATE.store, task=task, status=None if show_all else "open")
+    from tuneloop.monitor.incidents import IncidentStore
+
+    found = IncidentStore(STATE.store).list(task=task, status=None if show_all else "open")
     if json_output:
-        print_json([i.__dict__ for i in found])
+        print_json([{**asdict(i), "rule": str(i.rule)} for i in found])
         return
     print_table("incidents", ["id", "task", "rule", "status", "opened", "breaches", "message"],
-                [[i.id, i.task, i.rule, i.status, i.opened_at.strftime("%Y-%m-%d %H:%M"), i.breaches,
-                  i.detail.get("message", "")] for i in found])
+                [[i.id, i.task, str(i.rule), i.status, i.opened_at.strftime("%Y-%m-%d %H:%M"), i.breaches,
+                  i.message] for i in found])

@@ -8,12 +8,14 @@ import typer
 
 from tuneloop.cli.context import STATE
 from tuneloop.cli.output import console, print_json
+from tuneloop.config import TrainMethod
 
 
 def train(
     task: Annotated[str, typer.Option("--task", "-t", help="Task to train (its train dataset and recipe).")],
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="lora (default), prompt-tuning or full.")] = None,
+    method: Annotated[TrainMethod | None, typer.Option("--method",
+                                                       help="lora (default), prompt-tuning or full.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (<= serving.max_lora_rank).")] = None,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate", "--lr", help="Peak learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Examples per step.")] = None,
@@ -24,13 +26,10 @@ def train(
 ) -> None:
     """Fine-tune the base model on a task's training set (PEFT LoRA by default) and register the version."""
     from tuneloop.retrain.finetune import finetune
-    from tuneloop.errors import TrainingError
 
-    if method is not None and method not in ("lora", "prompt-tuning", "full"):
-        raise TrainingError(f"--method must be lora, prompt-tuning or full, got '{method}'")
     overrides: dict[str, Any] = {k: v for k, v in {"rank": rank, "learning_rate": learning_rate,
                                                    "batch_size": batch_size, "seed": seed}.items() if v is not None}
-    version = finetune(STATE.config, STATE.store, task, method=method, max_steps=max_steps,  # type: ignore[arg-type]
+    version = finetune(STATE.config, STATE.store, task, method=method, max_steps=max_steps,
                        overrides=overrides, dataset=dataset, progress=not quiet and not json_output)
     card = version.card
     if json_output:

@@ -23,18 +23,19 @@ import httpx
 import pytest
 import yaml
 
+from tests.live import ADMIN_TOKEN, LiveGateway, free_port
+from tests.monitor.test_ops_pack import tool
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
+from tuneloop.config import FloorRule
+from tuneloop.evaluators.compare import MetricComparison
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.monitor.ops.files import panel_queries
 from tuneloop.monitor.ops.rules import ALERT_RULES, grafana_alert_rules
-from tuneloop.retrain.jobs import JobStore, Trigger
-from tests.ops.test_ops_pack import tool
-from tests.retrain.test_webhook import RecordingRunner
-from tests.serving.conftest import ADMIN_TOKEN, LiveGateway, free_port
-from tuneloop.config import FloorRule
 from tuneloop.registry import find_alias
-from tuneloop.tables import DriftResultRow, DriftRunRow, RetrainTriggerRow
+from tuneloop.retrain.jobs import JobStore
+from tuneloop.retrain.records import AlertTrigger, GateCheck, GateDecision, Job, JobSettings, ManualTrigger
+from tuneloop.tables import DriftResultRow, DriftRunRow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -167,19 +168,27 @@ def _seed(live: LiveGateway) -> None:
         session.add(DriftResultRow(run_id=run.id, view="domain_classifier", column="prompt", method="m",
                                    score=0.71, threshold=0.58, drifted=True, window=200, n=200, status="ok"))
     jobs = JobStore(store)
-    job = jobs.submit("chat", Trigger("manual", "ops-test-chat", "seeded", {}), runner="recording",
-                      champion_version=1, settings={}).job
+    job = jobs.submit("chat", ManualTrigger(key="ops-test-chat", reason="seeded"), runner="recording",
+                      champion_version=1, settings=JobSettings(retrain=config.task("chat").retrain)).job
     for stage in ("assemble", "train", "evaluate"):
         with jobs.stage(job.id, stage):
             pass
-    jobs.finish(job.id, "rejected", decision={"promote": False, "checks": [
-        {"dataset": "chat/live-heldout@1", "role": "heldout", "delta": -0.02, "ci_low": -0.05, "ci_high": 0.01}]})
+    worse = MetricComparison("chrf", a=0.30, b=0.28, delta=-0.02, ci_low=-0.05, ci_high=0.01, p_value=0.2,
+                             method="paired bootstrap", level=0.95, n=40, mde=0.12, paired_mde=0.08)
+    jobs.finish(job.id, "rejected", decision=GateDecision(
+        promote=False, metric="chrf", level=0.95, margin=0.1, champion="chat@1", candidate="chat@2",
+        reasons=["seeded"], checks=[GateCheck(dataset="chat/live-heldout@1", role="heldout", n=40, mde=0.08,
+                                              passed=False, reason="seeded", comparison=worse, runs=(1, 2))]))
+
+
+def _alert_jobs(live: LiveGateway) -> list[tuple[Job, AlertTrigger]]:
+    """Jobs the Alertmanager webhook started or joined, with the alert that did."""
+    return [(job, received.trigger) for job in JobStore(live.store).recent()
+            for received in job.triggers if isinstance(received.trigger, AlertTrigger)]
 
 
 def test_every_panel_has_data_and_a_quality_breach_reaches_the_webhook(
         live_gateway: LiveGateway, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = RecordingRunner()
-    monkeypatch.setattr("tuneloop.retrain.triggers.runner_for", lambda config: runner)
     sentiment = live_gateway.config.tasks["sentiment"]
     # a floor that holds, so the "distance to the floor" panel has a series; raised below to inject the breach
     monkeypatch.setattr(sentiment.policy, "floors", [FloorRule(metric="accuracy", dataset="sentiment/ops-heldout",
@@ -218,20 +227,18 @@ def test_every_panel_has_data_and_a_quality_breach_reaches_the_webhook(
                 if a["labels"]["alertname"] == "TuneloopQualityBelowFloor"], "no breach before the floor is raised"
     sentiment.policy.floors[0].min = floor
     deadline = time.monotonic() + 90
-    recorded: list[RetrainTriggerRow] = []
+    recorded: list[tuple[Job, AlertTrigger]] = []
     while time.monotonic() < deadline and not recorded:
-        with live_gateway.store.session() as session:
-            recorded = list(session.query(RetrainTriggerRow).filter(RetrainTriggerRow.source == "alertmanager"))
+        recorded = _alert_jobs(live_gateway)
         time.sleep(1)
     alerts = httpx.get(f"{stack.alertmanager}/api/v2/alerts", timeout=10).json()
     names = {a["labels"]["alertname"] for a in alerts}
     assert "TuneloopQualityBelowFloor" in names, names
     assert recorded, f"Alertmanager did not deliver to the webhook; alerts there: {names}"
-    assert {r.task for r in recorded} == {"sentiment"}
-    assert "TuneloopQualityBelowFloor" in recorded[0].reason
-    job = JobStore(live_gateway.store).get(recorded[0].job_id)
-    assert job.task == "sentiment" and runner.launched == [job.id]
+    assert {job.task for job, _ in recorded} == {"sentiment"}
+    job, alert = recorded[0]
+    assert alert.alertname == "TuneloopQualityBelowFloor" and job.id in live_gateway.runner.launched
     # only the retrain-routed alert went to the webhook: no other alert name became a trigger
     retrain_names = {r.name for r in ALERT_RULES if r.retrain}
-    assert all(any(name in r.reason for name in retrain_names) for r in recorded)
+    assert all(a.alertname in retrain_names for _, a in recorded)
     JobStore(live_gateway.store).finish(job.id, "failed", error="test: recorded, not run")

@@ -1,6 +1,6 @@
-"""`POST /v1/hooks/alertmanager` on the in-process gateway (stub vLLM, real store): auth, malformed bodies,
-firing vs resolved alerts, replays, and joining a running job. The runner is a recorder here; the live tests
-launch the real worker."""
+"""`POST /v1/hooks/alertmanager` on the in-process gateway (stub vLLM, real store), added by the conductor as in
+`tuneloop serve`: auth, malformed bodies, firing vs resolved alerts, replays, and joining a running job. The runner
+is a recorder here; the live tests launch the real worker."""
 
 from __future__ import annotations
 
@@ -10,25 +10,26 @@ from typing import Any
 
 import pytest
 
-from tuneloop.retrain.jobs import Job, JobStore
+from tests.fakes import RecordingDeployment, RecordingRunner
 from tests.serving.test_gateway import TOKEN, Gateway, _gateway
-
-
-class RecordingRunner:
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.launched: list[int] = []
-
-    def launch(self, job: Job) -> None:
-        self.launched.append(job.id)
+from tuneloop.conductor.loop import Loop
+from tuneloop.conductor.process import extensions
+from tuneloop.config import Config
+from tuneloop.retrain.jobs import JobStore
+from tuneloop.retrain.records import AlertTrigger
+from tuneloop.serving.server import GatewayExtensions
+from tuneloop.store import Store
 
 
 @pytest.fixture
-def hooked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Gateway, RecordingRunner]]:
+def hooked(tmp_path: Path) -> Iterator[tuple[Gateway, RecordingRunner]]:
     runner = RecordingRunner()
-    monkeypatch.setattr("tuneloop.retrain.triggers.runner_for", lambda config: runner)
-    for gateway in _gateway(tmp_path):
+
+    def conducted(config: Config, store: Store) -> GatewayExtensions:
+        return extensions(Loop(config, store, runner=runner, deployment=RecordingDeployment(store),
+                               endpoint="http://gateway.test"))
+
+    for gateway in _gateway(tmp_path, extend=conducted):
         yield gateway, runner
 
 
@@ -72,8 +73,9 @@ def test_a_firing_alert_starts_one_job_and_a_replay_is_idempotent(hooked: tuple[
     assert again_later.json()["triggers"][0]["outcome"] == "attached", "joins the unfinished job"
     jobs = JobStore(gateway.store).recent()
     assert len(jobs) == 1 and runner.launched == [jobs[0].id]
-    assert [t.source for t in jobs[0].triggers] == ["alertmanager", "alertmanager"]
-    assert jobs[0].triggers[0].detail["datasets"] == ["other-topics"]
+    triggers = [t.trigger for t in jobs[0].triggers]
+    assert len(triggers) == 2 and isinstance(triggers[0], AlertTrigger)
+    assert triggers[0].datasets == ["other-topics"] and triggers[0].starts_at == "2026-11-27T10:00:00Z"
 
 
 def test_resolved_and_unknown_task_alerts_are_ignored_with_reasons(hooked: tuple[Gateway, RecordingRunner]) -> None:
@@ -102,4 +104,10 @@ def test_grafana_contact_point_payload_starts_a_job(hooked: tuple[Gateway, Recor
     assert reply.status_code == 202 and reply.json()["triggers"][0]["outcome"] == "queued"
     jobs = JobStore(gateway.store).recent()
     assert len(jobs) == 1 and runner.launched == [jobs[0].id]
-    assert jobs[0].triggers[0].reason == "alert TuneloopDriftDetected"
+    assert jobs[0].triggers[0].trigger.reason == "alert TuneloopDriftDetected"
+
+
+def test_without_the_conductor_the_gateway_has_no_webhook(tmp_path: Path) -> None:
+    """The route exists because the process assembler added it; the gateway alone knows nothing of retraining."""
+    for gateway in _gateway(tmp_path):
+        assert post(gateway, payload()).status_code == 404

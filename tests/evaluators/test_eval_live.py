@@ -14,12 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import delete, func, select, update
 
+from tests.live import ADMIN_TOKEN, LiveGateway
 from tuneloop.challenger_sets.catalog import add_dataset, get_dataset
 from tuneloop.challenger_sets.from_traffic import build_from_traffic
 from tuneloop.challenger_sets.records import Example, Message
 from tuneloop.evaluators.compare import compare_runs
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
-from tests.serving.conftest import ADMIN_TOKEN, LiveGateway
 from tuneloop.hardware import usable_cpu_cores
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, TrafficRow
 from tuneloop.timewindow import parse_instant
@@ -192,8 +192,8 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
     from tuneloop.registry import get_adapter
+    from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
 
     engine = live_gateway.engine
     dtype_name = engine.spec.resolved_dtype  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.serving.redact import Redactor, iban_valid, luhn_valid
+from tuneloop.redact import Redactor, iban_valid, luhn_valid
 
 
 @pytest.mark.parametrize(("text", "expected", "kinds"), [

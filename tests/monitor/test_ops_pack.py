@@ -14,12 +14,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tuneloop.config import Config, load_config
 from tuneloop.monitor.ops import rules as rules_module
 from tuneloop.monitor.ops.dashboards import DASHBOARDS
 from tuneloop.monitor.ops.files import DATASOURCE_UID, committed_dashboard_queries, differences, panel_queries
 from tuneloop.monitor.ops.rule_tests import promtool_tests
 from tuneloop.monitor.ops.rules import ALERT_RULES, RECORDING_RULES, grafana_alert_rules, prometheus_rules
-from tuneloop.config import Config, load_config
 from tuneloop.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,8 +103,9 @@ def test_alertmanager_config_loads_and_routes_retrain_alerts_to_the_webhook() ->
 
 
 def _tuneloop_names(config: Config, store: Store) -> set[str]:
-    """Metric names a real gateway registry exposes (exporter over a real store, gateway and serving collectors)."""
-    from tuneloop.monitor.exporter import MonitorCollector
+    """Metric names a real gateway registry exposes (the collectors the conductor hands the gateway, over a real
+    store, plus the gateway's and serving's own)."""
+    from tuneloop.conductor.process import collectors
     from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 
     class Idle:
@@ -114,7 +115,8 @@ def _tuneloop_names(config: Config, store: Store) -> set[str]:
         queue = type("Queue", (), {"qsize": staticmethod(lambda: 0)})()
 
     registry = CollectorRegistry()
-    registry.register(MonitorCollector(config, store))
+    for collector in collectors(config, store):
+        registry.register(collector)
     registry.register(ServingStateCollector(Idle(), Idle(), Idle()))
     gateway = GatewayMetrics(registry)
     labels = {"task": "t", "adapter": "a", "route": "r"}

@@ -1,0 +1,50 @@
+"""Stand-ins for the serving side in retraining's unit tests (the live tests use the real gateway)."""
+
+from __future__ import annotations
+
+from tuneloop.registry import AdapterVersion, Promotion, get_adapter, set_alias
+from tuneloop.retrain.records import Job
+from tuneloop.store import Store
+
+
+class RecordingRunner:
+    """retrain.runner.JobRunner that records the jobs it was asked to launch and runs none."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.launched: list[int] = []
+
+    def launch(self, job: Job) -> None:
+        self.launched.append(job.id)
+
+
+class RecordingDeployment:
+    """retrain.deployment.Deployment for unit tests: every version answers at `endpoint` (a scripted stand-in for
+    vLLM behind an httpx transport), promotion and rollback move the registry's champion alias as the gateway would,
+    and every call is recorded in `calls`."""
+
+    def __init__(self, store: Store, endpoint: str = "http://endpoint.test") -> None:
+        self.store, self.endpoint = store, endpoint
+        self.calls: list[tuple[str, str]] = []
+        self._previous: dict[str, str] = {}
+
+    def endpoint_for(self, version: AdapterVersion) -> str:
+        self.calls.append(("endpoint_for", version.ref))
+        return self.endpoint
+
+    def promote(self, version: AdapterVersion) -> Promotion:
+        self.calls.append(("promote", version.ref))
+        previous = set_alias(self.store, version.ref, "champion", reason="promoted (test)")
+        if previous is not None:
+            self._previous[version.task] = previous.ref
+        return Promotion(version.task, version.ref, previous.ref if previous else None, through_gateway=False)
+
+    def rollback(self, task: str) -> Promotion:
+        self.calls.append(("rollback", task))
+        restored = get_adapter(self.store, self._previous[task])
+        current = set_alias(self.store, restored.ref, "champion", reason="rollback (test)")
+        return Promotion(task, restored.ref, current.ref if current else None, through_gateway=False)
+
+    def release(self, version: AdapterVersion) -> None:
+        self.calls.append(("release", version.ref))

@@ -1,0 +1,51 @@
+"""What the live tests share: loopback ports, the admin token, and the handle of the session's real gateway (the
+`live_gateway` fixture in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.fakes import RecordingRunner
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example, Message
+from tuneloop.conductor.loop import Loop
+from tuneloop.config import Config
+from tuneloop.serving.engine import EngineSupervisor
+from tuneloop.serving.state import GatewayContext
+from tuneloop.store import Store
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveGateway:
+    """The session's vLLM + gateway, assembled by the conductor as `tuneloop serve` is (webhook, collectors); its
+    retraining runner records jobs instead of starting workers."""
+
+    url: str
+    config: Config
+    store: Store
+    ctx: GatewayContext
+    engine: EngineSupervisor
+    loop: Loop
+    runner: RecordingRunner
+
+
+def add_tiny_sets(store: Store, data_dir: Path) -> None:
+    tweets = [("@united lost my bag again", "negative"), ("@JetBlue lovely crew, thanks!", "positive"),
+              ("@Delta flight leaves at 5pm", "neutral"), ("@united 3 hour delay, awful", "negative"),
+              ("@SouthwestAir smooth landing, great job", "positive"), ("@AmericanAir which gate?", "neutral"),
+              ("@USAirways rude staff", "negative"), ("@VirginAmerica love it", "positive")] * 2
+    add_dataset(store, data_dir, [Example(id=str(i), input=t, reference=r) for i, (t, r) in enumerate(tweets)],
+                task="sentiment", name="tiny", kind="train", source="test", check_leakage=False)
+    chats = [Example(id=str(i), messages=[Message(role="user", content=f"hi, how was day {i}?")],
+                     reference="pretty good, thanks! you?") for i in range(16)]
+    add_dataset(store, data_dir, chats, task="chat", name="tiny", kind="train", source="test", check_leakage=False)
