@@ -81,8 +81,8 @@ lint: install
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/tuneloop
 	@for entry in tuneloop/*; do ln -s "$(CURDIR)/$$entry" $(TYPECHECK)/tuneloop/; done
 	@for sub in $(SUBSYSTEMS); do ln -s "$(CURDIR)/$$sub" $(TYPECHECK)/tuneloop/$$sub; done
-	@ln -s "$(CURDIR)/bench" $(TYPECHECK)/bench
-	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p tuneloop -p bench
+	@ln -s "$(CURDIR)/bench" $(TYPECHECK)/bench && ln -s "$(CURDIR)/tests" $(TYPECHECK)/tests
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p tuneloop -p bench -p tests
 
 clean:
 	rm -rf $(VENV) .tuneloop .cache

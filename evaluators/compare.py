@@ -78,7 +78,9 @@ def compare_runs(runner: EvalRunner, run_a: int, run_b: int) -> CompareReport:
                                   resamples=settings.bootstrap_resamples, seed=settings.seed)
         extra: dict[str, Any] = {}
         if name == "accuracy" and table_a.per_example is not None:
-            p, only_a, only_b = mcnemar(table_a.per_example, tables_b[name].per_example)  # type: ignore[arg-type]
+            b_per_example = tables_b[name].per_example
+            assert b_per_example is not None, "both runs were scored with the same metrics"
+            p, only_a, only_b = mcnemar(table_a.per_example, b_per_example)
             extra = {"mcnemar_p_value": p, "only_a_right": only_a, "only_b_right": only_b}
         results.append(MetricComparison(name, paired.a, paired.b, paired.delta, paired.low, paired.high,
                                         paired.p_value, paired.method, paired.level, paired.n, paired.mde,

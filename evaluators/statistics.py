@@ -164,7 +164,7 @@ def paired_bootstrap(a: MetricTable, b: MetricTable, *, level: float = 0.95, res
                         minimum_detectable_effect(se_paired, alpha=1 - level))
 
 
-def mcnemar(correct_a: Sequence[float], correct_b: Sequence[float]) -> tuple[float, int, int]:
+def mcnemar(correct_a: Sequence[float] | np.ndarray, correct_b: Sequence[float] | np.ndarray) -> tuple[float, int, int]:
     """Exact McNemar test on paired right/wrong outcomes: (two-sided p, A-only right, B-only right)."""
     from scipy.stats import binomtest
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 LORA_OPS_ENV = "TUNELOOP_LORA_OPS"  # read by serving/lora_ops.py inside vLLM's processes
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
-MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 EngineState = Literal["stopped", "starting", "ready", "restarting", "failed"]
 
 
@@ -56,7 +55,6 @@ class EngineSpec:
     lora_ops: Literal["grouped", "stock"] = "grouped"
     enable_lora: bool = True
     prefix_caching: bool | None = field(default=None, metadata={"help": "None: vLLM's default."})
-    single_process: bool = field(default=False, metadata={"help": "API server, engine core and worker in one."})
     base_sha256: str = field(default="", metadata={"help": "Checksum of the base model; adapters must match."})
 
     @property
@@ -85,8 +83,6 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
            "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", LORA_OPS_ENV: spec.lora_ops}
-    if spec.single_process:
-        env[MULTIPROCESSING_ENV] = "0"
     if spec.cpu_reserved_cores is not None:
         env[RESERVED_CORES_ENV] = str(spec.cpu_reserved_cores)
     elif RESERVED_CORES_ENV not in os.environ and usable_cpu_cores() <= 2:

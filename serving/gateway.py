@@ -9,6 +9,7 @@ with the status of its type (serving/protocol.py), so every failure looks the sa
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
@@ -25,6 +26,7 @@ from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S, RETRY_AFTER_S, error_r
 from tuneloop.serving.state import GatewayContext, context
 
 __all__ = ["GatewayContext", "create_app"]
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: Request) -> Response:
@@ -44,10 +46,18 @@ async def on_error(_: Request, exc: Exception) -> Response:
     if not isinstance(exc, TuneloopError):
         raise exc
     status, name = status_of(exc)
+    if status >= 500:
+        log.error("%s answered %s: %s", type(exc).__name__, status, exc)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return error_response(status, str(exc), name, headers=headers)
+
+
+async def on_unexpected(_: Request, exc: Exception) -> Response:
+    """A bug, not a refusal: the client gets the one error shape and a 500, the log gets the traceback."""
+    log.exception("unhandled %s", type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal error; the gateway's log has the details", "internal_error")
 
 
 def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
@@ -64,6 +74,7 @@ def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Star
 
     every = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(), *routes,
              Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=every, exception_handlers={TuneloopError: on_error}, lifespan=lifespan)
+    app = Starlette(routes=every, exception_handlers={TuneloopError: on_error, Exception: on_unexpected},
+                    lifespan=lifespan)
     app.state.ctx = ctx
     return app

@@ -79,16 +79,19 @@ class HotSwapper:
             return
 
         def unload() -> None:
-            task = name.split("@")[0]
-            active = {v.ref for v in (find_alias(self.store, task, "champion"),
-                                      find_alias(self.store, task, "candidate")) if v}
-            if name in active:
-                return
-            try:
-                client.unload(name)
-                log.info("unloaded %s after the %.0f s grace period", name, self.grace_s)
-            except Exception as exc:  # noqa: BLE001 - a failed unload only costs memory; say so and go on
-                log.warning("could not unload %s: %s", name, exc)
+            # Under the swap lock: a promotion or rollback back to `name` in the meantime either finished (then
+            # `name` is active again and stays) or waits for this unload (then it finds it gone and loads it).
+            with self._lock:
+                task = name.split("@")[0]
+                active = {v.ref for v in (find_alias(self.store, task, "champion"),
+                                          find_alias(self.store, task, "candidate")) if v}
+                if name in active:
+                    return
+                try:
+                    client.unload(name)
+                    log.info("unloaded %s after the %.0f s grace period", name, self.grace_s)
+                except Exception as exc:  # noqa: BLE001 - a failed unload only costs memory; say so and go on
+                    log.warning("could not unload %s: %s", name, exc)
 
         timer = threading.Timer(self.grace_s, unload)
         timer.daemon = True

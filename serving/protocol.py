@@ -16,11 +16,15 @@ from starlette.responses import JSONResponse
 from tuneloop.errors import (
     AdapterError,
     AuthError,
+    ConfigError,
     DatasetError,
+    DatasetNotFound,
     EngineUnavailable,
     FeedbackConflict,
+    FeedbackError,
     ModelNotFound,
     RequestTooLarge,
+    StoreError,
     TuneloopError,
     UnknownRequest,
 )
@@ -35,18 +39,26 @@ KEEPALIVE_EXPIRY_S = 2.0
 Endpoint = Literal["chat", "completion"]
 Purpose = Literal["user", "eval"]
 ErrorType = Literal["authentication_error", "not_found_error", "conflict_error", "service_unavailable",
-                    "adapter_error", "request_too_large", "invalid_request_error"]
-# Exception type -> HTTP status and error type, most specific first. The admin client maps the type back.
+                    "store_unavailable", "adapter_error", "request_too_large", "invalid_request_error",
+                    "internal_error"]
+# Exception type -> HTTP status and error type, most specific first. The admin client maps a (status, type) pair
+# back to the first exception type listed with it. What the client sent wrong is a 4xx; what failed on our side (the
+# database, training, evaluation, any error not classified here) is a 5xx, so a client never retries a bad request
+# and never gives up on a good one because the database blinked.
 ERROR_TYPES: list[tuple[type[TuneloopError], int, ErrorType]] = [
     (AuthError, 401, "authentication_error"),
     (ModelNotFound, 404, "not_found_error"),
     (UnknownRequest, 404, "not_found_error"),
+    (DatasetNotFound, 404, "not_found_error"),
     (FeedbackConflict, 409, "conflict_error"),
     (EngineUnavailable, 503, "service_unavailable"),
+    (StoreError, 503, "store_unavailable"),
     (AdapterError, 400, "adapter_error"),
     (RequestTooLarge, 413, "request_too_large"),
     (DatasetError, 400, "invalid_request_error"),
-    (TuneloopError, 400, "invalid_request_error"),
+    (FeedbackError, 400, "invalid_request_error"),
+    (ConfigError, 400, "invalid_request_error"),
+    (TuneloopError, 500, "internal_error"),
 ]
 
 
@@ -117,7 +129,7 @@ def status_of(exc: TuneloopError) -> tuple[int, ErrorType]:
     for error_type, status, name in ERROR_TYPES:
         if isinstance(exc, error_type):
             return status, name
-    return 400, "invalid_request_error"
+    return 500, "internal_error"
 
 
 Model = TypeVar("Model", bound=BaseModel)

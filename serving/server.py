@@ -105,8 +105,7 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
                       lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib,
                       lora_ops=config.serving.lora_ops, base_sha256=base.sha256,
                       prefix_caching=config.serving.prefix_caching,
-                      cpu_reserved_cores=config.serving.cpu_reserved_cores,
-                      single_process=config.serving.engine_processes == "single")
+                      cpu_reserved_cores=config.serving.cpu_reserved_cores)
     engine = EngineSupervisor(spec, config.data_path / "logs" / "vllm.log",
                               start_timeout_s=config.serving.start_timeout_s)
     return engine, base.sha256

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from tests.fakes import RecordingRunner  # noqa: E402
-from tests.live import ADMIN_TOKEN, LiveGateway, add_tiny_sets, free_port  # noqa: E402
+from tests.live import ADMIN_TOKEN, COLOURS_TASK, LiveGateway, add_tiny_sets, free_port  # noqa: E402
 from tuneloop.config import Config, TrainConfig, parse_config  # noqa: E402
 from tuneloop.store import Store  # noqa: E402
 
@@ -26,8 +26,8 @@ CACHE = Path(os.environ.get("TUNELOOP_TEST_CACHE", REPO / ".cache" / "test-data"
 
 def small_train_config(**overrides: object) -> TrainConfig:
     """A recipe sized for tests: few short steps on a 2-core machine."""
-    values = {"batch_size": 4, "max_steps": 4, "max_seq_len": 96, "eval_every": 2, "validation_examples": 8,
-              "learning_rate": 1e-3, "seed": 0}
+    values: dict[str, object] = {"batch_size": 4, "max_steps": 4, "max_seq_len": 96, "eval_every": 2,
+                                 "validation_examples": 8, "learning_rate": 1e-3, "seed": 0}
     values.update(overrides)
     return TrainConfig.model_validate(values)
 
@@ -77,9 +77,10 @@ def embedded_sets() -> dict[str, list]:
 
 @pytest.fixture(scope="session")
 def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[LiveGateway]:
-    """One real vLLM + gateway for the whole test session (serving, evaluators and monitor tests share it), with
-    real adapters trained for two tasks. The engine and gateway run in this process (uvicorn on a thread, vLLM as
-    the supervised child), so tests can kill vLLM and watch the supervisor bring it back."""
+    """One real vLLM + gateway for the whole test session (serving, evaluators, monitor and the live retraining
+    tests share it), with real adapters trained for two tasks; a third, `colours`, is the retraining tests' own.
+    The engine and gateway run in this process (uvicorn on a thread, vLLM as the supervised child), so tests can
+    kill vLLM and watch the supervisor bring it back."""
     from tuneloop.conductor.process import running
     from tuneloop.retrain.finetune import finetune
 
@@ -88,11 +89,11 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path)
     config = parse_config(
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {gateway_port}\n  vllm_port: {vllm_port}\n  max_model_len: 512\n"
-        "  engine_processes: single\n"
         f"  kv_cache_gib: 1\n  admin_token: {ADMIN_TOKEN}\n  unload_grace_s: 1\n"
+        "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
         "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n      eval_every: 100\n"
-        "  chat:\n    train:\n      batch_size: 4\n      validation_examples: 2\n      eval_every: 100\n",
-        config_dir=root)
+        "  chat:\n    train:\n      batch_size: 4\n      validation_examples: 2\n      eval_every: 100\n"
+        + COLOURS_TASK, config_dir=root)
     store = Store(config.resolved_database_url)
     add_tiny_sets(store, config.data_path)
     for task, steps in (("sentiment", 2), ("sentiment", 3), ("chat", 2)):

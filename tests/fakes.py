@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from tuneloop.registry import AdapterVersion, Promotion, get_adapter, set_alias
 from tuneloop.retrain.records import Job
+from tuneloop.retrain.runner import JobRunner
 from tuneloop.store import Store
 
 
 class RecordingRunner:
-    """retrain.runner.JobRunner that records the jobs it was asked to launch and runs none."""
+    """retrain.runner.JobRunner that records the jobs it was asked to launch and runs none, unless a test hands it
+    a real runner to pass them on to (`delegate`: the session gateway's webhook then starts real workers)."""
 
     name = "recording"
 
     def __init__(self) -> None:
         self.launched: list[int] = []
+        self.delegate: JobRunner | None = None
 
     def launch(self, job: Job) -> None:
         self.launched.append(job.id)
+        if self.delegate is not None:
+            self.delegate.launch(job)
 
 
 class RecordingDeployment:
@@ -24,10 +29,12 @@ class RecordingDeployment:
     vLLM behind an httpx transport), promotion and rollback move the registry's champion alias as the gateway would,
     and every call is recorded in `calls`."""
 
-    def __init__(self, store: Store, endpoint: str = "http://endpoint.test") -> None:
+    def __init__(self, store: Store, endpoint: str = "http://endpoint.test", *,
+                 previous: dict[str, str] | None = None) -> None:
+        """`previous`: the champion a rollback restores per task, for promotions this fake did not make."""
         self.store, self.endpoint = store, endpoint
         self.calls: list[tuple[str, str]] = []
-        self._previous: dict[str, str] = {}
+        self._previous: dict[str, str] = dict(previous or {})
 
     def endpoint_for(self, version: AdapterVersion) -> str:
         self.calls.append(("endpoint_for", version.ref))

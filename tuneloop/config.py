@@ -276,11 +276,6 @@ class ServingConfig(StrictModel):
         "vLLM's default elsewhere. No effect on GPUs.")
     prefix_caching: bool | None = Field(
         default=None, description="vLLM's automatic prefix caching: true/false force it, null keeps vLLM's default.")
-    engine_processes: Literal["separate", "single"] = Field(
-        default="separate", description="separate: vLLM's default, API server, engine core and worker in three "
-        "processes; single: all in one (VLLM_ENABLE_V1_MULTIPROCESSING=0), which started in 37 s instead of 52 s "
-        "on 2 cores (the three import torch one after another). The tests use single; the benchmarks measured "
-        "separate.")
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
     start_timeout_s: float = Field(default=600, gt=0, description="How long vLLM may take to become ready.")

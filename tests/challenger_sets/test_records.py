@@ -96,4 +96,4 @@ def test_normalization_ignores_case_width_and_spacing() -> None:
 def test_example_is_immutable() -> None:
     example = Example(id="a", input="x", reference="y")
     with pytest.raises(ValidationError):
-        example.id = "b"  # type: ignore[misc]
+        example.id = "b"

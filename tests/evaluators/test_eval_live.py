@@ -68,7 +68,7 @@ def test_eval_through_the_gateway_is_stored_deterministic_and_resumable(live_gat
     assert {s.slice_value for s in first.slices} == {"bags", "crew", "info", "delays"}
     time.sleep(1.5)  # capture flushes every 0.5 s: eval requests must not have been captured as user traffic
     assert _traffic_rows(live_gateway) == traffic_before
-    eval_requests = live_gateway.ctx.registry.get_sample_value(  # type: ignore[attr-defined]
+    eval_requests = live_gateway.ctx.registry.get_sample_value(
         "tuneloop_gateway_requests_total", {"task": "sentiment", "adapter": "sentiment@1", "route": "eval",
                                             "status": "200"})
     assert eval_requests is not None and eval_requests >= 24
@@ -150,7 +150,7 @@ def test_feedback_turns_traffic_into_a_challenger_set(live_gateway: LiveGateway)
                                 since=parse_instant("1h"))
     examples = get_dataset(live_gateway.store, "sentiment/from-traffic").load()
     assert result.dataset.manifest.kind == "challenger" and len(examples) == 1
-    assert examples[0].input.startswith("@united worst") and examples[0].reference == "negative"
+    assert (examples[0].input or "").startswith("@united worst") and examples[0].reference == "negative"
     assert examples[0].meta["source"] == "traffic"
     overwritten = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                              json={"request_id": request_id, "reference": "neutral", "overwrite": True})
@@ -169,12 +169,12 @@ def _random_lora(live_gateway: LiveGateway, tmp_path) -> str:
     engine = live_gateway.engine
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(live_gateway.config.base_model.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(live_gateway.config.base_model.path), dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
     peft.save_pretrained(tmp_path / "random-lora")
     card = AdapterCard(task="chat", method="lora", datasets=[],
                        base_model={"name": live_gateway.config.base_model.name,
-                                   "sha256": engine.spec.base_sha256},  # type: ignore[attr-defined]
+                                   "sha256": engine.spec.base_sha256},
                        hyperparameters={"rank": 8, "target_modules": targets, "alpha": 16})
     version = register_adapter(live_gateway.store, live_gateway.config.data_path, tmp_path / "random-lora", card)
     loaded = httpx.post(f"{live_gateway.url}/admin/adapters/load", json={"version": version.ref}, timeout=180,
@@ -196,7 +196,7 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
     from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
 
     engine = live_gateway.engine
-    dtype_name = engine.spec.resolved_dtype  # type: ignore[attr-defined]
+    dtype_name = engine.spec.resolved_dtype
     dtype = getattr(torch, dtype_name)
     ref = _random_lora(live_gateway, tmp_path)
     system = live_gateway.config.tasks["chat"].system_prompt
@@ -212,7 +212,7 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
         return {"token": first["token"], "logprob": first["logprob"],
                 "top": {t["token"]: t["logprob"] for t in first["top_logprobs"]}}
 
-    base = live_gateway.config.base_model.path
+    base = str(live_gateway.config.base_model.path)
     tokenizer = AutoTokenizer.from_pretrained(base)
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype),
                                           get_adapter(live_gateway.store, ref).path).eval()
@@ -224,7 +224,8 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
         with torch.inference_mode():
-            log_probs = torch.log_softmax(reference(**ids).logits[0, -1].float(), dim=-1)
+            log_probs = torch.log_softmax(reference(**ids).logits[0, -1].float(),  # type: ignore[arg-type]
+                                          dim=-1)  # return_dict=True: a BatchEncoding
         top = int(log_probs.argmax())
         if tokenizer.decode([top]) == via_adapter["token"] and \
                 abs(float(log_probs[top]) - via_adapter["logprob"]) < tolerance:
@@ -233,7 +234,7 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
         # how far the adapter moved the base model's choice (a lower bound when it left the adapter's top 5)
         under_adapter = via_adapter["top"].get(via_base["token"], min(via_adapter["top"].values()))
         shifts.append(abs(under_adapter - via_base["logprob"]))
-    log = engine.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+    log = engine.log_path.read_text(errors="replace")
     assert INSTALLED_MESSAGE in log and GROUPED_RAN_MESSAGE in log
     assert FELL_BACK_MESSAGE not in log, f"a LoRA op fell back to vLLM's in {dtype_name}"
     if usable_cpu_cores() <= 2 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
@@ -254,7 +255,7 @@ def test_a_version_the_gateway_does_not_route_is_loaded_through_its_checks_and_e
     assert "sentiment@2" not in admin.served_models()
     target = resolve_target(config, live_gateway.store, task=None, adapter="sentiment@2")
     assert target.base_url == live_gateway.url and target.model == "sentiment@2"
-    assert "sentiment@2" in admin.served_models() and "sentiment@2" in live_gateway.engine.client.served_models()  # type: ignore[attr-defined]
+    assert "sentiment@2" in admin.served_models() and "sentiment@2" in live_gateway.engine.client.served_models()
     champion = resolve_target(config, live_gateway.store, task="sentiment")
     assert champion.model == "sentiment@1" and champion.base_url == live_gateway.url
     report = _runner(live_gateway).run(target, sets[0], limit=6)

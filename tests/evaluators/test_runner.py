@@ -1,6 +1,6 @@
 """The eval runner against a scripted OpenAI-compatible endpoint: retries, resume, storage, slices, compare.
 
-The real endpoint (gateway + vLLM) is exercised in tests/serving/test_eval_live.py; here the endpoint's
+The real endpoint (gateway + vLLM) is exercised in tests/evaluators/test_eval_live.py; here the endpoint's
 behaviour is scripted so failure paths (503 storms, a dead engine mid-run) are exact.
 """
 
@@ -127,6 +127,7 @@ def test_compare_finds_the_better_version_and_reports_p_values(config, store, he
     better = runner_b.run(EvalTarget("sentiment", "sentiment@2", 2, "http://endpoint.test"), heldout)
     report = compare_runs(runner_b, worse.run_id, better.run_id)
     accuracy = next(m for m in report.metrics if m.metric == "accuracy")
+    assert accuracy.mcnemar_p_value is not None
     assert accuracy.delta > 0.3 and accuracy.p_value < 0.01 and accuracy.mcnemar_p_value < 0.01
     assert accuracy.significant and "p_value" in report.to_json()["metrics"]["macro_f1"]
     backwards = next(m for m in compare_runs(runner_b, better.run_id, worse.run_id).metrics if m.metric == "accuracy")

@@ -50,7 +50,8 @@ def test_mean_metrics_match_the_metric_functions():
     assert tables["rouge1"].value() == pytest.approx(metrics.rouge(PREDICTIONS, REFERENCES)["rouge1"].value)
     assert tables["token_f1"].value() == pytest.approx(metrics.token_f1(PREDICTIONS, REFERENCES).value)
     assert tables["exact_match"].value() == pytest.approx(2 / 5)
-    assert list(tables["exact_match"].per_example) == [0, 0, 0, 1, 1]
+    per_example = tables["exact_match"].per_example
+    assert per_example is not None and list(per_example) == [0, 0, 0, 1, 1]
 
 
 def test_slices_are_row_subsets():

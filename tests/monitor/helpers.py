@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import httpx
 
-from tuneloop.challenger_sets.catalog import DatasetVersion, add_dataset
+from tuneloop.challenger_sets.catalog import DatasetKind, DatasetVersion, add_dataset
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
@@ -28,8 +28,8 @@ def capture(store: Store, task: str, prompts: Sequence[str], *, completions: Seq
                 completion=completions[i] if completions else None, latency_ms=1.0, status=200))
 
 
-def register_champion(store: Store, task: str, version: int = 1) -> None:
-    """An adapter row made champion, without files: enough for aliases, exporter and policy."""
+def register_version(store: Store, task: str, version: int, *, champion: bool = False) -> None:
+    """An adapter row without files: enough for aliases, routing, the exporter, the policy and the gate's runs."""
     with store.session() as session:
         row = AdapterVersionRow(task=task, version=version, method="lora", path=f"/nowhere/{task}-{version}",
                                 base_model_sha256="0" * 64,
@@ -37,6 +37,8 @@ def register_champion(store: Store, task: str, version: int = 1) -> None:
                                       "base_model": {"name": "test", "sha256": "0" * 64}, "hyperparameters": {}})
         session.add(row)
         session.flush()
+        if not champion:
+            return
         existing = session.get(AliasRow, (task, "champion"))
         if existing is not None:
             existing.adapter_id = row.id
@@ -44,10 +46,25 @@ def register_champion(store: Store, task: str, version: int = 1) -> None:
             session.add(AliasRow(task=task, alias="champion", adapter_id=row.id))
 
 
+def register_champion(store: Store, task: str, version: int = 1) -> None:
+    """An adapter row made champion, without files."""
+    register_version(store, task, version, champion=True)
+
+
+def answer_by_rule(wrong_every: dict[str, int]) -> Callable[[str, str], str]:
+    """For a stub endpoint: the right label of make_dataset's examples, except every k-th for model -> k (0: never)."""
+    def answer(model: str, text: str) -> str:
+        i = int(text.rsplit(" ", 1)[1])
+        k = wrong_every.get(model, 0)
+        return LABELS[(i + 1) % 3] if k and i % k == 0 else LABELS[i % 3]
+
+    return answer
+
+
 LABELS = ["negative", "neutral", "positive"]
 
 
-def make_dataset(store: Store, config: Config, name: str, n: int, kind: str = "challenger",
+def make_dataset(store: Store, config: Config, name: str, n: int, kind: DatasetKind = "challenger",
                  offset: int = 0) -> DatasetVersion:
     examples = [Example(id=f"{name}-{i + offset}", input=f"{name} tweet {i + offset}", reference=LABELS[i % 3])
                 for i in range(n)]

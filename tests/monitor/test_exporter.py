@@ -52,7 +52,8 @@ def test_collector_series_come_from_the_store(config: Config, store: Store) -> N
     value = registry.get_sample_value
     labels = {"task": "sentiment", "adapter": "sentiment@1", "dataset": "fresh", "metric": "accuracy"}
     assert value("tuneloop_eval_score", labels) == pytest.approx(0.5)
-    assert value("tuneloop_eval_score_ci_lower", labels) < 0.5 < value("tuneloop_eval_score_ci_upper", labels)
+    low, high = value("tuneloop_eval_score_ci_lower", labels), value("tuneloop_eval_score_ci_upper", labels)
+    assert low is not None and high is not None and low < 0.5 < high
     assert value("tuneloop_eval_examples", {k: labels[k] for k in ("task", "adapter", "dataset")}) == 60
     assert value("tuneloop_drift_detected", {"task": "sentiment"}) == 1
     assert value("tuneloop_drift_score", {"task": "sentiment", "view": "embedding_novelty"}) == pytest.approx(0.61)

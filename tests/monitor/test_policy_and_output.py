@@ -123,6 +123,7 @@ def test_output_view_fires_when_the_adapter_label_shares_move(config: Config, st
     capture(store, "sentiment", [f"later {i}" for i in range(150)], completions=moved, adapter_version=1)
     loud = detector.run("sentiment", window=150, html=False)
     [view] = loud.views
+    assert view.score is not None and view.threshold is not None
     assert view.drifted and loud.drifted and view.score > view.threshold
     assert view.detail["current_shares"]["negative"] == pytest.approx(2 / 3, abs=0.01)
     assert view.calibration is not None and view.calibration["false_alarm_rate"] <= 0.05

@@ -41,7 +41,6 @@ def test_run_schedules_real_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path, ba
     config_path.write_text(
         f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {gateway_port}\n  vllm_port: {vllm_port}\n  max_model_len: 512\n"
-        "  engine_processes: single\n"
         "  kv_cache_gib: 1\n"
         "monitor:\n  lease_s: 3\n"
         "tasks:\n  sentiment:\n    train_dataset: sentiment/tiny\n    heldout_dataset: sentiment/tiny-heldout\n"

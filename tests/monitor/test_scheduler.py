@@ -6,17 +6,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from tuneloop.config import Config
 from tuneloop.events import list_events
+from tuneloop.monitor.jobs import ScheduledResult, Skipped
 from tuneloop.monitor.lease import Lease
 from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.store import Store
 from tuneloop.tables import JobRunRow
+
+DONE = Skipped("test job: nothing to do")
 
 
 def _only_sentiment_eval(config: Config, schedule: str) -> Config:
@@ -45,7 +47,7 @@ def _wait(condition: Callable[[], bool], timeout: float = 15) -> None:
 def _ran_once(config: Config, store: Store) -> TuneloopScheduler:
     """A running scheduler for an hourly eval that has done its first run (due right after start)."""
     _only_sentiment_eval(config, "1h")
-    first = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="first")
+    first = TuneloopScheduler(config, store, {"eval": lambda task: DONE}, holder="first")
     first.start()
     _wait(lambda: len(_runs(store)) == 1)
     _wait(lambda: bool(first.jobs()) and first.jobs()[0]["next_run"] is not None)
@@ -85,10 +87,10 @@ def test_two_schedulers_on_one_database_run_a_job_once(config: Config, store: St
     _only_sentiment_eval(config, "1h")
     calls: list[str] = []
 
-    def eval_job(task: str) -> dict[str, Any]:
+    def eval_job(task: str) -> ScheduledResult:
         calls.append(task)
         time.sleep(0.2)
-        return {}
+        return DONE
 
     first = TuneloopScheduler(config, store, {"eval": eval_job}, holder="first")
     second = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": eval_job}, holder="second")
@@ -108,10 +110,10 @@ def test_two_schedulers_on_one_database_run_a_job_once(config: Config, store: St
 
 def test_standby_takes_over_when_the_holder_stops(config: Config, store: Store) -> None:
     _only_sentiment_eval(config, "1s")
-    first = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="first")
+    first = TuneloopScheduler(config, store, {"eval": lambda task: DONE}, holder="first")
     first.start()
     _wait(lambda: len(_runs(store)) >= 1)
-    second = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: {}}, holder="second")
+    second = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: DONE}, holder="second")
     second.start()
     try:
         first.stop()  # releases the lease
@@ -128,7 +130,7 @@ def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
     next_run = first.jobs()[0]["next_run"]
     first.stop()
 
-    restarted = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: {}},
+    restarted = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: DONE},
                                   holder="restarted")
     restarted.start()
     try:
@@ -143,7 +145,7 @@ def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
 def test_changed_schedule_replaces_the_stored_job(config: Config, store: Store) -> None:
     _ran_once(config, store).stop()
     config.tasks["sentiment"].schedule.eval = "2h"
-    second = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="second")
+    second = TuneloopScheduler(config, store, {"eval": lambda task: DONE}, holder="second")
     second.start()
     try:
         assert [j["name"] for j in second.jobs()] == ["eval:sentiment [2h]"]
@@ -155,11 +157,11 @@ def test_failed_job_is_recorded_and_retried(config: Config, store: Store) -> Non
     _only_sentiment_eval(config, "1h")
     attempts: list[int] = []
 
-    def flaky(task: str) -> dict[str, Any]:
+    def flaky(task: str) -> ScheduledResult:
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("engine went away")
-        return {}
+        return DONE
 
     scheduler = TuneloopScheduler(config, store, {"eval": flaky}, holder="only")
     scheduler.start()
@@ -177,7 +179,7 @@ def test_failed_job_is_recorded_and_retried(config: Config, store: Store) -> Non
 @pytest.mark.parametrize("schedule", ["*/5 * * * *", "30m"])
 def test_cron_and_interval_schedules_are_accepted(config: Config, store: Store, schedule: str) -> None:
     _only_sentiment_eval(config, schedule)
-    scheduler = TuneloopScheduler(config, store, {"eval": lambda task: {}}, holder="x")
+    scheduler = TuneloopScheduler(config, store, {"eval": lambda task: DONE}, holder="x")
     scheduler.start()
     try:
         assert [j["name"] for j in scheduler.jobs()] == [f"eval:sentiment [{schedule}]"]

@@ -46,6 +46,7 @@ def test_loss_is_only_on_the_assistant_reply(base_model_dir: Path) -> None:
     reply = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(reply) == "fine thanks<|im_end|>"
     prompt = tokenizer.decode(encoded.input_ids[: encoded.labels.index(reply[0])])
+    assert isinstance(prompt, str)
     assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("<|im_start|>assistant\n")
     short = encode_example(tokenizer, example, "Be brief.", max_len=24)
     assert short.length <= 24 and any(label != IGNORE_INDEX for label in short.labels)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ from tuneloop.retrain.records import (
     WatchState,
 )
 from tuneloop.store import Store
-from tuneloop.tables import RetrainJobRow
+from tuneloop.tables import RetrainJobRow, RetrainTriggerRow
 
 SETTINGS = JobSettings(retrain=RetrainConfig())
 
@@ -183,3 +184,58 @@ def test_why_stale_only_reads(store: Store) -> None:
     assert "no heartbeat" in (why_stale(stale, stale_after_s=60) or "")
     assert why_stale(stale, stale_after_s=600) is None
     assert jobs.get(job.id).state == "training", "asking why a job is stale changes nothing"
+
+
+def test_jobs_written_before_the_typed_records_are_migrated_and_read_as_records(tmp_path: Path) -> None:
+    """A database at migration 0006 holding a job in the old JSON shapes (flat gate checks, watch signals with
+    `facts`, an alert trigger's `startsAt`) reads back as records after the upgrade to 0007."""
+    from alembic import command
+    from sqlalchemy import create_engine, insert
+
+    from tuneloop.store import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0006")
+        now = datetime.now(UTC)
+        connection.execute(insert(RetrainJobRow).values(
+            id=1, task="sentiment", state="promoted", active_task=None, created_at=now, updated_at=now,
+            runner="local", champion_version=1, candidate_version=2, stages={
+                "train": {"started_at": now.isoformat(), "status": "done", "seconds": 12.5,
+                          "finished_at": now.isoformat()}},
+            decision={"promote": True, "metric": "macro_f1", "level": 0.95, "margin": 0.15, "champion": "sentiment@1",
+                      "candidate": "sentiment@2", "reasons": ["every gate set passed"], "preflight": False,
+                      "checks": [{"dataset": "sentiment/other-topics-gate@1", "role": "challenger",
+                                  "metric": "macro_f1", "n": 400, "champion": 0.40, "candidate": 0.48,
+                                  "delta": 0.08, "ci_low": 0.03, "ci_high": 0.13, "p_value": 0.002, "mde": 0.06,
+                                  "passed": True, "reason": "better", "runs": [5, 6]}]},
+            watch={"status": "watching", "promoted_at": now.isoformat(),
+                   "until": (now + timedelta(hours=1)).isoformat(), "previous_version": 1, "through_gateway": True,
+                   "gate_sets": [{"dataset": "sentiment/other-topics-gate@1", "role": "challenger"}],
+                   "checked_at": now.isoformat(), "signals": [
+                       {"name": "error_rate", "regression": False, "message": "too few requests",
+                        "facts": {"old_requests": 3, "old_errors": 0, "new_requests": 1, "new_errors": 0}},
+                       {"name": "eval:sentiment/heldout@1", "regression": False, "message": "ok",
+                        "facts": {"delta": 0.0, "runs": [7, 8]}}]},
+            settings={"retrain": {}, "challenger_sets": ["sentiment/other-topics"]}))
+        connection.execute(insert(RetrainTriggerRow).values(
+            job_id=1, task="sentiment", source="alertmanager", key="alertmanager:abc:t0", reason="alert Q",
+            detail={"alertname": "Q", "labels": {"task": "sentiment"}, "annotations": {}, "startsAt": "t0",
+                    "datasets": []}, created_at=now))
+    engine.dispose()
+    store = Store(url)  # migrates to head
+    job = JobStore(store).get(1)
+    assert job.decision is not None and job.watch is not None
+    [check] = job.decision.checks
+    assert check.comparison is not None and check.comparison.delta == 0.08 and check.comparison.a == 0.40
+    assert check.comparison.level == 0.95 and "migrated" in check.comparison.method and check.runs == (5, 6)
+    assert [s.kind for s in job.watch.signals] == ["error_rate", "evaluation"]
+    error_rate = job.watch.signals[0]
+    assert isinstance(error_rate, ErrorRateSignal) and error_rate.old_requests == 3
+    assert job.stages["train"].seconds == 12.5
+    [received] = job.triggers
+    assert isinstance(received.trigger, AlertTrigger) and received.trigger.starts_at == "t0"
+    store.close()

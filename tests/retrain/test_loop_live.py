@@ -8,7 +8,8 @@ held-out and challenger sets carry the right one. 20 steps at lr 6e-3 learn a ma
 accuracy 1.0 on 60 unseen sentences), so a retrained candidate is far better, and one retrained on poisoned
 feedback is far worse, on 40 examples.
 
-The tests are the phases of one scenario and run in file order on one module-scoped gateway.
+The tests are the phases of one scenario and run in file order, on the session's gateway (tests/conftest.py), where
+the task is configured as `colours` beside the serving tests' sentiment and chat.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.live import free_port
+from tests.live import ADMIN_TOKEN, LiveGateway
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
 from tuneloop.conductor.loop import Loop
-from tuneloop.config import Config, parse_config
+from tuneloop.config import Config
 from tuneloop.events import list_events
 from tuneloop.registry import find_alias, list_adapters
 from tuneloop.retrain.jobs import JobStore, process_alive
@@ -39,7 +41,7 @@ from tuneloop.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKEN = "loop-admin-token"
+TASK = "colours"
 PLACES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Sofia", "Tunis", "Riga", "Bern",
           "Doha", "Kyiv", "Lagos", "Minsk", "Rome", "Seoul", "Tokyo", "Accra", "Baku", "Delhi", "Dublin", "Havana"]
 RIGHT = {"red": "negative", "green": "neutral", "blue": "positive"}
@@ -64,9 +66,12 @@ class Scenario:
     engine: EngineSupervisor
     loop: Loop
 
-    def ask(self, text: str, model: str = "sentiment") -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/chat/completions", timeout=60, json={
+    def ask(self, text: str, model: str = "colours") -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/v1/chat/completions", timeout=60, json={
             "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0})
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
 
     def wait(self, job_id: int, timeout: float = 600) -> Job:
         jobs = JobStore(self.store)
@@ -83,71 +88,62 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[Scenario]:
-    """The process `tuneloop serve` assembles (conductor: webhook, collectors, the local job runner), in this one;
-    retraining jobs run in real worker processes that get the config, admin token included, as a snapshot."""
-    from tuneloop.conductor.process import running
+def loop(live_gateway: LiveGateway) -> Iterator[Scenario]:
+    """The session's gateway (assembled by the conductor as `tuneloop serve` is) and the `colours` task configured
+    with it: a champion trained on the poisoned mapping, hot-swapped in; retraining jobs run in real worker
+    processes, which get the config, admin token included, as a snapshot. The webhook's runner hands its jobs to the
+    same local runner while this module runs."""
+    from tuneloop.conductor.process import WORKER_MODULE, assemble_loop
     from tuneloop.retrain.finetune import finetune
+    from tuneloop.retrain.runner import LocalRunner
+    from tuneloop.serving.admin_client import AdminClient
 
-    root = tmp_path_factory.mktemp("loop")
-    config = parse_config(
-        f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
-        f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n"
-        "  engine_processes: single\n"
-        f"  kv_cache_gib: 1\n  admin_token: {TOKEN}\n  unload_grace_s: 1\n"
-        "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"
-        "tasks:\n  sentiment:\n"
-        "    train_dataset: sentiment/colours\n    heldout_dataset: sentiment/colours-heldout\n"
-        "    challenger_datasets: [sentiment/colours-new]\n    slice_by: []\n    schedule: {eval_limit: 40}\n"
-        "    train: {batch_size: 8, max_steps: 20, max_seq_len: 64, learning_rate: 0.006, eval_every: 100, "
-        "validation_examples: 8}\n"
-        "    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 0, "
-        "cooldown_s: 0}\n"
-        "    retrain: {replay_ratio: 0.5, gate: {margin: 0.3, limit: 40}, watch_s: 600}\n",
-        config_dir=root)
-    store = Store(config.resolved_database_url)
+    config, store = live_gateway.config, live_gateway.store
     data = config.data_path
-    add_dataset(store, data, colours(RIGHT, 10000, 200, 1), task="sentiment", name="colours", kind="train",
+    add_dataset(store, data, colours(RIGHT, 10000, 200, 1), task=TASK, name="colours", kind="train", source="test")
+    add_dataset(store, data, colours(WRONG, 2000, 150, 2), task=TASK, name="poisoned", kind="train", source="test")
+    add_dataset(store, data, colours(RIGHT, 3000, 40, 3), task=TASK, name="colours-heldout", kind="heldout",
                 source="test")
-    add_dataset(store, data, colours(WRONG, 2000, 150, 2), task="sentiment", name="poisoned", kind="train",
+    add_dataset(store, data, colours(RIGHT, 4000, 160, 4), task=TASK, name="colours-new", kind="challenger",
                 source="test")
-    add_dataset(store, data, colours(RIGHT, 3000, 40, 3), task="sentiment", name="colours-heldout", kind="heldout",
-                source="test")
-    add_dataset(store, data, colours(RIGHT, 4000, 160, 4), task="sentiment", name="colours-new",
-                kind="challenger", source="test")
-    champion = finetune(config, store, "sentiment", dataset="sentiment/poisoned", progress=False)
-    assert champion.aliases == ["champion"]
-    with running(config, store, seed=0) as stack:
-        yield Scenario(url=stack.url, config=config, store=store, engine=stack.server.engine, loop=stack.loop)
-    for job in JobStore(store).recent():
-        if job.pid and process_alive(job.pid):
-            os.kill(job.pid, signal.SIGKILL)
-    store.close()
+    champion = finetune(config, store, TASK, dataset=f"{TASK}/poisoned", progress=False)
+    assert champion.aliases == ["champion"] and champion.version == 1
+    AdminClient(config).promote(champion.ref)  # loads it into the running engine and routes the task to it
+    runner = LocalRunner(config, worker_module=WORKER_MODULE)
+    live_gateway.runner.delegate = runner
+    try:
+        yield Scenario(url=live_gateway.url, config=config, store=store, engine=live_gateway.engine,
+                       loop=assemble_loop(config, store, runner=runner))
+    finally:
+        live_gateway.runner.delegate = None
+        for job in JobStore(store).recent(task=TASK):
+            if job.pid and process_alive(job.pid):
+                os.kill(job.pid, signal.SIGKILL)
 
 
 def test_a_quality_breach_starts_exactly_one_job_and_a_second_trigger_joins_it(loop: Scenario) -> None:
     # the scheduled eval, as the scheduler runs it: the poisoned champion fails the floor on colours-new, the
     # policy opens an incident, the incident starts a job (the real worker process)
-    outcome = loop.loop.run_scheduled("eval", "sentiment")
+    outcome = loop.loop.run_scheduled("eval", TASK)
     assert outcome.status == "ok", outcome.error
-    jobs = JobStore(loop.store).recent()
+    jobs = JobStore(loop.store).recent(task=TASK)
     assert len(jobs) == 1
     incident = jobs[0].triggers[0].trigger
     assert isinstance(incident, IncidentTrigger) and incident.rule == "floor:macro_f1:colours-new"
     assert incident.datasets == ["colours-new"], "the rule names the set the job learns from"
     alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
-        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
+        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": TASK},
          "annotations": {}, "startsAt": "2026-11-27T09:00:00Z", "fingerprint": "first"}]}
     joined = httpx.post(f"{loop.url}/v1/hooks/alertmanager", json=alert, timeout=30,
-                        headers={"Authorization": f"Bearer {TOKEN}"}).json()
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     assert joined["triggers"][0]["outcome"] == "attached" and joined["triggers"][0]["job"] == jobs[0].id
-    assert len(JobStore(loop.store).recent()) == 1, "the alert joined the running job instead of queueing another"
+    assert len(JobStore(loop.store).recent(task=TASK)) == 1, "the alert joined the running job, queued no other"
     received = [t.trigger for t in JobStore(loop.store).get(jobs[0].id).triggers]
     assert isinstance(received[0], IncidentTrigger) and isinstance(received[1], AlertTrigger)
 
 
 def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Scenario) -> None:
-    [job] = JobStore(loop.store).recent()
+    [job] = JobStore(loop.store).recent(task=TASK)
     engine = loop.engine.process
     assert engine is not None
     engine_pid = engine.pid
@@ -159,41 +155,41 @@ def test_the_better_candidate_is_promoted_and_served_without_a_restart(loop: Sce
     held, new = done.decision.checks
     assert held.comparison is not None and new.comparison is not None
     assert held.role == "heldout" and held.passed and held.comparison.ci_low > -0.3
-    assert new.dataset.startswith("sentiment/colours-new-gate@") and new.comparison.delta > 0.5
+    assert new.dataset.startswith("colours/colours-new-gate@") and new.comparison.delta > 0.5
     assert new.comparison.p_value < 0.05
-    champion = find_alias(loop.store, "sentiment", "champion")
+    champion = find_alias(loop.store, TASK, "champion")
     assert champion is not None and champion.version == done.candidate_version == 2
-    reply = loop.ask("Ticket 9999: the sky over Oslo looks blue.").json()
-    assert reply["model"] == "sentiment@2" and reply["choices"][0]["message"]["content"] == "positive"
+    reply = loop.ask("Ticket 9999: the sky over Oslo looks blue.")
+    assert reply["model"] == "colours@2" and reply["choices"][0]["message"]["content"] == "positive"
     assert loop.engine.process is not None and loop.engine.process.pid == engine_pid, "hot-swapped: no restart"
     assert done.watch is not None and done.watch.status == "watching" and done.watch.previous_version == 1
     assert done.watch.through_gateway, "the worker promoted through the gateway's admin API"
     recipe = done.dataset_ref
-    assert recipe is not None and recipe.startswith("sentiment/retrain-job")
+    assert recipe is not None and recipe.startswith("colours/retrain-job")
     metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
-    assert 'tuneloop_retrain_jobs{state="promoted",task="sentiment"} 1.0' in metrics
-    assert 'tuneloop_gate_promoted{task="sentiment"} 1.0' in metrics
-    assert 'tuneloop_retrain_stage_seconds{stage="train",task="sentiment"}' in metrics
-    assert 'tuneloop_gate_delta{bound="lower",dataset="colours-new-gate",role="challenger",task="sentiment"}' in metrics
+    assert 'tuneloop_retrain_jobs{state="promoted",task="colours"} 1.0' in metrics
+    assert 'tuneloop_gate_promoted{task="colours"} 1.0' in metrics
+    assert 'tuneloop_retrain_stage_seconds{stage="train",task="colours"}' in metrics
+    assert 'tuneloop_gate_delta{bound="lower",dataset="colours-new-gate",role="challenger",task="colours"}' in metrics
 
 
 def test_a_worse_candidate_is_rejected_with_reasons_and_stays_unrouted(loop: Scenario) -> None:
     # poisoned feedback: labelled "traffic" with the wrong mapping outweighs the right new data (and no replay)
-    add_dataset(loop.store, loop.config.data_path, colours(WRONG, 5000, 300, 5), task="sentiment",
-                name="feedback", kind="challenger", source="traffic:sentiment:test")
-    settings = loop.config.tasks["sentiment"].retrain
-    settings.replay_ratio = 0.0
+    add_dataset(loop.store, loop.config.data_path, colours(WRONG, 5000, 300, 5), task=TASK,
+                name="feedback", kind="challenger", source="traffic:colours:test")
+    settings = loop.config.tasks[TASK].retrain
+    settings.replay_ratio, settings.max_steps = 0.0, 4  # 4 steps: enough not to be better, which is all it takes
     try:
-        outcome = loop.loop.request_retrain("sentiment", ManualTrigger(key="manual:worse", reason="poisoned feedback"))
+        outcome = loop.loop.request_retrain(TASK, ManualTrigger(key="manual:worse", reason="poisoned feedback"))
     finally:
-        settings.replay_ratio = 0.5
+        settings.replay_ratio, settings.max_steps = 0.5, None
     done = loop.wait(outcome.job.id)
     assert done.state == "rejected" and done.decision is not None, (done.error, done.decision)
     reasons = " ".join(done.decision.reasons)
     assert "not significantly better" in reasons or "may be worse" in reasons
-    champion = find_alias(loop.store, "sentiment", "champion")
+    champion = find_alias(loop.store, TASK, "champion")
     assert champion is not None and champion.version == 2
-    rejected = [v for v in list_adapters(loop.store, "sentiment") if v.version == done.candidate_version]
+    rejected = [v for v in list_adapters(loop.store, TASK) if v.version == done.candidate_version]
     assert rejected and rejected[0].aliases == [], "registered, never routed"
 
 
@@ -201,29 +197,31 @@ def test_the_watch_rolls_back_a_promotion_that_regresses(loop: Scenario) -> None
     from tuneloop.serving.admin_client import AdminClient
 
     jobs = JobStore(loop.store)
-    rejected = jobs.recent(limit=1)[0]
-    # Make the regressed candidate champion behind the gate's back, as a hand promotion would, and watch it.
-    AdminClient(loop.config).promote(f"sentiment@{rejected.candidate_version}")
+    rejected = jobs.recent(task=TASK, limit=1)[0]
+    # Promote a version known to be worse behind the gate's back, as a hand promotion would: the poisoned first
+    # champion, recorded as this job's candidate, watched against colours@2.
+    jobs.record_candidate(rejected.id, 1)
+    AdminClient(loop.config).promote("colours@1")
     now = datetime.now(UTC)
     jobs.record_watch(rejected.id, WatchState(status="watching", promoted_at=now, until=now + timedelta(hours=1),
                                               previous_version=2, through_gateway=True), state="promoted")
-    outcome = loop.loop.check_watch("sentiment")
+    outcome = loop.loop.check_watch(TASK)
     assert outcome is not None and outcome.status == "rolled_back"
     assert any(s.regression and s.kind == "evaluation" for s in outcome.signals)
-    champion = find_alias(loop.store, "sentiment", "champion")
+    champion = find_alias(loop.store, TASK, "champion")
     assert champion is not None and champion.version == 2
-    assert loop.ask("Ticket 9998: the sky over Rome looks red.").json()["model"] == "sentiment@2"
+    assert loop.ask("Ticket 9998: the sky over Rome looks red.")["model"] == "colours@2"
     rolled_back = jobs.get(rejected.id)
     assert rolled_back.state == "rolled_back" and rolled_back.watch is not None
-    assert rolled_back.watch.status == "rolled_back" and rolled_back.watch.restored == "sentiment@2"
-    kinds = [e.kind for e in list_events(loop.store, task="sentiment", limit=20)]
+    assert rolled_back.watch.status == "rolled_back" and rolled_back.watch.restored == "colours@2"
+    kinds = [e.kind for e in list_events(loop.store, task=TASK, limit=20)]
     assert "watch_regression" in kinds and "rollback" in kinds
     metrics = httpx.get(f"{loop.url}/metrics", timeout=10).text
-    assert 'tuneloop_rollbacks_total{task="sentiment"} 1.0' in metrics
+    assert 'tuneloop_rollbacks_total{task="colours"} 1.0' in metrics
 
 
 def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_failed(loop: Scenario) -> None:
-    outcome = loop.loop.request_retrain("sentiment", ManualTrigger(key="manual:kill", reason="to be killed"))
+    outcome = loop.loop.request_retrain(TASK, ManualTrigger(key="manual:kill", reason="to be killed"))
     jobs = JobStore(loop.store)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -234,32 +232,32 @@ def test_killing_the_job_mid_training_leaves_the_champion_serving_and_the_job_fa
         assert job.active, (job.state, job.error)
         time.sleep(0.5)
     time.sleep(3)  # inside the training loop
-    versions_before = len(list_adapters(loop.store, "sentiment"))
+    versions_before = len(list_adapters(loop.store, TASK))
     assert job.pid is not None
     os.kill(job.pid, signal.SIGKILL)
     failed = loop.wait(job.id, timeout=60)
     assert failed.state == "failed" and "killed or crashed" in (failed.error or "")
-    assert len(list_adapters(loop.store, "sentiment")) == versions_before, "nothing half-registered"
-    assert not list((loop.config.data_path / "adapters" / "sentiment").glob(".training-job*")), "staging removed"
-    assert loop.ask("Ticket 9997: the sky over Lima looks green.").json()["model"] == "sentiment@2"
+    assert len(list_adapters(loop.store, TASK)) == versions_before, "nothing half-registered"
+    assert not list((loop.config.data_path / "adapters" / TASK).glob(".training-job*")), "staging removed"
+    assert loop.ask("Ticket 9997: the sky over Lima looks green.")["model"] == "colours@2"
 
 
 def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_its_mde(loop: Scenario) -> None:
     alert = {"version": "4", "status": "firing", "receiver": "tuneloop", "groupKey": "g", "alerts": [
-        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": "sentiment"},
+        {"status": "firing", "labels": {"alertname": "TuneloopQualityBreach", "task": TASK},
          "annotations": {}, "startsAt": "2026-11-27T10:00:00Z", "fingerprint": "live"}]}
     url = f"{loop.url}/v1/hooks/alertmanager"
-    before = len(JobStore(loop.store).recent())
+    before = len(JobStore(loop.store).recent(task=TASK))
     assert httpx.post(url, json=alert, timeout=10).status_code == 401
     assert httpx.post(url, json=alert, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
-    assert httpx.post(url, content=b'{"alerts": ', headers={"Authorization": f"Bearer {TOKEN}"},
+    assert httpx.post(url, content=b'{"alerts": ', headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                       timeout=10).status_code == 400
-    assert len(JobStore(loop.store).recent()) == before
-    gate = loop.config.tasks["sentiment"].retrain.gate
+    assert len(JobStore(loop.store).recent(task=TASK)) == before
+    gate = loop.config.tasks[TASK].retrain.gate
     gate.margin = 0.02  # 40 examples cannot resolve 2 points: the worker must refuse before training
     try:
-        first = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
-        replay = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+        first = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).json()
+        replay = httpx.post(url, json=alert, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).json()
     finally:
         gate.margin = 0.3
     job_id = first["triggers"][0]["job"]
@@ -269,4 +267,4 @@ def test_the_webhook_refuses_bad_calls_and_a_too_small_gate_set_is_refused_for_i
     assert done.state == "rejected" and done.decision is not None and done.decision.preflight
     assert "too small to decide: n=40" in done.decision.reasons[0]
     assert "train" not in done.stages and done.candidate_version is None
-    assert len(JobStore(loop.store).recent()) == before + 1
+    assert len(JobStore(loop.store).recent(task=TASK)) == before + 1

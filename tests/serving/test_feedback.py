@@ -10,8 +10,8 @@ from sqlalchemy import select
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.from_traffic import build_from_traffic
 from tuneloop.challenger_sets.records import Example
-from tuneloop.errors import DatasetError, FeedbackError
-from tuneloop.serving.feedback import FeedbackConflict, UnknownRequest, attach_reference, import_feedback
+from tuneloop.errors import DatasetError, FeedbackConflict, FeedbackError, UnknownRequest
+from tuneloop.serving.feedback import attach_reference, import_feedback
 from tuneloop.tables import TrafficRow
 from tuneloop.timewindow import parse_instant
 

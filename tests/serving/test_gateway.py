@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,16 @@ VLLM = "http://vllm.test"
 
 
 class SentEvents(httpx.AsyncByteStream):
-    """A response body that arrives in chunks, as server-sent events do (not read up front)."""
+    """A response body that arrives in chunks, as server-sent events do (not read up front); `fail_after` chunks
+    the connection breaks."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
+    def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
+        self.chunks, self.fail_after = chunks, fail_after
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
+        for i, chunk in enumerate(self.chunks):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise httpx.ReadError("connection reset by peer")
             yield chunk
 
 
@@ -51,6 +54,8 @@ class FakeVllm:
         self.loaded: set[str] = {"sentiment@1", "chat@1"}
         self.load_calls: list[str] = []
         self.down = False
+        self.stream_fails_after: int | None = None
+        self.refuse_with: tuple[int, str] | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.down:
@@ -67,14 +72,18 @@ class FakeVllm:
             self.loaded.discard(body["lora_name"])
             return httpx.Response(200, text="ok")
         self.bodies.append(body)
+        if self.refuse_with is not None:
+            return httpx.Response(self.refuse_with[0], json={"object": "error", "message": self.refuse_with[1]})
         choices = (body.get("structured_outputs") or {}).get("choice")
         text = choices[0] if choices else "a free-text answer"
         usage = {"prompt_tokens": 11, "completion_tokens": 2}
         if body.get("stream"):
-            events = [{"choices": [{"delta": {"content": part}}]} for part in ("a free", "-text", " answer")]
+            events: list[dict[str, Any]] = [{"choices": [{"delta": {"content": part}}]}
+                                            for part in ("a free", "-text", " answer")]
             events.append({"choices": [], "usage": usage})
             chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
-            return httpx.Response(200, stream=SentEvents(chunks), headers={"content-type": "text/event-stream"})
+            return httpx.Response(200, stream=SentEvents(chunks, self.stream_fails_after),
+                                  headers={"content-type": "text/event-stream"})
         message = {"message": {"role": "assistant", "content": text}} if path.endswith("chat/completions") \
             else {"text": text}
         return httpx.Response(200, json={"model": body["model"], "choices": [message], "usage": usage})
@@ -97,7 +106,8 @@ class Gateway:
     config: Config
     engine: StubEngine = field(repr=False, default=None)  # type: ignore[assignment]
 
-    def chat(self, model: str, text: str, **extra: Any) -> httpx.Response:
+    def chat(self, model: str, text: str, **extra: Any) -> Any:
+        """The TestClient's response (httpx-shaped)."""
         return self.http.post("/v1/chat/completions", json={"model": model, "messages": [
             {"role": "user", "content": text}], **extra})
 
@@ -116,7 +126,7 @@ def _adapter(store: Store, config: Config, tmp_path: Path, task: str, *, base: s
 
 
 def _gateway(tmp_path: Path, extra_config: str = "", *,
-             extend: Callable[[Config, Store], GatewayExtensions] | None = None) -> Iterator[Gateway]:
+             extend: Callable[[Config, Store], GatewayExtensions] | None = None) -> Generator[Gateway, None, None]:
     """The gateway over a stub engine; `extend` builds what a process assembler would add (routes, collectors)."""
     config = parse_config(f"data_dir: data\nbase_model:\n  name: smollm2-base\nserving:\n  admin_token: {TOKEN}\n"
                           + extra_config, config_dir=tmp_path)
@@ -284,3 +294,34 @@ def test_pooled_upstream_connections_expire_before_the_servers_keep_alive() -> N
     from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S
 
     assert uvicorn.Config(app=None).timeout_keep_alive > KEEPALIVE_EXPIRY_S  # type: ignore[arg-type]
+
+
+def test_our_failures_are_5xx_and_never_blamed_on_the_client(tmp_path: Path) -> None:
+    """A database outage, a training or evaluation failure, any error not classified, and a plain bug reach the
+    client as 5xx in the one error shape; only what the client sent wrong is a 4xx."""
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    from tuneloop.errors import ConfigError, EvaluationError, StoreError, TrainingError, TuneloopError
+
+    raised: dict[str, Exception] = {"store": StoreError("database error on sqlite:///x: OperationalError"),
+                                    "training": TrainingError("loss became nan"),
+                                    "evaluation": EvaluationError("runs differ"),
+                                    "unclassified": TuneloopError("something of ours"),
+                                    "config": ConfigError("unknown task 'nope'"), "bug": KeyError("oops")}
+
+    async def fail(request: Request) -> None:
+        raise raised[request.path_params["kind"]]
+
+    def extend(config: Config, store: Store) -> GatewayExtensions:
+        return GatewayExtensions(routes=[Route("/fail/{kind}", fail)])
+
+    for gateway in _gateway(tmp_path, extend=extend):
+        with TestClient(gateway.http.app, raise_server_exceptions=False) as http:
+            answers = {kind: http.get(f"/fail/{kind}") for kind in raised}
+    expected = {"store": (503, "store_unavailable"), "training": (500, "internal_error"),
+                "evaluation": (500, "internal_error"), "unclassified": (500, "internal_error"),
+                "config": (400, "invalid_request_error"), "bug": (500, "internal_error")}
+    assert {k: (r.status_code, r.json()["error"]["type"]) for k, r in answers.items()} == expected
+    assert answers["store"].headers["Retry-After"] and "OperationalError" in answers["store"].json()["error"]["message"]
+    assert "oops" not in answers["bug"].text, "a bug's details stay in the log"

@@ -95,7 +95,8 @@ def test_admin_calls_need_the_token_and_change_nothing_without_it(live_gateway: 
 
 def test_promotion_hot_swaps_without_restart_or_failed_requests(live_gateway: LiveGateway) -> None:
     url, engine = live_gateway.url, live_gateway.engine
-    pid = engine.process.pid  # type: ignore[attr-defined]
+    assert engine.process is not None
+    pid = engine.process.pid
     statuses: list[int] = []
     models: list[str] = []
     stop = threading.Event()
@@ -120,7 +121,7 @@ def test_promotion_hot_swaps_without_restart_or_failed_requests(live_gateway: Li
     assert promoted.json() == {"task": "sentiment", "champion": "sentiment@2", "previous": "sentiment@1"}
     assert statuses and set(statuses) == {200}, f"failed requests during the swap: {statuses}"
     assert models[0] == "sentiment@1" and models[-1] == "sentiment@2"
-    assert engine.process.pid == pid, "vLLM was restarted"  # type: ignore[attr-defined]
+    assert engine.process.pid == pid, "vLLM was restarted"
     rolled = admin(url, "/admin/rollback", {"task": "sentiment"})
     assert rolled.json()["champion"] == "sentiment@1"
     assert chat(url, "sentiment", "ok").json()["model"] == "sentiment@1"
@@ -141,7 +142,7 @@ def test_bad_requests_get_clear_errors(live_gateway: LiveGateway) -> None:
 
 
 def test_metrics_are_labelled_by_task_and_adapter(live_gateway: LiveGateway) -> None:
-    registry = live_gateway.ctx.registry  # type: ignore[attr-defined]
+    registry = live_gateway.ctx.registry
     labels = {"task": "chat", "adapter": "chat@1", "route": "champion", "status": "200"}
     before = registry.get_sample_value("tuneloop_gateway_requests_total", labels) or 0.0
     assert chat(live_gateway.url, "chat", "metrics please").status_code == 200
@@ -177,7 +178,7 @@ def test_canary_and_shadow_send_traffic_to_the_candidate(live_gateway: LiveGatew
     rollout = live_gateway.config.tasks["sentiment"].rollout
     assert admin(url, "/admin/adapters/load", {"version": "sentiment@2"}).status_code == 200
     set_alias(store, "sentiment@2", "candidate")
-    ctx.router.refresh()  # type: ignore[attr-defined]
+    ctx.router.refresh()
     try:
         rollout.canary_share = 1.0
         assert chat(url, "sentiment", "canary please").json()["model"] == "sentiment@2"
@@ -198,7 +199,7 @@ def test_canary_and_shadow_send_traffic_to_the_candidate(live_gateway: LiveGatew
     finally:
         rollout.canary_share, rollout.shadow = 0.0, False
         clear_alias(store, "sentiment", "candidate")
-        ctx.router.refresh()  # type: ignore[attr-defined]
+        ctx.router.refresh()
 
 
 def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) -> None:
@@ -207,7 +208,8 @@ def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) ->
     import signal
 
     engine = live_gateway.engine
-    os.killpg(engine.process.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    assert engine.process is not None
+    os.killpg(engine.process.pid, signal.SIGKILL)
     deadline = time.time() + 30
     saw_503 = None
     while time.time() < deadline:
@@ -225,6 +227,6 @@ def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) ->
             break
         time.sleep(2)
     assert chat(live_gateway.url, "sentiment", "back?").status_code == 200
-    assert engine.restarts == 1  # type: ignore[attr-defined]
-    assert "sentiment@1" in engine.client.loaded  # type: ignore[attr-defined]
-    assert "sentiment@1" in engine.client.served_models(), "the restarted engine serves the same adapters"  # type: ignore[attr-defined]
+    assert engine.restarts == 1
+    assert "sentiment@1" in engine.client.loaded
+    assert "sentiment@1" in engine.client.served_models(), "the restarted engine serves the same adapters"

@@ -88,3 +88,42 @@ def test_vllm_keeps_no_core_for_its_scheduler_on_two_cores_unless_told(tmp_path:
     monkeypatch.setattr("tuneloop.serving.engine.usable_cpu_cores", lambda: 2)
     monkeypatch.setenv(RESERVED_CORES_ENV, "1")
     assert engine_env(spec)[RESERVED_CORES_ENV] == "1", "the operator's environment wins over the default"
+
+
+def test_a_rollback_inside_the_unload_grace_period_keeps_the_champion_loaded(store: Store, config: Config,
+                                                                              tmp_path: Path) -> None:
+    """Promote B over A, roll back to A before A's delayed unload ran: the unload must not land after the rollback
+    decided A was still loaded (seen in the live loop test: vLLM then had no adapter for the task's champion). vLLM's
+    model list answers slowly here, so the unload timer fires while the rollback is between its check and its flip."""
+    import threading
+    import time
+
+    import httpx
+
+    from tuneloop.serving.engine_client import EngineClient
+
+    loaded = {"sentiment@1"}
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            time.sleep(0.3)
+            return httpx.Response(200, json={"data": [{"id": n} for n in sorted(loaded)]})
+        name = json.loads(request.content)["lora_name"]
+        (loaded.add if request.url.path == "/v1/load_lora_adapter" else loaded.discard)(name)
+        return httpx.Response(200, text="ok")
+
+    _register(store, config, tmp_path, "one")
+    _register(store, config, tmp_path, "two")
+    client = EngineClient("http://vllm.test", EngineLimits(BASE, 8, ("q_proj", "v_proj")),
+                          transport=httpx.MockTransport(vllm))
+    client.adopt("sentiment@1", tmp_path / "one")
+    swapper = HotSwapper(store, client.limits, client=client, grace_s=0.45)
+    swapper.promote("sentiment@2")  # A's unload is due 0.45 s from now
+    rolled = threading.Thread(target=lambda: swapper.rollback("sentiment"))
+    time.sleep(0.2)
+    rolled.start()  # its /v1/models check (0.3 s) straddles the moment A's unload fires
+    rolled.join()
+    time.sleep(1.0)  # every delayed unload has run
+    champion = find_alias(store, "sentiment", "champion")
+    assert champion is not None and champion.ref == "sentiment@1"
+    assert "sentiment@1" in loaded, "the champion must be loaded in the engine after the rollback"

@@ -23,8 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path) -> None:
-    (tmp_path / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n"
-                                            "  engine_processes: single\n")
+    (tmp_path / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n")
     models = tmp_path / ".tuneloop" / "models"
     models.mkdir(parents=True)
     (models / base_model_dir.name).symlink_to(base_model_dir, target_is_directory=True)

@@ -29,6 +29,8 @@ class DemoSizes:
     window: int  # captured prompts per drift window
     calibration_windows: int
     chat_eval: int
+    reference_size: int | None = None  # training inputs the drift checks compare with (None: monitor's default)
+    calibration_pool_size: int | None = None  # and the disjoint pool their thresholds are calibrated on
 
 
 # The full demo's gate margin is 0.15 macro-F1 because 300 held-out tweets could not resolve less: `bench retrain`
@@ -40,8 +42,11 @@ class DemoSizes:
 # [+0.038, +0.131] while airline accuracy rose by +0.098 (bench/results/experiments/retrain_recipes_{2,3}.log).
 FULL = DemoSizes(sentiment_steps=30, chat_steps=6, retrain_steps=60, validation_examples=64, eval_every=20,
                  eval_limit=400, margin=0.15, window=60, calibration_windows=100, chat_eval=16)
+# --fast embeds 2,300 training inputs for its drift checks instead of 5,000 (the first check's embedding and
+# calibration was 60 of its ~300 s); over 1,000 reference texts keeps Evidently's plain domain classifier.
 FAST = DemoSizes(sentiment_steps=3, chat_steps=2, retrain_steps=3, validation_examples=8, eval_every=10,
-                 eval_limit=40, margin=0.15, window=30, calibration_windows=20, chat_eval=4)
+                 eval_limit=40, margin=0.15, window=30, calibration_windows=20, chat_eval=4, reference_size=1100,
+                 calibration_pool_size=1200)
 DEMO_REPLAY_RATIO = 0.5  # airline tweets replayed per new example (default 1.0); see FULL's comment
 EVAL_CONCURRENCY = 16  # `bench eval`: 16 requests in flight keep vLLM's batches full on two cores
 SENTIMENT_LEARNING_RATE = 1e-3  # as in `bench labels`: 40 steps at the recipe's 2e-4 barely move the adapter
@@ -55,6 +60,10 @@ def demo_config(config: Config, sizes: DemoSizes) -> Config:
     demo = config.model_copy(deep=True)
     demo.monitor.window = sizes.window
     demo.monitor.calibration_windows = sizes.calibration_windows
+    if sizes.reference_size is not None:
+        demo.monitor.reference_size = sizes.reference_size
+    if sizes.calibration_pool_size is not None:
+        demo.monitor.calibration_pool_size = sizes.calibration_pool_size
     demo.evaluation.concurrency = max(demo.evaluation.concurrency, EVAL_CONCURRENCY)
     if not demo.admin_token:
         demo.serving.admin_token = secrets.token_hex(16)
