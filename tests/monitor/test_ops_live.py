@@ -195,12 +195,20 @@ def test_every_panel_has_data_and_a_quality_breach_reaches_the_webhook(
                                                                min=0.0)])
     _seed(live_gateway)
 
-    # the scrape works and rate() has samples to work with
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _query(stack, "tuneloop:gateway_requests:rate5m > 0"):
-        time.sleep(1)
+    # the scrape works, and rate() has samples to work with: traffic after the first scrape (a counter seen only
+    # at one value has a rate of 0; the seed may finish before Prometheus's first scrape of the gateway)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_query(stack, "up == 1")) < 3:
+        time.sleep(0.5)
     targets = {r["metric"]["job"]: r["value"][1] for r in _query(stack, "up")}
     assert targets == {"tuneloop": "1", "vllm": "1", "prometheus": "1"}, targets
+    for text in ("@united on time today", "@Delta lost my bag", "@JetBlue thanks"):
+        assert httpx.post(f"{live_gateway.url}/v1/chat/completions", timeout=120, json={
+            "model": "sentiment", "messages": [{"role": "user", "content": text}], "max_tokens": 4}).status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _query(stack, "tuneloop:gateway_requests:rate5m > 0"):
+        time.sleep(0.5)
+    assert _query(stack, "tuneloop:gateway_requests:rate5m > 0"), "the recording rule never saw a request rate"
 
     empty = []
     for uid, title, expr in panel_queries():
