@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from tests.live import free_port
 
@@ -30,27 +31,32 @@ class StubEndpoint:
 
 
 @contextlib.contextmanager
-def stub_endpoint(answer: Answer) -> Iterator[StubEndpoint]:
+def serving_app(app: ASGIApp) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port, on a thread; yields its base URL."""
     port = free_port()
-    stub = StubEndpoint(url=f"http://127.0.0.1:{port}", answer=answer)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def stub_endpoint(answer: Answer) -> Iterator[StubEndpoint]:
+    asked: list[tuple[str, str]] = []
 
     async def chat(request: Request) -> JSONResponse:
         body: dict[str, Any] = await request.json()
         text = str(body["messages"][-1]["content"])
-        stub.asked.append((body["model"], text))
+        asked.append((body["model"], text))
         return JSONResponse({"model": body["model"], "usage": {"completion_tokens": 1},
-                             "choices": [{"message": {"role": "assistant", "content": stub.answer(body["model"],
-                                                                                                   text)}}]})
+                             "choices": [{"message": {"role": "assistant", "content": answer(body["model"], text)}}]})
 
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield stub
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving_app(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])) as url:
+        yield StubEndpoint(url=url, answer=answer, asked=asked)

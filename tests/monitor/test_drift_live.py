@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from tests.monitor.helpers import capture
+from tests.stub_endpoint import serving_app
 from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
 from tuneloop.config import Config
@@ -113,26 +110,6 @@ def test_a_time_window_selects_by_capture_time(small_monitor: Config, store: Sto
         DriftDetector(small_monitor, store).run("sentiment", since=datetime.now(UTC) + timedelta(hours=1))
 
 
-@contextmanager
-def _serving(app: object) -> Iterator[str]:
-    import uvicorn
-
-    from tests.live import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_the_saved_report_served_by_the_gateway_renders_in_chromium_without_running_captured_script(
         tmp_path: Path) -> None:
     """Real headless Chromium (Debian package) opens the drifted report from the test above through the gateway's
@@ -150,7 +127,7 @@ def test_the_saved_report_served_by_the_gateway_renders_in_chromium_without_runn
         served = gateway.config.data_path / "reports" / relative
         served.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(page, served)
-        with _serving(create_app(gateway.ctx)) as url:
+        with serving_app(create_app(gateway.ctx)) as url:
             refused = visit(f"{url}/reports/{relative}", settle_s=0.5)
             assert refused.status == 401, "the report is behind the admin token"
             seen = visit(f"{url}/reports/{relative}", headers={"Authorization": f"Bearer {TOKEN}"},
