@@ -17,7 +17,7 @@ DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertman
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-fast bench bench-smoke lint clean
+.PHONY: install demo demo-fast test test-fast bench bench-smoke lint docs clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" $(DURATIONS) $(PYTEST_ARGS)
+
+# The docs site: reference pages regenerated from the code, then built strictly into site/ (make test checks both).
+docs: install
+	$(BIN)/python -m tuneloop.cli.docgen
+	$(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

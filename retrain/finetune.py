@@ -20,14 +20,20 @@ from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config, TrainConfig, TrainMethod
 from tuneloop.errors import TrainingError
+from tuneloop.lora_files import lora_shape
+from tuneloop.modelinfo import resolve_targets
 from tuneloop.registry import AdapterCard, AdapterVersion, DatasetRef, find_alias, register_adapter
 from tuneloop.retrain.trainer import FitResult, fit
 from tuneloop.store import Store
 
 
-def resolve_recipe(config: Config, task: str, *, method: TrainMethod | None = None,
-                   overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The task's TrainConfig with CLI overrides applied and checked against serving limits."""
+def resolve_recipe(config: Config, task: str, *, base_path: Path, method: TrainMethod | None = None,
+                   overrides: dict[str, Any] | None = None, init_from: AdapterVersion | None = None) -> TrainConfig:
+    """The task's TrainConfig with CLI overrides applied, checked against serving limits and the base model.
+
+    The LoRA targets are resolved against `base_path` (null = its attention projections) so the card records
+    the names trained. Continuing from a version (`init_from`) keeps that adapter's own rank, alpha and targets:
+    PEFT loads its shapes from its adapter_config.json, whatever the task's recipe says."""
     recipe = config.task(task).train
     updates: dict[str, Any] = dict(overrides or {})
     if method:
@@ -37,9 +43,16 @@ def resolve_recipe(config: Config, task: str, *, method: TrainMethod | None = No
             recipe = TrainConfig.model_validate({**recipe.model_dump(), **updates})
         except Exception as exc:
             raise TrainingError(f"invalid training hyperparameters for task '{task}': {exc}") from None
+    if init_from is not None:
+        shape = lora_shape(init_from.path)
+        recipe = recipe.model_copy(update={"rank": shape.rank, "alpha": shape.alpha,
+                                           "target_modules": list(shape.target_modules)})
     if recipe.method == "lora" and recipe.rank > config.serving.max_lora_rank:
         raise TrainingError(f"LoRA rank {recipe.rank} exceeds serving.max_lora_rank "
                             f"{config.serving.max_lora_rank}; vLLM could not serve the adapter")
+    if recipe.method == "lora":
+        targets = resolve_targets(base_path, recipe.target_modules, where=f"tasks.{task}.train.target_modules")
+        recipe = recipe.model_copy(update={"target_modules": targets})
     return recipe
 
 
@@ -65,10 +78,11 @@ def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | N
     bench retrain); its datasets are listed in the new card too.
     """
     task_config = config.task(task)
-    recipe = resolve_recipe(config, task, method=method, overrides=overrides)
     if max_steps is not None and max_steps < 1:
         raise TrainingError(f"--max-steps must be at least 1, got {max_steps}")
     base = ensure_base_model(config)
+    recipe = resolve_recipe(config, task, base_path=base.path, method=method, overrides=overrides,
+                            init_from=init_from)
     train_set = get_dataset(store, dataset or task_config.train_dataset, task=task)
     examples = train_set.load()
     train_examples, val_examples = split_validation(examples, recipe.validation_examples, recipe.seed)
@@ -106,7 +120,8 @@ def build_card(task: str, recipe: TrainConfig, result: FitResult, *, base_name: 
         best_val_loss=result.best_val_loss, trainable_params=result.trainable_params,
         total_params=result.total_params, train_tokens=result.train_tokens,
         tokens_per_second=round(result.tokens_per_second, 1), train_seconds=round(result.train_seconds, 2),
-        parent_version=parent_version, git_commit=git_commit(), library_versions=library_versions())
+        parent_version=parent_version, git_commit=git_commit(), library_versions=library_versions(),
+        device=result.device, precision=result.precision)
 
 
 def git_commit() -> str | None:

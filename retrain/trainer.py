@@ -20,7 +20,7 @@ import torch
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TrainingError
-from tuneloop.hardware import cpu_has_fast_bf16
+from tuneloop.hardware import Placement, torch_placement
 from tuneloop.registry import CurvePoint
 from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 
@@ -42,6 +42,8 @@ class FitResult:
     first_loss: float | None = None
     last_loss: float | None = None
     truncated: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,8 +73,12 @@ class EarlyStopping:
         return self.bad_evals >= self.patience
 
 
+def placement(train: TrainConfig) -> Placement:
+    return torch_placement(train.device, train.bf16)
+
+
 def use_bf16(train: TrainConfig) -> bool:
-    return cpu_has_fast_bf16() if train.bf16 == "auto" else bool(train.bf16)
+    return placement(train).bf16
 
 
 def set_seed(seed: int) -> None:
@@ -139,15 +145,16 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in train_examples]
     truncated = sum(1 for e in encoded if e.length >= train.max_seq_len)
     val_encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in val_examples]
-    model = load_model_for_method(base_path, train, system_prompt, init_adapter)
+    where = placement(train)
+    model = load_model_for_method(base_path, train, system_prompt, init_adapter).to(where.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    bf16 = use_bf16(train)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    bf16 = where.bf16
+    autocast = torch.autocast(where.device, dtype=torch.bfloat16, enabled=bf16)
 
     curve: list[CurvePoint] = []
     stopper = EarlyStopping(train.patience)
@@ -167,7 +174,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
                                              group_by_length=train.group_by_length)
             epoch += 1
         batch_examples = [encoded[i] for i in batches.pop(0)]
-        batch = collate(batch_examples, pad_id)
+        batch = {k: v.to(where.device) for k, v in collate(batch_examples, pad_id).items()}
         started = time.perf_counter()
         with autocast:
             loss = reply_loss(model, batch, train.method)
@@ -188,7 +195,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
         last_loss = value
         point = CurvePoint(step=step, train_loss=round(value, 5))
         if val_encoded and (step % train.eval_every == 0 or step == steps):
-            point.val_loss = round(validation_loss(model, val_encoded, pad_id, train.batch_size, bf16,
+            point.val_loss = round(validation_loss(model, val_encoded, pad_id, train.batch_size, where,
                                                      train.method), 5)
             if stopper.update(point.val_loss):
                 best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -208,14 +215,14 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
             for name, weights in best_state.items():
                 named[name].copy_(weights)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.to("cpu").save_pretrained(output_dir, safe_serialization=True)
     if train.method == "full":
         tokenizer.save_pretrained(output_dir)
     return FitResult(output_dir=output_dir, curve=curve, steps=step, stopped_early=stopped_early,
                      best_val_loss=None if stopper.best == math.inf else stopper.best, trainable_params=trainable,
                      total_params=total, train_tokens=real_tokens, padded_tokens=padded_tokens,
                      train_seconds=train_seconds, first_loss=first_loss, last_loss=last_loss, truncated=truncated,
-                     extra={"bf16": bf16})
+                     extra={"bf16": bf16}, device=where.device, precision=where.precision)
 
 
 def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str) -> torch.Tensor:
@@ -229,16 +236,19 @@ def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str) -> torch
         loss: torch.Tensor = model(**batch).loss
         return loss
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # `base_model` is the decoder stack under any architecture's prefix (Llama `model`, GPT-NeoX `gpt_neox`),
+    # the output embeddings its vocabulary head (`lm_head`, `embed_out`).
+    hidden = causal_lm.base_model(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    logits = causal_lm.lm_head(hidden[:, :-1][mask])
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])
     return torch.nn.functional.cross_entropy(logits.float(), targets[mask])
 
 
 @torch.no_grad()
-def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, batch_size: int, bf16: bool,
-                    method: str = "lora") -> float:
+def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, batch_size: int,
+                    where: Placement, method: str = "lora") -> float:
     """Token-weighted mean loss over the reply tokens of `examples`."""
     was_training = model.training
     model.eval()
@@ -246,8 +256,9 @@ def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, bat
     total_tokens = 0
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = {k: v.to(where.device)
+                 for k, v in collate([examples[i] for i in order[start:start + batch_size]], pad_id).items()}
+        with torch.autocast(where.device, dtype=torch.bfloat16, enabled=where.bf16):
             loss = reply_loss(model, batch, method)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(loss) * n

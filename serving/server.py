@@ -27,9 +27,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute
 
-from tuneloop.basemodel import ensure_base_model
+from tuneloop.basemodel import BaseModelFolder, ensure_base_model
 from tuneloop.config import Config
 from tuneloop.errors import AdapterError, EngineUnavailable
+from tuneloop.modelinfo import model_modules
 from tuneloop.redact import Redactor
 from tuneloop.registry import ALIASES, AdapterVersion, find_alias
 from tuneloop.serving.capture import CaptureWriter
@@ -67,11 +68,16 @@ class ServedAdapters:
     target_modules: list[str]
 
 
-def plan_adapters(config: Config, store: Store, base_sha256: str) -> ServedAdapters:
-    """Champions and candidates of every task, checked, plus the LoRA flags they and the recipes need."""
+def plan_adapters(config: Config, store: Store, base: BaseModelFolder) -> ServedAdapters:
+    """Champions and candidates of every task, checked, plus the LoRA flags they and the recipes need (a recipe
+    without target modules trains the base model's attention projections, read from the model)."""
     adapters: list[AdapterVersion] = []
-    ranks = [t.train.rank for t in config.tasks.values() if t.train.method == "lora"]
-    targets: set[str] = {m for t in config.tasks.values() if t.train.method == "lora" for m in t.train.target_modules}
+    base_sha256 = base.sha256
+    recipes = [t.train for t in config.tasks.values() if t.train.method == "lora"]
+    ranks = [r.rank for r in recipes]
+    targets: set[str] = {m for r in recipes for m in r.target_modules or ()}
+    if any(r.target_modules is None for r in recipes):
+        targets.update(model_modules(base.path).attention)
     for task in config.tasks:
         for alias in ALIASES:
             version = find_alias(store, task, alias)
@@ -97,7 +103,7 @@ def offline_limits(config: Config, base_sha256: str) -> EngineLimits:
 
 def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
     base = ensure_base_model(config)
-    plan = plan_adapters(config, store, base.sha256)
+    plan = plan_adapters(config, store, base)
     spec = EngineSpec(model_path=base.path, served_name=config.base_model.name, host=config.serving.vllm_host,
                       port=config.serving.vllm_port, max_model_len=config.serving.max_model_len,
                       max_lora_rank=plan.max_rank, max_loras=config.serving.max_loras,

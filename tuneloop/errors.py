@@ -80,6 +80,10 @@ class TrainingError(TuneloopError):
     exit_code = 6
 
 
+class HardwareError(TrainingError):
+    """The device a run asked for is not there (train.device: cuda on a machine without one)."""
+
+
 class BaseModelError(TuneloopError):
     """The base model could not be found, converted or verified."""
 

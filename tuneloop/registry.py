@@ -44,6 +44,14 @@ class DatasetRef(BaseModel):
     rows: int
 
 
+class ImportSource(BaseModel):
+    """The folder an imported adapter was copied from, and its weights as they were there."""
+
+    path: str
+    weights_file: str
+    weights_sha256: str
+
+
 class AdapterCard(BaseModel):
     """Everything needed to audit or reproduce an adapter; saved as card.json beside its weights."""
 
@@ -66,6 +74,11 @@ class AdapterCard(BaseModel):
     git_commit: str | None = None
     library_versions: dict[str, str] = Field(default_factory=dict)
     weights_sha256: str | None = Field(default=None, description="sha256 of the adapter weight files.")
+    origin: Literal["trained", "imported"] = Field(
+        default="trained", description="trained by tuneloop, or imported with `tuneloop adapters import`.")
+    imported_from: ImportSource | None = Field(default=None, description="Where an imported adapter came from.")
+    device: str | None = Field(default=None, description="Where it was trained (cuda, cpu); unknown if imported.")
+    precision: str | None = Field(default=None, description="Training precision (bf16-autocast, fp32).")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property

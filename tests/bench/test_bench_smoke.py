@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import BENCHMARKS
-from bench.report import regenerate
+from bench.report import FILES, regenerate
 from bench.results import REPO
 from tests.conftest import CACHE
 
@@ -48,10 +48,14 @@ def test_the_bench_runs_at_smoke_size_and_saves_tables_with_provenance(name: str
         "a smoke run must never overwrite a measurement"
 
 
-def test_the_readme_tables_are_generated_from_the_committed_results() -> None:
-    readme = REPO / "README.md"
-    regenerated, names = regenerate(readme)
-    assert regenerated == readme.read_text(), "README.md tables differ from bench/results: run `python -m bench report`"
-    for name in names:
+def test_the_benchmark_numbers_in_the_docs_and_readme_are_generated_from_the_committed_results() -> None:
+    cited: set[str] = set()
+    for relative in FILES:
+        path = REPO / relative
+        regenerated, names = regenerate(path)
+        assert regenerated == path.read_text(), f"{relative} differs from bench/results: run `python -m bench report`"
+        cited.update(names)
+    assert {"serving", "retrain", "labels"} <= cited
+    for name in cited:
         saved = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
         assert saved["provenance"]["quick"] is False and saved["provenance"]["commit"], name

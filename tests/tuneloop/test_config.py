@@ -35,11 +35,17 @@ def test_lora_rank_above_serving_max_is_refused() -> None:
         parse_config("tasks:\n  sentiment:\n    train:\n      rank: 16\n")
 
 
-def test_unknown_lora_target_and_bad_primary_metric() -> None:
+def test_lora_targets_are_module_names_and_the_model_decides_which_exist() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_config("tasks:\n  sentiment:\n    primary_metric: bleu\n    train:\n      target_modules: [qq_proj]\n")
+        parse_config("tasks:\n  sentiment:\n    train:\n      target_modules: [q proj]\n")
     message = str(caught.value)
-    assert "target_modules" in message and "qq_proj" in message
+    assert "tasks.sentiment.train.target_modules" in message and "'q proj'" in message and "not module names" in message
+    with pytest.raises(ConfigError, match="repeat"):
+        parse_config("tasks:\n  sentiment:\n    train:\n      target_modules: [q_proj, q_proj]\n")
+    # a name no Llama has is the model's business (tests/tuneloop/test_modelinfo.py), not the file's
+    config = parse_config("tasks:\n  sentiment:\n    train:\n      target_modules: [query_key_value]\n")
+    assert config.tasks["sentiment"].train.target_modules == ["query_key_value"]
+    assert Config().tasks["sentiment"].train.target_modules is None, "default: the model's attention projections"
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from tuneloop.cli import monitor as monitor_cli
 from tuneloop.cli import ops as ops_cli
 from tuneloop.cli import retrain as retrain_cli
 from tuneloop.cli import serving as serving_cli
+from tuneloop.cli import task as task_cli
 from tuneloop.cli import train as train_cli
 from tuneloop.cli.context import STATE, configure_logging
 from tuneloop.cli.output import console, print_json
@@ -28,6 +29,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and show the configur
 app.add_typer(config_app, name="config")
 app.add_typer(datasets_cli.app, name="datasets")
 app.add_typer(adapters_cli.app, name="adapters")
+app.add_typer(task_cli.app, name="task")
 app.command("train")(train_cli.train)
 app.command("demo")(demo_cli.demo)
 app.command("serve")(serving_cli.serve)
@@ -110,6 +112,20 @@ def config_validate(
 
 
 @config_app.command("show")
-def config_show() -> None:
-    """Print the resolved configuration (defaults filled in) as JSON."""
-    print_json(STATE.config.model_dump(mode="json"))
+def config_show(
+    json_output: Annotated[bool, typer.Option("--json", help="Print it as JSON instead of YAML.")] = False,
+) -> None:
+    """Print the resolved configuration (defaults filled in; the admin token is never printed)."""
+    import yaml
+
+    resolved = STATE.config.model_dump(mode="json")
+    if resolved["serving"].get("admin_token"):
+        resolved["serving"]["admin_token"] = "(set)"
+    if resolved.get("database_url"):
+        from sqlalchemy.engine import make_url
+
+        resolved["database_url"] = make_url(resolved["database_url"]).render_as_string(hide_password=True)
+    if json_output:
+        print_json(resolved)
+        return
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")

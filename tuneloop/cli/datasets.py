@@ -24,7 +24,7 @@ app = typer.Typer(no_args_is_help=True, help="Versioned train, held-out and chal
 @app.command("add")
 def add(
     file: Annotated[Path, typer.Argument(help="JSONL (id, messages|input, reference, meta) or CSV (input, "
-                                          "reference, [id], other columns -> meta).")],
+                                          "reference, optional id, other columns -> meta).")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task the data belongs to.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name (stored as task/name).")],
     kind: Annotated[DatasetKindChoice, typer.Option("--kind", "-k", help="train, heldout or challenger.")] = \

@@ -11,13 +11,14 @@ tuneloop/conductor/demo.py; this module sends the simulated traffic and prints.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tuneloop.cli.context import STATE
-from tuneloop.cli.output import console, print_table
+from tuneloop.cli.output import console, print_json, print_table
 from tuneloop.conductor.demo import FAST, FULL, DemoSizes, demo_config, train_champion
 from tuneloop.config import Config
 from tuneloop.errors import TuneloopError
@@ -25,6 +26,7 @@ from tuneloop.errors import TuneloopError
 if TYPE_CHECKING:
     from tuneloop.conductor.process import RunningLoop
     from tuneloop.monitor.jobs import EvalJobResult, JobOutcome
+    from tuneloop.retrain.records import Job
 
 class DemoRequestFailed(TuneloopError):
     """A request the demo sent as a user was not answered."""
@@ -36,11 +38,15 @@ SERIES = ("tuneloop_eval_score", "tuneloop_drift_detected", "tuneloop_incidents_
 
 def demo(
     fast: Annotated[bool, typer.Option("--fast", help="Few training steps and small sets (a smoke run).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Narrate on stderr; print the retraining job it "
+                                              "ended with as JSON on stdout.")] = False,
 ) -> None:
     """Run the whole loop: train, serve, drift, incident, feedback, retrain, gate, promote, watch."""
     from tuneloop.conductor.process import running
 
     sizes = FAST if fast else FULL
+    if json_output:
+        console.file = sys.stderr
     started = time.perf_counter()
     STATE.use_config(demo_config(STATE.config, sizes))
     config = STATE.config
@@ -51,8 +57,12 @@ def demo(
                       f"served: {', '.join(sorted(stack.server.engine.client.loaded))}")
         _multi_lora_requests(stack.url)
         _chat_vs_base(config, stack.url, sizes)
-        _story(config, stack, sizes)
-    console.rule(f"done in {time.perf_counter() - started:.0f} s")
+        job = _story(config, stack, sizes)
+    seconds = time.perf_counter() - started
+    console.rule(f"done in {seconds:.0f} s")
+    if json_output:
+        print_json({"seconds": round(seconds, 1), "fast": fast,
+                    "job": job.model_dump(mode="json") if job is not None else None})
 
 
 def _train_champions(config: Config, sizes: DemoSizes) -> None:
@@ -119,7 +129,8 @@ def _chat_vs_base(config: Config, url: str, sizes: DemoSizes) -> None:
                       "it is served to show several adapters on one engine, not because it was shown better.")
 
 
-def _story(config: Config, stack: RunningLoop, sizes: DemoSizes) -> None:
+def _story(config: Config, stack: RunningLoop, sizes: DemoSizes) -> Job | None:
+    """The traffic shift and what the loop does about it; the retraining job it ends with, if one started."""
     from tuneloop.challenger_sets.catalog import get_dataset
     from tuneloop.challenger_sets.from_traffic import build_from_traffic
     from tuneloop.challenger_sets.splits import split
@@ -167,7 +178,7 @@ def _story(config: Config, stack: RunningLoop, sizes: DemoSizes) -> None:
     jobs = JobStore(STATE.store).recent(task="sentiment", limit=1)
     if not jobs:
         console.print("no retraining job was started (no incident opened); the demo ends here")
-        return
+        return None
     job = jobs[0]
     console.print(f"job {job.id}: triggers {[t.trigger.reason for t in job.triggers]}")
     _series(url, "detected")
@@ -196,6 +207,7 @@ def _story(config: Config, stack: RunningLoop, sizes: DemoSizes) -> None:
         console.print(f"job {job.id} {final.state}: the airline champion keeps serving. " + "; ".join(reasons)
                       + (f" {final.error}" if final.error else ""), markup=False)
     _series(url, "end")
+    return JobStore(STATE.store).get(job.id)
 
 
 def _drift(outcome: JobOutcome) -> str:

@@ -26,11 +26,15 @@ def drift(
     json_output: JsonOption = False,
 ) -> None:
     """Check a task's captured traffic for drift against its training inputs (calibrated thresholds), then run the
-    policy on it as after a scheduled check (a new incident can start retraining)."""
+    policy on it as after a scheduled check: this stores the check, and a new incident can start a retraining
+    job (as `tuneloop run` would)."""
     from tuneloop.conductor.process import assemble_loop
 
     if window is not None and since is not None:
         raise ConfigError("give --window or --since, not both")
+    if window is not None and window < STATE.config.monitor.min_window:
+        raise ConfigError(f"--window {window} is below monitor.min_window {STATE.config.monitor.min_window}: a "
+                          "window that small gets no verdict; give a larger --window or lower monitor.min_window")
     start = None
     if since is not None:
         try:

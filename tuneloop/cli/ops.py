@@ -33,11 +33,17 @@ def build(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runb
 
 
 @app.command()
-def check(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runbooks.md") -> None:
+def check(root: RootOption = Path("."), runbook_base: RunbookOption = "docs/runbooks.md",
+          json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """Exit 1 when a committed file differs from what the code generates (run `tuneloop ops build`)."""
     from tuneloop.monitor.ops.files import StaleOpsFiles, differences
 
     found = differences(root, runbook_base)
+    if json_output:
+        print_json({"current": not found, "differences": [{"path": str(d.path), "reason": d.reason} for d in found]})
+        if found:
+            raise typer.Exit(1)
+        return
     if found:
         raise StaleOpsFiles("generated ops files are out of date (run `tuneloop ops build`):\n"
                             + "\n".join(f"  {d.path}: {d.reason}" for d in found))

@@ -120,9 +120,15 @@ def show(
 @jobs_app.command("follow")
 def follow(
     job_id: Annotated[int, typer.Argument(help="Job id (see `tuneloop jobs list`).")],
+    json_output: JsonOption = False,
 ) -> None:
-    """Print a job's states and stages as they happen, until it finishes (reads only)."""
-    show_job(follow_job(job_id).id)
+    """Print a job's states and stages as they happen, until it finishes (reads only); --json prints the
+    finished job."""
+    job = follow_job(job_id, quiet=json_output)
+    if json_output:
+        print_json(job.model_dump(mode="json"))
+        return
+    show_job(job.id)
 
 
 @jobs_app.command("reap")

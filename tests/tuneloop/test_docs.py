@@ -1,0 +1,83 @@
+"""The docs site: its generated reference pages are current, it builds with `mkdocs build --strict` (a broken link
+or anchor fails), every `tuneloop ...` command the operator pages quote parses against the real command tree, and
+no help text is mangled by Rich's markup."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+from tuneloop.cli.app import app
+from tuneloop.cli.docgen import PAGES, REFERENCE_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+QUOTED = re.compile(r"`(tuneloop [^`]+)`")
+# Placeholders the pages use in commands, and a value of the right type for each.
+PLACEHOLDERS = {"T": "sentiment", "ID": "1", "URL": "https://wiki.example.org/runbooks.md", "N": "1",
+                "FILE.jsonl": "feedback.jsonl", "A": "sentiment@1", "B": "sentiment@2", "D": "heldout"}
+OPERATOR_PAGES = ("runbooks.md", "operations.md", "guide.md", "getting-started.md", "your-own-stack.md")
+
+
+def test_the_generated_reference_pages_are_current() -> None:
+    for name, build in PAGES.items():
+        assert (REFERENCE_DIR / name).read_text() == build(), \
+            f"docs/reference/{name} is stale: run `python -m tuneloop.cli.docgen`"
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "your-own-stack" / "index.html").exists()
+    assert (tmp_path / "site" / "reference" / "cli" / "index.html").exists()
+
+
+def _commands() -> list[tuple[str, str]]:
+    found = []
+    for page in OPERATOR_PAGES:
+        for quoted in QUOTED.findall((DOCS / page).read_text()):
+            if "|" in quoted or "[" in quoted or "COMMAND" in quoted or "..." in quoted:
+                continue  # a synopsis (alternatives, optional parts), not a command to type
+            found.append((page, quoted))
+    return found
+
+
+@pytest.mark.parametrize("page, command", _commands())
+def test_every_quoted_command_parses_against_the_real_cli(page: str, command: str) -> None:
+    root = typer.main.get_command(app)
+    args = [PLACEHOLDERS.get(word, word) for word in shlex.split(command)[1:]]
+    resolved: Any = root
+    while args and getattr(resolved, "commands", None) and args[0] in resolved.commands:
+        resolved = resolved.commands[args.pop(0)]
+    assert not getattr(resolved, "commands", None) or not args, f"{page}: `{command}` names no command"
+    if not args and len(shlex.split(command)) > 1:
+        return  # the command's name in prose ("`tuneloop compare` reads ..."): the path exists, nothing to parse
+    try:
+        resolved.make_context(command.split()[0], list(args))
+    except Exception as exc:  # typer vendors click: its UsageError is not importable by a stable name
+        pytest.fail(f"{page}: `{command}` does not parse: {exc}")
+
+
+def test_no_help_text_loses_a_bracketed_word_to_rich_markup() -> None:
+    markup = re.compile(r"\[/?(bold|italic|dim|red|green|yellow|link)[^\]]*\]")
+    bracketed = re.compile(r"\[[a-z_]+\]")
+
+    def walk(command: Any, path: str) -> list[str]:
+        bad = []
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        for text in texts:
+            if bracketed.search(markup.sub("", text)):
+                bad.append(f"{path}: {text!r}")
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            bad += walk(sub, f"{path} {name}")
+        return bad
+
+    assert walk(typer.main.get_command(app), "tuneloop") == []
