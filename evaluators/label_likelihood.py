@@ -71,8 +71,15 @@ def _split_template(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """The decoder stack and the vocabulary head under any architecture's names (Llama `model`/`lm_head`,
+    GPT-NeoX `gpt_neox`/`embed_out`)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.model, causal_lm.lm_head
+    return causal_lm.base_model, causal_lm.get_output_embeddings()
+
+
+def _device(model: Any) -> torch.device:
+    """Inputs go where the model's weights are (a GPU when the caller put it there)."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -131,7 +138,7 @@ def _run_prefix(model: Any, prefix_ids: list[int]) -> Any:
 
     decoder, _ = _decoder_and_head(model)
     cache = DynamicCache()
-    decoder(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, use_cache=True)
+    decoder(input_ids=torch.tensor([prefix_ids], device=_device(model)), past_key_values=cache, use_cache=True)
     return cache
 
 
@@ -149,10 +156,11 @@ def _batch_with_prefix(model: Any, prefix_cache: Any, prefix_len: int, suffixes:
     cache = copy.deepcopy(prefix_cache)
     cache.batch_repeat_interleave(batch)
     positions = (prefix_len + torch.arange(width)).unsqueeze(0).expand(batch, -1)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention, past_key_values=cache, position_ids=positions,
-                     use_cache=True).last_hidden_state
-    last = hidden[torch.arange(batch), torch.tensor([len(s) - 1 for s in suffixes])]
-    return torch.log_softmax(head(last).float(), dim=-1)[:, label_ids]
+    device = _device(model)
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), past_key_values=cache,
+                     position_ids=positions.to(device), use_cache=True).last_hidden_state
+    last = hidden[torch.arange(batch, device=device), torch.tensor([len(s) - 1 for s in suffixes], device=device)]
+    return torch.log_softmax(head(last).float(), dim=-1).cpu()[:, label_ids]
 
 
 def _batch_full(model: Any, prompts: list[list[int]], label_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
@@ -163,7 +171,8 @@ def _batch_full(model: Any, prompts: list[list[int]], label_ids: torch.Tensor, t
     for row, tokens in enumerate(prompts):
         input_ids[row, :len(tokens)] = torch.tensor(tokens)
         attention[row, :len(tokens)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    device = _device(model)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.cpu()
     # Prompt tuning prepends virtual tokens to the sequence; right padding keeps positions exact.
     offset = logits.shape[1] - width
     last = torch.tensor([offset + len(p) - 1 for p in prompts])

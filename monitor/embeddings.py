@@ -91,6 +91,7 @@ class Embedder:
         self.batch_size = batch_size
         self._model: Any = None
         self._tokenizer: Any = None
+        self._device = "cpu"
         self.embedded = 0  # texts this instance had to run the model for (cache misses)
 
     def _load(self) -> None:
@@ -99,10 +100,15 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from tuneloop.hardware import torch_placement
+
         path = model_dir()
+        # fp32 on either device: cached vectors from a GPU run and a CPU run then agree to float rounding.
+        self._device = torch_placement("auto", bf16=False).device
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self._model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+            self._model.to(self._device)
         except (OSError, ValueError) as exc:
             raise EmbeddingError(f"cannot load the embedding model from {path}: {exc}") from exc
 
@@ -134,12 +140,12 @@ class Embedder:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 batch = self._tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                        max_length=MAX_TOKENS, return_tensors="pt")
+                                        max_length=MAX_TOKENS, return_tensors="pt").to(self._device)
                 hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[idx] = pooled.numpy()
+                out[idx] = pooled.cpu().numpy()
                 bar.update(len(idx))
         bar.close()
         return out

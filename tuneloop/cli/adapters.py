@@ -85,10 +85,13 @@ def show(
     console.print(f"base model {card.base_model['name']} sha256 {card.base_model['sha256'][:12]}")
     for ds in card.datasets:
         console.print(f"dataset {ds.ref} ({ds.kind}, {ds.rows} rows, sha256 {ds.sha256[:12]})")
-    console.print(f"params trainable {card.trainable_params:,} of {card.total_params:,} "
-                  f"({100 * card.trainable_params / max(card.total_params, 1):.2f} %)")
-    console.print(f"steps {card.steps} (early stop: {card.stopped_early}), best val loss {card.best_val_loss}, "
-                  f"{card.tokens_per_second:.0f} tok/s, parent {card.parent_version}, git {card.git_commit}")
+    if card.origin == "trained":  # an imported adapter's training happened elsewhere: nothing to report here
+        console.print(f"params trainable {card.trainable_params:,} of {card.total_params:,} "
+                      f"({100 * card.trainable_params / max(card.total_params, 1):.2f} %)")
+        console.print(f"steps {card.steps} (early stop: {card.stopped_early}), best val loss {card.best_val_loss}, "
+                      f"{card.tokens_per_second:.0f} tok/s, parent {card.parent_version}, git {card.git_commit}")
+    else:
+        console.print(f"parent {card.parent_version} (the champion when it was imported)")
     console.print("hyperparameters " + ", ".join(f"{k}={v}" for k, v in card.hyperparameters.items()))
     evals = [p for p in card.curve if p.val_loss is not None]
     if evals:
