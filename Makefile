@@ -68,7 +68,7 @@ test-fast: install
 # The docs site: reference pages regenerated from the code, then built strictly into site/ (make test checks both).
 docs: install
 	$(BIN)/python -m tuneloop.cli.docgen
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)

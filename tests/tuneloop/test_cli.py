@@ -185,9 +185,15 @@ def test_feedback_import_reports_bad_lines(workspace: Path, tmp_path: Path) -> N
 
 
 def test_drift_and_monitor_commands_refuse_bad_requests_clearly(workspace: Path) -> None:
-    no_traffic = run(workspace, "drift", "--task", "sentiment", "--json", ok=False)
+    no_traffic = run(workspace, "drift", "--task", "sentiment", ok=False)
     assert no_traffic.returncode == 16 and "has 0 captured user prompts" in no_traffic.stderr
     assert "Traceback" not in no_traffic.stderr
+    as_json = run(workspace, "drift", "--task", "sentiment", "--json", ok=False)
+    error = json.loads(as_json.stdout)["error"]  # under --json the error is JSON too, on stdout
+    assert as_json.returncode == error["exit_code"] == 16 and "has 0 captured user prompts" in error["message"]
+    assert error["type"] == "NotEnoughTraffic"
+    small = run(workspace, "drift", "--task", "sentiment", "--window", "10", ok=False)
+    assert small.returncode == 2 and "--window 10 is below monitor.min_window 30" in small.stderr
     unknown = run(workspace, "drift", "--task", "nope", ok=False)
     assert unknown.returncode == 2 and "unknown task 'nope'" in unknown.stderr
     both = run(workspace, "drift", "--task", "sentiment", "--window", "50", "--since", "1h", ok=False)
@@ -197,7 +203,21 @@ def test_drift_and_monitor_commands_refuse_bad_requests_clearly(workspace: Path)
     assert json.loads(run(workspace, "incidents", "--json").stdout) == []
     status = json.loads(run(workspace, "status", "--json").stdout)
     assert status["monitor"]["scheduler_holder"] is None and status["monitor"]["open_incidents"] == []
-    assert "--window" in run(workspace, "drift", "--help").stdout
+    drift_help = run(workspace, "drift", "--help").stdout
+    assert "--window" in drift_help and "retraining" in drift_help, "drift's help says it runs the policy"
+
+
+def test_config_show_hides_secrets_and_ops_check_reports_as_json(workspace: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("database_url: postgresql+psycopg://tuneloop:hunter2@127.0.0.1/db\n"
+                      "serving:\n  admin_token: s3cret-token\n")
+    shown = run(workspace, "--config", str(secret), "config", "show").stdout
+    assert "hunter2" not in shown and "s3cret-token" not in shown and "admin_token: (set)" in shown
+    as_json = json.loads(run(workspace, "--config", str(secret), "config", "show", "--json").stdout)
+    assert as_json["database_url"] == "postgresql+psycopg://tuneloop:***@127.0.0.1/db"
+    repo = Path(__file__).resolve().parents[2]
+    report = json.loads(run(workspace, "ops", "check", "--root", str(repo), "--json").stdout)
+    assert report == {"current": True, "differences": []}
 
 
 def test_bad_schedule_and_monitor_config_name_the_key(workspace: Path, tmp_path: Path) -> None:

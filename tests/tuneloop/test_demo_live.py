@@ -28,10 +28,11 @@ def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path)
     models.mkdir(parents=True)
     (models / base_model_dir.name).symlink_to(base_model_dir, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k != "TUNELOOP_ADMIN_TOKEN"}
-    done = subprocess.run([sys.executable, "-m", "tuneloop", "demo", "--fast"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "tuneloop", "demo", "--fast", "--json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1500)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
+    out = done.stderr  # under --json the narration goes to stderr and stdout is the result alone
+    assert done.returncode == 0, (done.stdout + out)[-4000:]
+    summary = json.loads(done.stdout)
     for step in ("1. base model", "2. fine-tune sentiment", "2. fine-tune chat", "3. serve", "4. baseline",
                  "5. traffic shifts", "the scheduled eval", "6. incidents -> one retraining job", "7. retraining job",
                  "8. after the decision"):
@@ -41,6 +42,8 @@ def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path)
     listed = subprocess.run([sys.executable, "-m", "tuneloop", "jobs", "list", "--json"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     [job] = json.loads(listed.stdout)["jobs"]
+    assert summary["fast"] is True and summary["job"]["id"] == job["id"]
+    assert summary["job"]["state"] == job["state"] and summary["job"]["decision"] == job["decision"]
     assert job["state"] in ("promoted", "rejected"), job
     triggers = [t["trigger"] for t in job["triggers"]]
     assert [t["source"] for t in triggers] == ["incident", "incident"], "the second incident joined"
