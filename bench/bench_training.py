@@ -27,6 +27,7 @@ import torch
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config, TrainConfig
+from tuneloop.modelinfo import resolve_targets
 from tuneloop.retrain.batching import encode_example
 from tuneloop.retrain.trainer import fit, load_model_for_method, use_bf16
 
@@ -56,9 +57,11 @@ def run(*, quick: bool = False) -> list[Table]:
     steps, repeats = (1, 1) if quick else (8, 2)
     config = Config()
     task = config.tasks["sentiment"]
-    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16})
-    examples = random.Random(0).sample(sentiment_sets()["train"], 16 * steps * 4)
     base = base_model_path()
+    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16,
+                                           "target_modules": resolve_targets(base, task.train.target_modules,
+                                                                             where="bench training")})
+    examples = random.Random(0).sample(sentiment_sets()["train"], 16 * steps * 4)
     measured = {name: Measured() for name in RUNS}
     order = list(RUNS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +79,8 @@ def run(*, quick: bool = False) -> list[Table]:
     rows = [[RUNS[name], steps * repeats, m.real, m.padded, f"{m.real / m.padded:.0%}", f"{m.seconds:.1f}",
              f"{m.real / m.seconds:.0f}", f"{(m.real / m.seconds) / baseline:.2f}x"] for name, m in measured.items()]
     precision = "bf16 autocast" if use_bf16(recipe) else "fp32"
-    return [emit(f"Training throughput, LoRA r={recipe.rank} {'/'.join(m[0] for m in recipe.target_modules)}, "
+    targets = "/".join(m[0] for m in recipe.target_modules or ())
+    return [emit(f"Training throughput, LoRA r={recipe.rank} {targets}, "
                  f"batch 16, sentiment tweets, {precision}, {torch.get_num_threads()} threads",
                  ["run", "steps", "real tokens", "tokens incl. padding", "real share", "fwd+bwd+step s",
                   "real tok/s", "vs baseline"], rows, key="training",

@@ -79,7 +79,8 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any]:
 
 def _device(model: Any) -> torch.device:
     """Inputs go where the model's weights are (a GPU when the caller put it there)."""
-    return next(model.parameters()).device
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from tuneloop.challenger_sets.records import Example
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TrainingError
 from tuneloop.hardware import Placement, torch_placement
+from tuneloop.modelinfo import resolve_targets
 from tuneloop.registry import CurvePoint
 from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
 
@@ -104,8 +105,9 @@ def load_model_for_method(base_path: Path, train: TrainConfig, system_prompt: st
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     if train.method == "lora":
+        targets = resolve_targets(base_path, train.target_modules, where="train.target_modules")
         peft_config: Any = LoraConfig(task_type=TaskType.CAUSAL_LM, r=train.rank, lora_alpha=train.alpha,  # type: ignore[arg-type]
-                                      lora_dropout=train.dropout, target_modules=list(train.target_modules))
+                                      lora_dropout=train.dropout, target_modules=targets)
     else:
         peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=train.num_virtual_tokens,
                                          prompt_tuning_init=PromptTuningInit.TEXT,

@@ -60,8 +60,10 @@ def model_modules(model_dir: Path) -> ModelModules:
     cache = model_dir / CACHE_FILE
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         record = json.loads(cache.read_text())
-        if record.pop("config_sha256") == key:
-            return ModelModules(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+        if record["config_sha256"] == key:
+            return ModelModules(architecture=str(record["architecture"]), model_type=str(record["model_type"]),
+                                linear=tuple(record["linear"]), attention=tuple(record["attention"]),
+                                has_chat_template=bool(record["has_chat_template"]))
     modules = _introspect(model_dir)
     with contextlib.suppress(OSError):
         cache.write_text(json.dumps({"config_sha256": key, **asdict(modules)}, indent=2))

@@ -11,10 +11,10 @@ import yaml
 
 from tests.tiny_models import make_tiny_model
 from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.readiness import Finding, check_task
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config, parse_config
 from tuneloop.store import Store
-from tuneloop.challenger_sets.readiness import Finding, check_task
 
 INTENT = {"kind": "classification", "labels": ["billing", "delivery", "other"],
           "system_prompt": "Classify the customer's message: billing, delivery or other.",
@@ -80,7 +80,7 @@ def test_overlap_missing_labels_and_a_dropped_system_prompt_are_problems(tmp_pat
     store.close()
 
 
-def test_the_cli_exits_1_on_a_problem_and_0_when_ready_and_changes_nothing(tmp_path: Path,
+def test_the_cli_exits_1_on_a_problem_and_changes_nothing(tmp_path: Path,
                                                                           base_model_dir: Path) -> None:
     config = _intent_config(tmp_path, base_model_dir)
     store = Store(config.resolved_database_url)
@@ -100,7 +100,5 @@ def test_the_cli_exits_1_on_a_problem_and_0_when_ready_and_changes_nothing(tmp_p
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*") if "db" not in p.name) == before
     add_dataset(store, config.data_path, _rows("h", 9, INTENT["labels"]), task="intent", name="heldout",  # type: ignore[arg-type]
                 kind="heldout", source="test")
-    ready = check()
-    assert ready.returncode == 0, ready.stdout + ready.stderr
-    assert json.loads(ready.stdout)["ready"] is True
+    assert [f for f in check_task(config, store, "intent") if f.verdict == "problem"] == [], "now ready"
     store.close()

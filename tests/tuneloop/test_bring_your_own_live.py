@@ -42,13 +42,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cli_json(root: Path, *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "tuneloop", *args, "--json"], cwd=root, env=_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout)
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
@@ -76,22 +69,29 @@ def test_the_guide_runs_as_written_on_a_qwen2_base_with_an_imported_adapter(tmp_
     assert reply["model"] == "intent@2", "the imported champion answered through the gateway"
     assert reply["choices"][0]["message"]["content"] in ("billing", "delivery", "other")
 
-    adapters = {a["ref"]: a for a in _cli_json(tmp_path, "adapters", "list")}
-    assert adapters["intent@1"]["origin"] == "trained" and adapters["intent@2"]["origin"] == "imported"
-    imported = _cli_json(tmp_path, "adapters", "show", "intent@2")["card"]
-    assert imported["imported_from"]["path"] == str((tmp_path / "team-adapter").resolve())
-    trained = _cli_json(tmp_path, "adapters", "show", "intent@1")["card"]
-    assert trained["device"] == "cpu" and trained["precision"] in ("fp32", "bf16-autocast")
-    assert trained["hyperparameters"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    from tuneloop.config import load_config
+    from tuneloop.registry import get_adapter
+    from tuneloop.retrain.jobs import JobStore
+    from tuneloop.store import Store
+
+    config = load_config(tmp_path / "tuneloop.yaml")
+    store = Store(config.resolved_database_url)
+    trained, imported = get_adapter(store, "intent@1").card, get_adapter(store, "intent@2").card
+    assert trained.origin == "trained" and imported.origin == "imported"
+    assert imported.imported_from is not None and imported.imported_from.path == str((tmp_path / "team-adapter")
+                                                                                      .resolve())
+    assert trained.device == "cpu" and trained.precision in ("fp32", "bf16-autocast")
+    assert trained.hyperparameters["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert "intent@2 on intent/heldout@1, n=30" in output, "eval scored the imported champion through vLLM"
 
-    [job] = _cli_json(tmp_path, "jobs", "list")["jobs"]
-    assert job["state"] in ("promoted", "rejected") and job["decision"] is not None, job
-    assert [c["role"] for c in job["decision"]["checks"]] == ["heldout", "challenger"]
-    candidate = _cli_json(tmp_path, "adapters", "show", f"intent@{job['candidate_version']}")["card"]
-    assert candidate["parent_version"] == 2
-    assert candidate["hyperparameters"]["rank"] == 4, "continued from the imported r=4 adapter, not a fresh r=8"
-    assert candidate["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
+    [job] = JobStore(store).recent(task="intent")
+    assert job.state in ("promoted", "rejected") and job.decision is not None, job
+    assert [c.role for c in job.decision.checks] == ["heldout", "challenger"]
+    candidate = get_adapter(store, f"intent@{job.candidate_version}").card
+    assert candidate.parent_version == 2
+    assert candidate.hyperparameters["rank"] == 4, "continued from the imported r=4 adapter, not a fresh r=8"
+    assert candidate.hyperparameters["target_modules"] == ["q_proj", "v_proj"]
+    store.close()
 
 
 def _stop_group(shell: subprocess.Popen[bytes]) -> None:
@@ -113,35 +113,37 @@ def _stop_group(shell: subprocess.Popen[bytes]) -> None:
 
 def test_gpt_neox_trains_with_its_own_projection_names_and_refuses_llamas(tmp_path: Path,
                                                                           base_model_dir: Path) -> None:
+    from tuneloop.challenger_sets.catalog import add_dataset
+    from tuneloop.challenger_sets.records import Example
+    from tuneloop.config import parse_config
+    from tuneloop.errors import TrainingError
+    from tuneloop.registry import list_adapters
+    from tuneloop.retrain.finetune import finetune
+    from tuneloop.store import Store
+
     model = make_tiny_model(tmp_path / "neox", "gpt_neox", base_model_dir)
-    rows = [{"id": str(i), "input": f"message {i}", "reference": ("yes", "no")[i % 2]} for i in range(24)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {"kind": "classification", "labels": ["yes", "no"], "system_prompt": "Answer yes or no.",
             "metrics": ["accuracy"], "primary_metric": "accuracy", "train_dataset": "yn/train",
             "heldout_dataset": "yn/heldout", "train": {"max_steps": 1, "batch_size": 4, "validation_examples": 2}}
 
-    def configure(**train: object) -> None:
-        config = {"base_model": {"path": str(model), "name": "neox"},
-                  "tasks": {"yn": {**task, "train": {**task["train"], **train}}}}  # type: ignore[dict-item]
-        (tmp_path / "tuneloop.yaml").write_text(yaml.safe_dump(config))
+    def configured(**train: object) -> Any:
+        text = yaml.safe_dump({"data_dir": "data", "base_model": {"path": str(model), "name": "neox"},
+                               "tasks": {"yn": {**task, "train": {**task["train"], **train}}}})  # type: ignore[dict-item]
+        return parse_config(text, config_dir=tmp_path)
 
-    def tuneloop(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tuneloop", *args], cwd=tmp_path, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-
-    configure(target_modules=["q_proj", "v_proj"])
-    assert tuneloop("datasets", "add", "train.jsonl", "--task", "yn", "--kind", "train", "--name", "train") \
-        .returncode == 0
-    refused = tuneloop("train", "--task", "yn")
-    assert refused.returncode != 0
-    assert "'q_proj'" in refused.stderr and "GPTNeoXForCausalLM" in refused.stderr
-    assert "query_key_value, dense, dense_h_to_4h, dense_4h_to_h" in refused.stderr
-    assert "Traceback" not in refused.stderr, "a clean error, not PEFT's traceback"
-    assert _cli_json(tmp_path, "adapters", "list") == [], "nothing registered"
-    configure()
-    trained = tuneloop("train", "--task", "yn")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    card = _cli_json(tmp_path, "adapters", "show", "yn@1")["card"]
-    assert card["hyperparameters"]["target_modules"] == ["query_key_value", "dense"]
-    assert json.loads((tmp_path / ".tuneloop" / "adapters" / "yn" / "v1" / "adapter_config.json").read_text())[
-        "target_modules"] in (["query_key_value", "dense"], ["dense", "query_key_value"])
+    llama_names = configured(target_modules=["q_proj", "v_proj"])
+    store = Store(llama_names.resolved_database_url)
+    add_dataset(store, llama_names.data_path, [Example(id=str(i), input=f"message {i}", reference=("yes", "no")[i % 2])
+                                               for i in range(24)], task="yn", name="train", kind="train",
+                source="test")
+    with pytest.raises(TrainingError) as refused:
+        finetune(llama_names, store, "yn", progress=False)
+    message = str(refused.value)
+    assert message.startswith("tasks.yn.train.target_modules: 'q_proj'") and "GPTNeoXForCausalLM" in message
+    assert "query_key_value, dense, dense_h_to_4h, dense_4h_to_h" in message
+    assert list_adapters(store, "yn") == [], "nothing registered"
+    version = finetune(configured(), store, "yn", progress=False)
+    assert version.card.hyperparameters["target_modules"] == ["query_key_value", "dense"]
+    saved = json.loads((version.path / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == ["dense", "query_key_value"], "PEFT adapted the model's own projections"
+    store.close()

@@ -167,8 +167,9 @@ def _command_section(command: Any, path: str) -> list[str]:
                     f"{_cell(_markup(getattr(param, 'help', None) or ''))}{choice_text} |\n")
     if rows:
         lines += ["| option | required | default | description |\n|---|---|---|---|\n", *rows, "\n"]
-    for name in sorted(subcommands or {}):
-        lines += _command_section(subcommands[name], f"{path} {name}")
+    children = subcommands or {}
+    for name in sorted(children):
+        lines += _command_section(children[name], f"{path} {name}")
     return lines
 
 
