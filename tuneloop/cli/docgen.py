@@ -158,9 +158,7 @@ def _command_section(command: Any, path: str) -> list[str]:
             names = f"`{param.name.upper()}`"
         shown_default = param.default not in (None, False, (), []) and not param.required
         default = f"`{getattr(param.default, 'value', param.default)}`" if shown_default else ""
-        annotation = param.type_descriptor.annotation
-        choices = [m.value for m in annotation] if isinstance(annotation, type) and issubclass(annotation, Enum) \
-            else None
+        choices = _choices(param.type_descriptor.annotation)
         listed = ", ".join(f"`{getattr(c, 'value', c)}`" for c in choices or ())
         choice_text = f" One of {listed}." if choices else ""
         rows.append(f"| {names} | {'yes' if param.required else ''} | {default} | "
@@ -171,6 +169,18 @@ def _command_section(command: Any, path: str) -> list[str]:
     for name in sorted(children):
         lines += _command_section(children[name], f"{path} {name}")
     return lines
+
+
+def _choices(annotation: Any) -> list[Any] | None:
+    """The values an option accepts when its type is an Enum or a Literal (also inside `X | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return [m.value for m in annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    for arg in typing.get_args(annotation):
+        if arg is not type(None) and (found := _choices(arg)) is not None:
+            return found
+    return None
 
 
 def _markup(text: str) -> str:
