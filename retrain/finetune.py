@@ -27,13 +27,14 @@ from tuneloop.retrain.trainer import FitResult, fit
 from tuneloop.store import Store
 
 
-def resolve_recipe(config: Config, task: str, *, base_path: Path, method: TrainMethod | None = None,
+def resolve_recipe(config: Config, task: str, *, method: TrainMethod | None = None,
                    overrides: dict[str, Any] | None = None, init_from: AdapterVersion | None = None) -> TrainConfig:
-    """The task's TrainConfig with CLI overrides applied, checked against serving limits and the base model.
+    """The task's TrainConfig with CLI overrides applied and checked against serving limits, before anything
+    heavy happens (a bad --learning-rate is refused before the base model is converted or loaded).
 
-    The LoRA targets are resolved against `base_path` (null = its attention projections) so the card records
-    the names trained. Continuing from a version (`init_from`) keeps that adapter's own rank, alpha and targets:
-    PEFT loads its shapes from its adapter_config.json, whatever the task's recipe says."""
+    Continuing from a version (`init_from`) keeps that adapter's own rank, alpha and targets: PEFT loads its
+    shapes from its adapter_config.json, whatever the task's recipe says. The targets are resolved against the
+    base model by `with_targets`."""
     recipe = config.task(task).train
     updates: dict[str, Any] = dict(overrides or {})
     if method:
@@ -50,10 +51,16 @@ def resolve_recipe(config: Config, task: str, *, base_path: Path, method: TrainM
     if recipe.method == "lora" and recipe.rank > config.serving.max_lora_rank:
         raise TrainingError(f"LoRA rank {recipe.rank} exceeds serving.max_lora_rank "
                             f"{config.serving.max_lora_rank}; vLLM could not serve the adapter")
-    if recipe.method == "lora":
-        targets = resolve_targets(base_path, recipe.target_modules, where=f"tasks.{task}.train.target_modules")
-        recipe = recipe.model_copy(update={"target_modules": targets})
     return recipe
+
+
+def with_targets(recipe: TrainConfig, task: str, base_path: Path) -> TrainConfig:
+    """The recipe with its LoRA targets checked against the model (null = its attention projections), so the
+    card records the names trained."""
+    if recipe.method != "lora":
+        return recipe
+    targets = resolve_targets(base_path, recipe.target_modules, where=f"tasks.{task}.train.target_modules")
+    return recipe.model_copy(update={"target_modules": targets})
 
 
 def split_validation(examples: list[Example], size: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -80,9 +87,9 @@ def finetune(config: Config, store: Store, task: str, *, method: TrainMethod | N
     task_config = config.task(task)
     if max_steps is not None and max_steps < 1:
         raise TrainingError(f"--max-steps must be at least 1, got {max_steps}")
+    recipe = resolve_recipe(config, task, method=method, overrides=overrides, init_from=init_from)
     base = ensure_base_model(config)
-    recipe = resolve_recipe(config, task, base_path=base.path, method=method, overrides=overrides,
-                            init_from=init_from)
+    recipe = with_targets(recipe, task, base.path)
     train_set = get_dataset(store, dataset or task_config.train_dataset, task=task)
     examples = train_set.load()
     train_examples, val_examples = split_validation(examples, recipe.validation_examples, recipe.seed)
