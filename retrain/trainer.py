@@ -23,7 +23,7 @@ from tuneloop.errors import TrainingError
 from tuneloop.hardware import Placement, torch_placement
 from tuneloop.modelinfo import resolve_targets
 from tuneloop.registry import CurvePoint
-from tuneloop.retrain.batching import EncodedExample, collate, encode_example, length_grouped_batches
+from tuneloop.retrain.batching import EncodedExample, collate, encode_examples, length_grouped_batches
 
 
 @dataclass
@@ -144,9 +144,9 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
     set_seed(train.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in train_examples]
+    encoded = encode_examples(tokenizer, train_examples, system_prompt, train.max_seq_len)
     truncated = sum(1 for e in encoded if e.length >= train.max_seq_len)
-    val_encoded = [encode_example(tokenizer, e, system_prompt, train.max_seq_len) for e in val_examples]
+    val_encoded = encode_examples(tokenizer, val_examples, system_prompt, train.max_seq_len)
     where = placement(train)
     model = load_model_for_method(base_path, train, system_prompt, init_adapter).to(where.device)
     model.train()

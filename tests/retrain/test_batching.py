@@ -51,3 +51,37 @@ def test_loss_is_only_on_the_assistant_reply(base_model_dir: Path) -> None:
     short = encode_example(tokenizer, example, "Be brief.", max_len=24)
     assert short.length <= 24 and any(label != IGNORE_INDEX for label in short.labels)
 
+
+
+def _one_call_per_example(tokenizer: object, example: Example, system_prompt: str) -> tuple[list[int], list[int]]:
+    """The prompt and full ids as `apply_chat_template(tokenize=True)` makes them, one conversation at a time:
+    what the batched path must reproduce."""
+    from tuneloop.retrain.batching import _as_ids
+
+    messages = example.chat_messages(system_prompt)
+    prompt = _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))  # type: ignore[attr-defined]
+    full = _as_ids(tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        [*messages, {"role": "assistant", "content": example.reference}], tokenize=True))
+    return prompt, full
+
+
+@pytest.mark.integration
+def test_batched_encoding_gives_the_ids_one_template_call_per_example_gives(base_model_dir: Path,
+                                                                          embedded_sets: dict[str, list]) -> None:
+    from transformers import AutoTokenizer
+
+    from tuneloop.retrain.batching import encode_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    rng = random.Random(0)
+    train = {task: next(b.examples for b in built if b.name == "train") for task, built in embedded_sets.items()}
+    sample = rng.sample(train["sentiment"], 300) + rng.sample(train["chat"], 100)
+    batched = encode_examples(tokenizer, sample, "Be brief.", max_len=64)
+    for example, encoded in zip(sample, batched, strict=True):
+        prompt, full = _one_call_per_example(tokenizer, example, "Be brief.")
+        if len(full) <= 64 and full[: len(prompt)] == prompt:
+            reply = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+            assert encoded.input_ids[: len(prompt)] == prompt, example.id
+            assert full[len(prompt):][: len(reply)] == reply, example.id
+        assert encoded == encode_example(tokenizer, example, "Be brief.", max_len=64), example.id
+    assert any(e.length == 64 for e in batched), "the sample includes truncated chat examples"
