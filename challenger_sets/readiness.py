@@ -14,6 +14,7 @@ from typing import Literal
 from tuneloop.basemodel import ensure_base_model
 from tuneloop.challenger_sets.catalog import DatasetVersion, get_dataset
 from tuneloop.challenger_sets.leakage import input_keys, overlapping
+from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config
 from tuneloop.errors import BaseModelError, DatasetNotFound, TrainingError
 from tuneloop.modelinfo import model_modules, resolve_targets
@@ -49,19 +50,20 @@ def check_task(config: Config, store: Store, name: str) -> list[Finding]:
         findings.append(Finding(f"{role} set", "ok" if kind_ok else "problem",
                                 f"{version.manifest.ref}: {version.manifest.rows} rows"
                                 + ("" if kind_ok else f", but registered as a {version.manifest.kind} set")))
+    loaded = {key: version.load() for key, version in sets.items()}  # each file read once for every check below
     train = sets.get("train")
     if train is not None:
-        train_keys = input_keys(train.load())
-        for version in sets.values():
+        train_keys = input_keys(loaded["train"])
+        for key, version in sets.items():
             if version is train:
                 continue
-            leaked = overlapping(version.load(), train_keys)
+            leaked = overlapping(loaded[key], train_keys)
             findings.append(Finding(f"{version.manifest.name} vs training", "problem" if leaked else "ok",
                                     f"{len(leaked)} of {version.manifest.rows} inputs also in {train.manifest.ref}"
                                     + (f" (e.g. {leaked[0].last_user_text()[:60]!r}): scores on it would overstate "
                                        "quality" if leaked else "")))
     if task.kind == "classification":
-        findings += _label_findings(task.labels, sets)
+        findings += _label_findings(task.labels, sets, loaded)
     findings += _model_findings(config, name)
     champion = find_alias(store, name, "champion")
     findings.append(Finding("champion", "ok" if champion else "note",
@@ -71,10 +73,11 @@ def check_task(config: Config, store: Store, name: str) -> list[Finding]:
     return findings
 
 
-def _label_findings(labels: list[str], sets: dict[str, DatasetVersion]) -> list[Finding]:
+def _label_findings(labels: list[str], sets: dict[str, DatasetVersion],
+                    loaded: dict[str, list[Example]]) -> list[Finding]:
     findings = []
     for role, version in sets.items():
-        seen = {e.reference for e in version.load()}
+        seen = {e.reference for e in loaded[role]}
         unknown = sorted(seen - set(labels))
         missing = [label for label in labels if label not in seen]
         if unknown:

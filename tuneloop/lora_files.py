@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import AdapterError
+from tuneloop.modelinfo import linear_layers, meta_model
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -100,9 +101,10 @@ def load_weights(path: Path) -> dict[str, Any]:
     return dict(loaded)
 
 
-def lora_shape(folder: Path, tensors: dict[str, Any] | None = None) -> LoraShape:
+def lora_shape(folder: Path, tensors: dict[str, Any] | None = None,
+               config: dict[str, Any] | None = None) -> LoraShape:
     """Rank, alpha and targets of a LoRA folder, targets read from its weights (the truth PEFT loads)."""
-    config = read_lora_config(folder)
+    config = read_lora_config(folder) if config is None else config
     tensors = load_weights(weights_file(folder)) if tensors is None else tensors
     targets = _targets(tensors, folder)
     return LoraShape(rank=int(config["r"]), alpha=float(config.get("lora_alpha", 8)),
@@ -112,9 +114,9 @@ def lora_shape(folder: Path, tensors: dict[str, Any] | None = None) -> LoraShape
 
 def check_fits_base(folder: Path, base_path: Path) -> LoraShape:
     """Every LoRA tensor in `folder` names a linear module of the base model and fits its shape."""
-    read_lora_config(folder)  # the folder and its config first: their errors say more than the weights'
+    config = read_lora_config(folder)  # the folder and its config first: their errors say more than the weights'
     tensors = load_weights(weights_file(folder))
-    shape = lora_shape(folder, tensors)
+    shape = lora_shape(folder, tensors, config)
     linear = base_linear_shapes(base_path)
     for key, tensor in tensors.items():
         module, part = _split_key(key, folder)
@@ -131,19 +133,7 @@ def check_fits_base(folder: Path, base_path: Path) -> LoraShape:
 
 def base_linear_shapes(base_path: Path) -> dict[str, tuple[int, int]]:
     """Module path -> (in_features, out_features) of every linear layer of the base model, built on meta."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
-    out: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            out[name] = (module.in_features, module.out_features)
-        elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
-            weight = module.weight
-            out[name] = (int(weight.shape[0]), int(weight.shape[1]))
-    return out
+    return linear_layers(meta_model(base_path))
 
 
 def _targets(tensors: dict[str, Any], folder: Path) -> list[str]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneloop.errors import BaseModelError, TrainingError
 
@@ -92,35 +93,47 @@ def has_chat_template(model_dir: Path) -> bool:
     return bool(tokenizer_config.get("chat_template"))
 
 
-def _introspect(model_dir: Path) -> ModelModules:
+def meta_model(model_dir: Path) -> Any:
+    """The causal LM of `model_dir` built on the meta device: its module tree and shapes, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # arbitrary modelling code runs here; any failure means the folder is unusable
         raise BaseModelError(f"{model_dir}: transformers cannot build a causal LM from its config.json "
                              f"({exc})") from None
+
+
+def linear_layers(model: Any) -> dict[str, tuple[int, int]]:
+    """Module path -> (in_features, out_features) of every projection LoRA can adapt: nn.Linear, and GPT-2's
+    Conv1D (a transposed linear layer, weight (in, out)); the vocabulary head is not one."""
+    import torch
+
     output = model.get_output_embeddings()
+    found: dict[str, tuple[int, int]] = {}
+    for path, module in model.named_modules():
+        if module is output:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            found[path] = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D":
+            found[path] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+    return found
+
+
+def _introspect(model_dir: Path) -> ModelModules:
+    model = meta_model(model_dir)
     linear: list[str] = []
     attention: list[str] = []
-    for path, module in model.named_modules():
-        if module is output or not _is_projection(module):
-            continue
+    for path in linear_layers(model):
         *parents, leaf = path.split(".")
         if leaf not in linear:
             linear.append(leaf)
         if parents and parents[-1] in ATTENTION_PARENTS and leaf not in attention:
             attention.append(leaf)
-    architecture = (config.architectures or [type(model).__name__])[0]
-    return ModelModules(architecture=architecture, model_type=str(config.model_type), linear=tuple(linear),
+    architecture = (model.config.architectures or [type(model).__name__])[0]
+    return ModelModules(architecture=architecture, model_type=str(model.config.model_type), linear=tuple(linear),
                         attention=tuple(attention), has_chat_template=has_chat_template(model_dir))
-
-
-def _is_projection(module: object) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (a transposed linear layer PEFT also adapts)."""
-    import torch
-
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
