@@ -19,7 +19,7 @@ from bench.results import REPO, describe, load_results
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.DOTALL)
 CELL = re.compile(r"(<!-- cell:(?P<name>[a-z_]+)/(?P<table>[^/]+)/(?P<row>\d+)/(?P<column>[^>]+?) -->)"
                   r"(?P<body>.*?)(<!-- /cell -->)")
-FILES = ("README.md", "docs/benchmarks.md")
+FILES = ("README.md", "docs/benchmarks.md", "docs/architecture.md")
 
 
 class UnknownCell(LookupError):
@@ -77,3 +77,65 @@ def main(check: bool = False) -> int:
         print(f"{', '.join(stale)}: benchmark numbers differ from bench/results/*.json; run `python -m bench report`")
         return 1
     return 0
+
+
+# A number that reads as a measurement: it has a decimal point, or a unit of time, rate or ratio follows it.
+MEASURED = re.compile(r"(?<![\w.\-/#@])(?<!Python )(?P<number>[+\-−]?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?!\.\d)"
+                      r"(?P<unit>\s?(?:ms|µs|s|x|×|minutes?|tok/s|req/s|requests/s|prompts/s|%)(?![\w/]))?")
+UNQUOTED = (re.compile(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", re.DOTALL),
+            re.compile(r"<!-- cell:.*?<!-- /cell -->", re.DOTALL),
+            re.compile(r"```.*?```", re.DOTALL), re.compile(r"`[^`\n]*`"), re.compile(r"\]\([^)]*\)"))
+PROSE_FILES = ("README.md", "docs")
+
+
+def _value(token: str) -> float | None:
+    try:
+        return float(token.replace("−", "-").replace(",", "").lstrip("+-"))
+    except ValueError:
+        return None
+
+
+def _decimals(token: str) -> int:
+    digits = token.split("e")[0]
+    return len(digits.split(".")[1]) if "." in digits else 0
+
+
+def committed_numbers(names: list[str] | None = None, results: Path | None = None) -> list[float]:
+    """Every number in the committed results files of `names` (all of them when None; tables, notes, provenance)
+    and in the one-off experiments' logs."""
+    root = results or REPO / "bench" / "results"
+    files = root.glob("*.json") if names is None else (root / f"{name}.json" for name in names)
+    values: set[float] = set()
+    for path in [*(f for f in files if f.exists()), *(root / "experiments").glob("*.log")]:
+        for token in re.findall(r"\d[\d,]*(?:\.\d+)?(?:e-?\d+)?", path.read_text()):
+            value = _value(token)
+            if value is not None:
+                values.add(value)
+    return sorted(values)
+
+
+def untraced_numbers(text: str, committed: list[float]) -> list[tuple[int, str]]:
+    """(line, number) for each measurement-looking number in prose that no results file holds, exactly or rounded
+    to the decimals the prose shows. Generated blocks, cells, code and link targets are not prose."""
+    for pattern in UNQUOTED:
+        text = pattern.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    found = []
+    for number, line in ((m, text.count("\n", 0, m.start()) + 1) for m in MEASURED.finditer(text)):
+        token = number.group("number")
+        if "." not in token and not number.group("unit"):
+            continue
+        value, decimals = _value(token), _decimals(token)
+        if value is None or any(abs(round(c, decimals) - value) < 1e-9 or abs(c - value) < 1e-9 for c in committed):
+            continue
+        found.append((line, token + (number.group("unit") or "")))
+    return found
+
+
+def sections(text: str) -> list[tuple[int, str, list[str]]]:
+    """(first line, text, cited result names) for each `## ` section: a section's numbers must come from the results
+    of the benches it names (`bench NAME`), so a number cannot pass by matching some unrelated file."""
+    found, line = [], 1
+    for part in re.split(r"(?m)^(?=## )", text):
+        found.append((line, part, sorted(set(re.findall(r"`bench (\w+)`", part)))))
+        line += part.count("\n")
+    return found

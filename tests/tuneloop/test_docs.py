@@ -83,3 +83,32 @@ def test_no_help_text_loses_a_bracketed_word_to_rich_markup() -> None:
         return bad
 
     assert walk(typer.main.get_command(app), "tuneloop") == []
+
+
+def _untraced(page: Path) -> list[str]:
+    from bench.report import committed_numbers, sections, untraced_numbers
+
+    text = page.read_text()
+    if page.name == "benchmarks.md":  # each section's numbers come from the benches it names, nothing else
+        found = [(start + line - 1, number) for start, part, names in sections(text)
+                 for line, number in untraced_numbers(part, committed_numbers(names))]
+    else:
+        found = untraced_numbers(text, committed_numbers())
+    return [f"{page.relative_to(REPO)}:{line}: {number}" for line, number in found]
+
+
+def test_every_measured_number_in_prose_comes_from_a_committed_results_file() -> None:
+    pages = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+    untraced = [entry for page in pages for entry in _untraced(page)]
+    assert untraced == [], "numbers no bench/results file holds (quote a cell or remove them):\n" + "\n".join(untraced)
+
+
+def test_the_number_check_catches_an_invented_measurement_and_passes_a_quoted_one() -> None:
+    from bench.report import sections, untraced_numbers
+
+    committed = [0.664, 636.0, 1.63]
+    text = ("Zero-shot reaches 0.664, the loop took 636 s, 1.6x as fast; status 409 and 3 seeds are not measurements.\n"
+            "Then it took 12.5 s and 7 % more, <!-- cell:x/y/0/z -->99.9<!-- /cell --> and `0.123` in code.\n")
+    assert untraced_numbers(text, committed) == [(2, "12.5 s"), (2, "7 %")]
+    assert [names for _, _, names in sections("## A (`bench eval`)\ntext\n## B\nsee `bench lora`\n")] == \
+        [[], ["eval"], ["lora"]]
