@@ -20,6 +20,7 @@ from tuneloop.challenger_sets.records import Example
 from tuneloop.config import EvaluationConfig, TaskConfig
 from tuneloop.errors import EngineUnavailable, ModelNotFound
 from tuneloop.evaluators.targets import EvalTarget
+from tuneloop.parsing import is_decimal
 from tuneloop.serving.constraints import constrain_to_labels
 from tuneloop.serving.protocol import EVAL_PURPOSE_HEADER, KEEPALIVE_EXPIRY_S
 
@@ -103,7 +104,7 @@ class EndpointClient:
 
 def retry_delay(response: httpx.Response, attempt: int) -> float:
     header = str(response.headers.get("retry-after", ""))
-    if header.replace(".", "", 1).isdigit():
+    if is_decimal(header):
         return min(MAX_BACKOFF_S, float(header))
     return min(MAX_BACKOFF_S, 0.5 * 2.0 ** attempt)
 

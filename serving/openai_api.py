@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tuneloop.serving.constraints import constrain_to_labels
+from tuneloop.serving.limits import check_limits
 from tuneloop.serving.protocol import (
     EVAL_PURPOSE_HEADER,
     ChatRequest,
@@ -35,6 +36,7 @@ async def chat_completions(request: Request) -> Response:
     ctx = context(request)
     body = await read_json_body(request)
     parsed = validate_body(ChatRequest, body)
+    check_limits("chat", body, ctx.config.serving.limits)
     route = ctx.router.resolve(parsed.model)
     messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
     if route.task:
@@ -53,6 +55,7 @@ async def completions(request: Request) -> Response:
     ctx = context(request)
     body = await read_json_body(request)
     parsed = validate_body(CompletionRequest, body)
+    check_limits("completion", body, ctx.config.serving.limits)
     route = ctx.router.resolve(parsed.model)
     if route.task:
         constrain_to_labels(body, ctx.config.tasks[route.task])

@@ -28,8 +28,10 @@ from tuneloop.errors import (
     TuneloopError,
     UnknownRequest,
 )
+from tuneloop.parsing import is_integer
 
 MAX_BODY_BYTES = 2_000_000
+MAX_JSON_DEPTH = 32  # an OpenAI body with tools and JSON schemas is a dozen levels deep at most
 EVAL_PURPOSE_HEADER = "X-Tuneloop-Purpose"  # "eval": counted, never captured as user traffic
 RETRY_AFTER_S = "5"
 # Idle pooled connections are dropped after this, safely before the server's own keep-alive timeout (uvicorn's, so
@@ -138,7 +140,7 @@ Model = TypeVar("Model", bound=BaseModel)
 async def read_json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, refusing bodies over MAX_BODY_BYTES before reading them when they say so."""
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length and is_integer(length) and int(length) > MAX_BODY_BYTES:
         raise RequestTooLarge(f"request body is {int(length):,} bytes, over the {MAX_BODY_BYTES:,}-byte limit")
     raw = b""
     async for chunk in request.stream():
@@ -146,15 +148,45 @@ async def read_json_body(request: Request) -> dict[str, Any]:
         if len(raw) > MAX_BODY_BYTES:
             raise RequestTooLarge(f"request body is over the {MAX_BODY_BYTES:,}-byte limit")
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise DatasetError(f"request body is not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") \
             from None
+    except RecursionError:
+        raise DatasetError(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise DatasetError(f"request body must be a JSON object, got {type(body).__name__}")
+    check_json_values(body)
     return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise DatasetError(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def check_json_values(body: Any) -> None:
+    """Refuse what JSON parsing lets through but nothing downstream can use: nesting deeper than MAX_JSON_DEPTH
+    (every later walk of the body recurses) and strings holding a lone UTF-16 surrogate (`"\\ud800"`), which no
+    UTF-8 encoder, so neither the database nor vLLM, accepts. Iterative, so the check itself cannot overflow."""
+    pending: list[tuple[Any, str, int]] = [(body, "body", 1)]
+    while pending:
+        value, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise DatasetError(f"request body is nested deeper than {MAX_JSON_DEPTH} levels (at {where})")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DatasetError(f"request body holds a lone surrogate escape at {where} (character "
+                                   f"{exc.start}): not text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((key, f"{where} key", depth + 1))
+                pending.append((item, f"{where}.{key}", depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, f"{where}.{i}", depth + 1) for i, item in enumerate(value))
 
 
 def validate_body(model: type[Model], body: dict[str, Any]) -> Model:

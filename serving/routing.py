@@ -15,6 +15,7 @@ from typing import Literal
 
 from tuneloop.config import Config
 from tuneloop.errors import ModelNotFound
+from tuneloop.parsing import is_integer
 from tuneloop.registry import find_alias
 from tuneloop.store import Store
 
@@ -71,7 +72,7 @@ class Router:
             champion = self.champions.get(task)
             candidate = self.candidates.get(task)
         if version:
-            if not version.isdigit():
+            if not is_integer(version):
                 raise ModelNotFound(f"The model '{model}' does not exist: write task@N.")
             name = f"{task}@{int(version)}"
             if name not in self.loaded():

@@ -124,8 +124,10 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
     registry = CollectorRegistry()
     router = Router(config, store, lambda: set(engine.client.loaded), seed=seed)
     router.refresh()
-    capture = CaptureWriter(store, config.data_path / "spill", max_queue=config.serving.capture_queue_size)
     redactor = Redactor(config.serving.redact)
+    capture = CaptureWriter(store, config.data_path / "spill", redactor=redactor,
+                            max_queue=config.serving.capture_queue_size,
+                            max_queue_bytes=config.serving.capture_queue_mib * 2**20)
     swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
                          grace_s=config.serving.unload_grace_s)
     registry.register(ServingStateCollector(engine, capture, redactor))

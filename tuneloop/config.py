@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.errors import ConfigError
+from tuneloop.parsing import is_decimal
 
 CONFIG_FILENAME = "tuneloop.yaml"
 CONFIG_ENV = "TUNELOOP_CONFIG"
@@ -115,7 +116,7 @@ def parse_interval(text: str) -> float:
     """'30s', '15m', '6h', '1d' -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     value, unit = text[:-1], text[-1:]
-    if unit not in units or not value.replace(".", "", 1).isdigit() or float(value) <= 0:
+    if unit not in units or not is_decimal(value) or float(value) <= 0:
         raise ValueError(f"'{text}' is not an interval like 30s, 15m, 6h or 1d")
     return float(value) * units[unit]
 
@@ -267,8 +268,25 @@ class TaskConfig(StrictModel):
         return self
 
 
+class RequestLimits(StrictModel):
+    """What one request may ask of the engine. A request over a limit is refused (400) naming the field and the
+    limit; nothing is lowered to fit. The defaults are generous for chat and classification and bound what one
+    unauthenticated request can cost."""
+
+    max_messages: int = Field(default=128, ge=1, le=10_000, description="Messages in one chat request.")
+    max_prompt_chars: int = Field(default=100_000, ge=1, le=2_000_000, description="Characters of text in one "
+                                  "request's messages or prompts together (the body itself is capped at 2 MB).")
+    max_prompts: int = Field(default=16, ge=1, le=1024, description="Prompts in one completions request's list.")
+    max_n: int = Field(default=4, ge=1, le=128, description="Choices (`n`, and `best_of`) one request may ask for.")
+    max_tokens: int = Field(default=4096, ge=1, description="Largest `max_tokens` / `max_completion_tokens`.")
+    max_stop: int = Field(default=4, ge=0, le=64, description="Stop sequences in one request.")
+    max_logprobs: int = Field(default=20, ge=0, le=100, description="Largest `logprobs` / `top_logprobs`.")
+
+
 class ServingConfig(StrictModel):
     """Addresses and engine limits of the gateway and vLLM."""
+
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request caps the gateway enforces.")
 
     gateway_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
     gateway_port: int = Field(default=8400, ge=1, le=65535, description="Gateway port (/v1/*, /healthz, /metrics).")
@@ -296,6 +314,9 @@ class ServingConfig(StrictModel):
     request_timeout_s: float = Field(default=300, gt=0, description="Gateway timeout for one vLLM request.")
     capture_queue_size: int = Field(default=10_000, ge=1, description="Captured requests buffered in memory "
                                     "before they spill to disk.")
+    capture_queue_mib: int = Field(default=64, ge=1, le=4096, description="Text held by the capture queue, in MiB "
+                                   "(about a million characters each), before records spill to disk: with the "
+                                   "record count, what a SIGKILL of the gateway can lose at most.")
     redact: list[PiiKind] = Field(
         default_factory=lambda: list(PII_KINDS),
         description="PII kinds redacted before traffic is stored.")

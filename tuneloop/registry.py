@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from tuneloop.checksums import weights_sha256
 from tuneloop.errors import AdapterError, StoreError
 from tuneloop.events import record_event
+from tuneloop.parsing import is_integer
 from tuneloop.store import Store
 from tuneloop.tables import AdapterVersionRow, AliasRow, utcnow
 
@@ -185,7 +186,7 @@ def get_adapter(store: Store, ref: str) -> AdapterVersion:
     """Resolve `task@N` or `task@alias` to a registered version."""
     task, version = parse_ref(ref)
     with store.session() as session:
-        if version.isdigit():
+        if is_integer(version):
             row = session.scalars(select(AdapterVersionRow).where(
                 AdapterVersionRow.task == task, AdapterVersionRow.version == int(version))).first()
         elif version in ALIASES:

@@ -75,7 +75,15 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A database that stops answering (stopped, black-holed, partitioned) must fail a write within seconds, not
+    # after the kernel's TCP timeouts: the capture writer spills on failure, and it can only do so once it fails.
+    connect_args = POSTGRES_TIMEOUTS if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+# libpq parameters: give up connecting after 5 s, and on a connection whose sent data goes unacknowledged for 10 s.
+POSTGRES_TIMEOUTS = {"connect_timeout": 5, "tcp_user_timeout": 10_000, "keepalives": 1, "keepalives_idle": 10,
+                     "keepalives_interval": 5, "keepalives_count": 2}
 
 
 def alembic_config() -> AlembicConfig:

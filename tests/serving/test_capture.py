@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
+from sqlalchemy.exc import OperationalError
 
-from tuneloop.serving.capture import CaptureWriter, TrafficRecord, spilled_records
+from tuneloop.redact import Redactor
+from tuneloop.serving.capture import CaptureWriter, TrafficRecord, record_bytes, spilled_records
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 
@@ -58,3 +60,76 @@ def test_database_failure_spills_then_replays_without_loss_or_duplicates(store: 
     writer._spill([_record(3)], reason="database_error")
     assert writer.replay_spill() == 0, "already stored records are not inserted twice"
     assert _stored(store) == ["r1", "r2", "r3"]
+
+
+def test_a_torn_spill_line_is_quarantined_and_the_records_around_it_replay(store: Store, tmp_path: Path) -> None:
+    writer = CaptureWriter(store, tmp_path / "spill")
+    writer._spill([_record(1)], reason="database_error")
+    with open(writer.spill_path, "ab") as handle:  # what SIGKILL or a full disk leaves: half a line, no newline
+        handle.write(_record(2).model_dump_json().encode()[:40])
+    writer._spill([_record(3)], reason="database_error")
+    assert [r["request_id"] for r in spilled_records(writer.spill_path)] == ["r1", "r3"], \
+        "the record appended after the torn line starts on a line of its own"
+    assert writer.replay_spill() == 2
+    assert _stored(store) == ["r1", "r3"] and writer.counts["quarantined"] == 1
+    assert writer.corrupt_path.read_bytes() == _record(2).model_dump_json().encode()[:40] + b"\n"
+    assert not writer.spill_path.exists() and not writer.replaying_path.exists()
+
+
+def test_an_interrupted_replay_is_finished_first_and_never_overwritten(store: Store, tmp_path: Path) -> None:
+    writer = CaptureWriter(store, tmp_path / "spill")
+    writer._spill([_record(1), _record(2)], reason="database_error")
+    writer.spill_path.rename(writer.replaying_path)  # a replay that was killed before it finished
+    writer._spill([_record(3)], reason="database_error")
+    assert sorted(r["request_id"] for r in spilled_records(writer.spill_path)) == ["r1", "r2", "r3"]
+    assert writer.replay_spill() == 3
+    assert _stored(store) == ["r1", "r2", "r3"]
+
+
+def test_replay_goes_in_bounded_batches_and_a_refused_batch_keeps_the_rest(store: Store, tmp_path: Path) -> None:
+    writer = CaptureWriter(store, tmp_path / "spill", replay_batch_size=40)
+    writer._spill([_record(i) for i in range(100)], reason="database_error")
+    largest: list[int] = []
+
+    def count(_conn, _cursor, _statement, parameters, _context, executemany) -> None:  # type: ignore[no-untyped-def]
+        largest.append(len(parameters) if not executemany and isinstance(parameters, (tuple, list)) else 0)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        inserted = []
+        original = writer._insert
+
+        def fail_on_the_second_batch(batch: list[TrafficRecord]) -> None:
+            inserted.append(len(batch))
+            if len(inserted) == 2:
+                raise OperationalError("INSERT", {}, Exception("database is locked"))
+            original(batch)
+
+        writer._insert = fail_on_the_second_batch  # type: ignore[method-assign]
+        assert writer.replay_spill() == 40 and writer.replaying_path.exists()
+        writer._insert = original  # type: ignore[method-assign]
+        assert writer.replay_spill() == 60, "the first batch is skipped as stored, the rest goes in"
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert len(_stored(store)) == 100 and max(largest) <= 40
+    assert not writer.replaying_path.exists()
+
+
+def test_the_writer_redacts_before_anything_reaches_the_disk_and_bounds_queued_bytes(store: Store,
+                                                                                    tmp_path: Path) -> None:
+    writer = CaptureWriter(store, tmp_path / "spill", redactor=Redactor(), max_queue_bytes=100)
+    secret = _record(1).model_copy(update={"prompt_text": "mail jane@example.com",
+                                           "messages": [{"role": "user", "content": "mail jane@example.com"}],
+                                           "completion": "call +44 20 7946 0958"})
+    big = _record(2).model_copy(update={"prompt_text": "y" * 200, "messages": [{"role": "user", "content": "y" * 200}]})
+    writer.submit(secret)
+    writer.submit(big)
+    assert writer.counts["spilled_queue_full"] == 1 and writer.queued_bytes == record_bytes(secret)
+    writer.close()
+    with store.session() as session:
+        row = session.scalars(select(TrafficRow).where(TrafficRow.request_id == "r1")).one()
+    assert (row.prompt_text, row.messages[0]["content"], row.completion) == (
+        "mail [EMAIL]", "mail [EMAIL]", "call [PHONE]")
+    assert row.pii == {"email": 1, "phone": 1} and writer.redactor.counts == {"email": 1, "phone": 1}
+    writer._spill([writer._redacted(secret)], reason="database_error")
+    assert "jane@example.com" not in writer.spill_path.read_text()

@@ -30,6 +30,7 @@ from tuneloop.tables import TrafficRow
 BASE_SHA = "b" * 64
 TOKEN = "fast-admin-token"
 VLLM = "http://vllm.test"
+USER = {"role": "user", "content": "x"}
 
 
 class SentEvents(httpx.AsyncByteStream):
@@ -210,8 +211,37 @@ def test_the_label_constraint_can_be_turned_off_per_task(tmp_path: Path) -> None
     (lambda c: c.post("/v1/chat/completions", json={"model": "sentiment@2", "messages": [{"role": "user",
                                                                                          "content": "x"}]}),
      404, "not_found_error", "/admin/adapters/load"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "sentiment@\u00b2", "messages": [USER]}), 404,
+     "not_found_error", "write task@N"),
+    (lambda c: c.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [{"role": "user", '
+                      b'"content": "x"}], "temperature": NaN}'), 400, "invalid_request_error", "NaN is not"),
+    (lambda c: c.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [{"role": "user", '
+                      b'"content": "\\ud800"}]}'), 400, "invalid_request_error", "lone surrogate"),
+    (lambda c: c.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [{"role": "user", '
+                      b'"content": "x"}], "x": '
+                      + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400, "invalid_request_error", "nested deeper"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [USER], "tools": [{"a": [[[[[[[[[[
+        [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}), 400, "invalid_request_error",
+     "nested deeper than 32 levels (at body.tools.0.a"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [USER],
+                                                    "chat_template_kwargs": {}}), 400, "invalid_request_error",
+     "unknown field(s) 'chat_template_kwargs'"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [USER], "n": 64}), 400,
+     "invalid_request_error", "n is 64; the gateway allows 1 to 4"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "sentiment", "messages": [USER], "max_tokens": -1}),
+     400, "invalid_request_error", "max_tokens is -1"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [USER], "max_tokens": True}),
+     400, "invalid_request_error", "max_tokens must be an integer"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [USER] * 129}), 400,
+     "invalid_request_error", "129 messages"),
+    (lambda c: c.post("/v1/chat/completions", json={"model": "chat", "messages": [
+        {"role": "user", "content": "x" * 100_001}]}), 400, "invalid_request_error", "100,001 characters"),
+    (lambda c: c.post("/v1/completions", json={"model": "chat", "prompt": ["x"] * 17}), 400,
+     "invalid_request_error", "17 prompts"),
 ], ids=["bad-json", "not-utf8", "not-an-object", "missing-field", "bad-role", "too-large", "unknown-model",
-        "version-not-loaded"])
+        "version-not-loaded", "unicode-digit-version", "nan", "lone-surrogate", "deep-nesting-parser",
+        "deep-nesting", "unknown-field", "n-over-limit", "negative-max-tokens", "bool-max-tokens", "too-many-messages",
+        "too-many-chars", "too-many-prompts"])
 def test_bad_requests_get_one_error_shape_and_reach_nothing(gateway: Gateway, send, status, kind,
                                                             fragment) -> None:
     response = send(gateway.http)

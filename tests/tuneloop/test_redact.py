@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from tuneloop.redact import Redactor, iban_valid, luhn_valid
@@ -31,3 +33,22 @@ def test_only_configured_kinds_are_redacted() -> None:
     assert clean == "[EMAIL] +1 415 555 0199"
     with pytest.raises(ValueError, match="unknown PII kinds"):
         Redactor(["ssn"])
+
+
+@pytest.mark.parametrize("text", ["a" * 2_000_000, "a." * 1_000_000, "a@" * 1_000_000, "1 " * 1_000_000,
+                                  "(12) " * 400_000], ids=["letters", "dotted", "ats", "spaced-digits", "phone-ish"])
+def test_hostile_text_of_the_largest_body_finishes(text: str) -> None:
+    """The e-mail pattern before this was quadratic on a run without `@`: 2 MB of letters would have held the
+    interpreter for tens of minutes. The guard is a hang detector, not a timing assertion: linear work takes about
+    a second here, and the old pattern would still be running when the generous deadline passes."""
+    done: list[str] = []
+    worker = threading.Thread(target=lambda: done.append(Redactor().redact(text)[0]), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done == [text], "redaction of 2 MB did not finish (or changed text that holds no PII)"
+
+
+def test_the_bounded_email_pattern_still_finds_addresses_at_the_rfc_limits() -> None:
+    local, label = "x" * 64, "d" * 63
+    clean, found = Redactor(["email"]).redact(f"to {local}@{label}.example.com and b@c.io")
+    assert clean == "to [EMAIL] and [EMAIL]" and found["email"] == 2
