@@ -116,6 +116,33 @@ def build_command(spec: EngineSpec) -> list[str]:
     return command
 
 
+def process_group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def end_process_group(pgid: int, timeout_s: float) -> None:
+    """SIGTERM every process of the group, SIGKILL what is left after `timeout_s`; returns once none is alive."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        if not process_group_members(pgid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while process_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if process_group_members(pgid):
+        log.error("processes %s of the engine's group survived SIGKILL", process_group_members(pgid))
+
+
 def _die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGTERM vLLM if the supervising process dies, even by SIGKILL."""
     import ctypes
@@ -218,6 +245,7 @@ class EngineSupervisor:
                 if not self.restart_enabled:
                     self.state = "failed"
                     return
+                self._terminate(timeout_s=10.0)  # the dead API server's children, before a second engine starts
                 if self._stopping.wait(backoff):
                     return
                 self.restarts += 1
@@ -242,17 +270,16 @@ class EngineSupervisor:
         return text in self.log_path.read_text(errors="replace") if self.log_path.exists() else False
 
     def _terminate(self, timeout_s: float = 30.0) -> None:
+        """End the engine's whole process group, not only its API server: when the API server dies (the OOM
+        killer, SIGKILL) its EngineCore and Worker children are orphaned and keep their memory and cores, so a
+        restart would run two engines side by side. vLLM's processes share the group `start_new_session` gave the
+        API server, which outlives the leader."""
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        except ProcessLookupError:
-            pass
+        end_process_group(process.pid, timeout_s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
 
     def log_tail(self, lines: int = 25) -> str:
         try:

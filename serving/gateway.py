@@ -46,12 +46,24 @@ async def on_error(_: Request, exc: Exception) -> Response:
     if not isinstance(exc, TuneloopError):
         raise exc
     status, name = status_of(exc)
+    message = str(exc)
     if status >= 500:
+        # Our failures name hosts, paths and SQL in their messages: those go to the log, the client gets what it
+        # can act on (retry, or report the time).
         log.error("%s answered %s: %s", type(exc).__name__, status, exc)
+        message = PUBLIC_MESSAGES.get(name, PUBLIC_MESSAGES["internal_error"])
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(status, str(exc), name, headers=headers)
+    return error_response(status, message, name, headers=headers)
+
+
+PUBLIC_MESSAGES = {
+    "store_unavailable": "the gateway's database is not answering; retry after Retry-After seconds",
+    "service_unavailable": "the model engine is not answering (starting, restarting or overloaded); retry after "
+                           "Retry-After seconds",
+    "internal_error": "internal error; the gateway's log has the details",
+}
 
 
 async def on_unexpected(_: Request, exc: Exception) -> Response:

@@ -353,5 +353,8 @@ def test_our_failures_are_5xx_and_never_blamed_on_the_client(tmp_path: Path) -> 
                 "evaluation": (500, "internal_error"), "unclassified": (500, "internal_error"),
                 "config": (400, "invalid_request_error"), "bug": (500, "internal_error")}
     assert {k: (r.status_code, r.json()["error"]["type"]) for k, r in answers.items()} == expected
-    assert answers["store"].headers["Retry-After"] and "OperationalError" in answers["store"].json()["error"]["message"]
+    store_message = answers["store"].json()["error"]["message"]
+    assert answers["store"].headers["Retry-After"] and "database" in store_message
+    assert "OperationalError" not in store_message and "sqlite" not in store_message, "no SQL or host reaches a client"
+    assert "nan" not in answers["training"].text and "runs differ" not in answers["evaluation"].text
     assert "oops" not in answers["bug"].text, "a bug's details stay in the log"

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from tests.live import ADMIN_TOKEN, LiveGateway
 from tuneloop.registry import find_alias
+from tuneloop.serving.engine import process_group_members
 from tuneloop.tables import TrafficRow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -209,7 +210,9 @@ def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) ->
 
     engine = live_gateway.engine
     assert engine.process is not None
-    os.killpg(engine.process.pid, signal.SIGKILL)
+    dead_group = engine.process.pid
+    assert len(process_group_members(dead_group)) >= 2, "vLLM runs its engine core in a child process"
+    os.kill(dead_group, signal.SIGKILL)  # the API server alone, as the OOM killer would
     deadline = time.time() + 30
     saw_503 = None
     while time.time() < deadline:
@@ -228,5 +231,6 @@ def test_engine_death_gives_fast_503_then_recovers(live_gateway: LiveGateway) ->
         time.sleep(2)
     assert chat(live_gateway.url, "sentiment", "back?").status_code == 200
     assert engine.restarts == 1
+    assert process_group_members(dead_group) == [], "the dead engine's children were ended before the restart"
     assert "sentiment@1" in engine.client.loaded
     assert "sentiment@1" in engine.client.served_models(), "the restarted engine serves the same adapters"

@@ -1,0 +1,39 @@
+"""The supervisor ends an engine's whole process group: vLLM's API server is the group leader and its EngineCore
+and Worker children outlive it when it is killed alone (the OOM killer's way). Real processes, no vLLM: a shell
+leader with two children stands in for the three vLLM processes; the live version is in test_gateway_live.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from tuneloop.serving.engine import end_process_group, process_group_members
+
+
+def _engine_like_group() -> subprocess.Popen[bytes]:
+    leader = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(process_group_members(leader.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(process_group_members(leader.pid)) == 3
+    return leader
+
+
+def test_children_orphaned_by_a_killed_leader_are_ended_with_the_group() -> None:
+    leader = _engine_like_group()
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait(5)
+    orphans = process_group_members(leader.pid)
+    assert len(orphans) == 2, "the children outlive their leader: what a crashed vLLM leaves behind"
+    end_process_group(leader.pid, timeout_s=5)
+    assert process_group_members(leader.pid) == []
+
+
+def test_a_child_that_ignores_sigterm_is_killed() -> None:
+    leader = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300 & wait"], start_new_session=True)
+    time.sleep(0.3)
+    end_process_group(leader.pid, timeout_s=0.5)
+    leader.wait(5)
+    assert process_group_members(leader.pid) == []
