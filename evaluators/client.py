@@ -57,8 +57,11 @@ class EndpointClient:
     """An async HTTP client for one evaluation; use as `async with EndpointClient(...) as client`."""
 
     def __init__(self, target: EvalTarget, settings: EvaluationConfig, *,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, token: str | None = None) -> None:
         self.target, self.settings = target, settings
+        # Evaluation requests are marked so the gateway keeps them out of capture and drift, which it allows an
+        # admin caller only: the runner sends the admin credential the CLI has.
+        self._headers = {EVAL_PURPOSE_HEADER: "eval", **({"Authorization": f"Bearer {token}"} if token else {})}
         self._http = httpx.AsyncClient(base_url=target.base_url, transport=transport,
                                        timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
                                        limits=httpx.Limits(max_connections=settings.concurrency * 2,
@@ -76,8 +79,7 @@ class EndpointClient:
         for attempt in range(self.settings.max_attempts):
             started = time.perf_counter()
             try:
-                response = await self._http.post("/v1/chat/completions", json=body,
-                                                  headers={EVAL_PURPOSE_HEADER: "eval"})
+                response = await self._http.post("/v1/chat/completions", json=body, headers=self._headers)
             except httpx.TransportError as exc:
                 last = f"{exc.__class__.__name__}: {exc}"
                 await asyncio.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** attempt))

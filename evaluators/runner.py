@@ -98,7 +98,8 @@ class EvalRunner:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         pending: list[Answer] = []
         bar = tqdm(total=total, initial=done, desc=f"eval {target.model}", unit="ex", disable=not self.progress)
-        async with EndpointClient(target, self.settings, transport=self.transport) as client:
+        async with EndpointClient(target, self.settings, transport=self.transport,
+                                  token=self.config.admin_token) as client:
             async def one(position: int, example: Example) -> None:
                 async with semaphore:
                     answer = await client.ask(position, example,

@@ -9,7 +9,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tuneloop.errors import AdapterError
-from tuneloop.serving.auth import require_admin
 from tuneloop.serving.protocol import (
     AdapterLoadRequest,
     PromoteRequest,
@@ -22,7 +21,7 @@ from tuneloop.serving.state import GatewayContext, context
 
 async def _authorised(request: Request) -> GatewayContext:
     ctx = context(request)
-    require_admin(request, ctx.config.admin_token)
+    await ctx.auth.require(request, "admin")
     return ctx
 
 

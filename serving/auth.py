@@ -1,20 +1,71 @@
-"""Bearer-token check for the admin API: constant-time compare; no token configured means no admin access."""
+"""Who is calling: the bearer credential of a request, resolved to a Caller with scopes (tuneloop/keys.py).
+
+Keys are looked up in the database off the event loop and the answer is cached for `ttl_s` (revoking a key takes
+effect on every gateway within that time); the cache is bounded, so a client spraying random keys cannot grow it.
+The admin token is compared in constant time; a key's digest is compared in constant time by `verify_key`.
+"""
 
 from __future__ import annotations
 
 import hmac
+import time
+from collections import OrderedDict
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from tuneloop.errors import AuthError
+from tuneloop.errors import AuthError, PermissionDenied
+from tuneloop.keys import ADMIN_TOKEN_CALLER, Caller, Scope, digest, verify_key
+from tuneloop.store import Store
+
+MAX_CREDENTIAL_CHARS = 200
 
 
-def require_admin(request: Request, expected: str | None) -> None:
-    if not expected:
-        raise AuthError("admin API disabled: set TUNELOOP_ADMIN_TOKEN (or serving.admin_token) on the gateway")
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthError("missing bearer token: send 'Authorization: Bearer <admin token>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise AuthError("invalid admin token")
+class Authenticator:
+    def __init__(self, store: Store, admin_token: str | None, *, ttl_s: float = 5.0,
+                 max_cached: int = 10_000) -> None:
+        self.store, self.admin_token, self.ttl_s, self.max_cached = store, admin_token, ttl_s, max_cached
+        self._cache: OrderedDict[str, tuple[Caller | None, float]] = OrderedDict()
+
+    async def caller(self, request: Request) -> Caller | None:
+        """The request's caller; None when it sends no credential; AuthError for a bad or unknown one."""
+        header = request.headers.get("authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("malformed Authorization header: send 'Authorization: Bearer <key>'")
+        if len(token) > MAX_CREDENTIAL_CHARS:
+            raise AuthError("invalid API key")
+        if self.admin_token and hmac.compare_digest(token.encode("utf-8", "replace"),
+                                                    self.admin_token.encode()):
+            return ADMIN_TOKEN_CALLER
+        key = digest(token)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            found = cached[0]
+        else:
+            found = await run_in_threadpool(verify_key, self.store, token)
+            self._cache[key] = (found, time.monotonic() + self.ttl_s)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        if found is None:
+            raise AuthError("invalid or revoked API key")
+        return found
+
+    async def require(self, request: Request, scope: Scope) -> Caller:
+        """The caller, who must hold `scope` (admin holds every scope)."""
+        caller = await self.caller(request)
+        if caller is None:
+            raise AuthError(f"this route needs an API key with the '{scope}' scope: send 'Authorization: Bearer "
+                            f"<key>' (create one with `tuneloop keys create NAME --scope {scope}`)")
+        permit(caller, scope)
+        return caller
+
+
+def permit(caller: Caller, scope: Scope) -> None:
+    if not caller.can(scope):
+        raise PermissionDenied(f"key {caller.key_id} ({caller.name}) has scope(s) {sorted(caller.scopes)}; this "
+                               f"needs '{scope}'")

@@ -58,6 +58,7 @@ class TrafficRecord(BaseModel):
     stream: bool = False
     shadow_of: str | None = None
     pii: dict[str, int] = Field(default_factory=dict)
+    key_id: str | None = Field(default=None, description="The API key that sent the request (its id, never the key).")
 
 
 class CaptureWriter:

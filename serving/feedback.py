@@ -17,6 +17,7 @@ from sqlalchemy import select
 from tuneloop.challenger_sets.records import MAX_TEXT_CHARS
 from tuneloop.config import Config
 from tuneloop.errors import DatasetError, FeedbackConflict, FeedbackError, UnknownRequest
+from tuneloop.redact import Redactor
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 
@@ -48,10 +49,16 @@ def _normalised_reference(config: Config, task: str, reference: str) -> str:
     return reference
 
 
-def _apply(row: TrafficRow, config: Config, reference: str, overwrite: bool) -> FeedbackResult:
+def _apply(row: TrafficRow, config: Config, reference: str, overwrite: bool, *, key_id: str | None = None,
+           redactor: Redactor | None = None) -> FeedbackResult:
+    """Set the row's reference. A free-text reference is redacted like the captured text it labels; the key that
+    wrote it is recorded (None for a file imported by the CLI)."""
     if row.shadow_of is not None:
         raise FeedbackError(f"request {row.request_id} is a shadow answer; give feedback on {row.shadow_of}")
     value = _normalised_reference(config, row.task, reference)
+    if redactor is not None and config.tasks.get(row.task) is not None and config.tasks[row.task].kind != \
+            "classification":
+        value = redactor.redact(value)[0]
     if row.reference is not None and row.reference != value and not overwrite:
         raise FeedbackConflict(f"request {row.request_id} already has reference '{row.reference[:80]}'; "
                                "pass overwrite to replace it")
@@ -59,17 +66,19 @@ def _apply(row: TrafficRow, config: Config, reference: str, overwrite: bool) -> 
     if changed:
         row.reference = value
         row.reference_at = datetime.now(UTC)
+        row.reference_key_id = key_id
     return FeedbackResult(request_id=row.request_id, task=row.task, reference=value, changed=changed)
 
 
 def attach_reference(store: Store, config: Config, request_id: str, reference: str, *,
-                     overwrite: bool = False) -> FeedbackResult:
+                     overwrite: bool = False, key_id: str | None = None,
+                     redactor: Redactor | None = None) -> FeedbackResult:
     with store.session() as session:
         row = session.scalars(select(TrafficRow).where(TrafficRow.request_id == request_id)).first()
         if row is None:
             raise UnknownRequest(f"no captured request '{request_id}' (captures are written within a second; "
                                  "retry if the request was just made)")
-        return _apply(row, config, reference, overwrite)
+        return _apply(row, config, reference, overwrite, key_id=key_id, redactor=redactor)
 
 
 def import_feedback(store: Store, config: Config, path: Path, *, overwrite: bool = False) -> list[FeedbackResult]:

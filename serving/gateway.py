@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import RateLimited, TuneloopError
 from tuneloop.serving import admin_api, feedback_api, openai_api, reports_api
 from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S, RETRY_AFTER_S, error_response, status_of
 from tuneloop.serving.state import GatewayContext, context
@@ -42,7 +42,7 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(context(request).registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def on_error(_: Request, exc: Exception) -> Response:
+async def on_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, TuneloopError):
         raise exc
     status, name = status_of(exc)
@@ -55,6 +55,10 @@ async def on_error(_: Request, exc: Exception) -> Response:
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RateLimited):
+        headers = exc.headers
+    if 400 <= status < 500:
+        context(request).metrics.refused.labels(type=name).inc()
     return error_response(status, message, name, headers=headers)
 
 

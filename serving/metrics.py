@@ -29,6 +29,12 @@ class GatewayMetrics:
                                      labels, registry=registry)
         self.completion_tokens = Counter("tuneloop_gateway_completion_tokens",
                                          "Completion tokens, as counted by vLLM.", labels, registry=registry)
+        self.key_requests = Counter("tuneloop_gateway_key_requests", "Requests forwarded to the engine, by API key "
+                                    "id ('none' without a key) and status code.", ["key", "status"],
+                                    registry=registry)
+        self.refused = Counter("tuneloop_gateway_refused_requests", "Requests refused before they reached the "
+                               "engine, by error type (authentication_error, permission_error, rate_limit_error, "
+                               "invalid_request_error, ...).", ["type"], registry=registry)
 
 
 class ServingStateCollector(Collector):

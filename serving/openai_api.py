@@ -13,6 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tuneloop.errors import AuthError, PermissionDenied
+from tuneloop.keys import Caller
+from tuneloop.serving.auth import permit
 from tuneloop.serving.constraints import constrain_to_labels
 from tuneloop.serving.limits import check_limits
 from tuneloop.serving.protocol import (
@@ -25,15 +28,32 @@ from tuneloop.serving.protocol import (
     validate_body,
 )
 from tuneloop.serving.proxy import ProxiedRequest, forward
-from tuneloop.serving.state import context
+from tuneloop.serving.state import GatewayContext, context
 
 
-def _purpose(request: Request) -> Purpose:
-    return "eval" if request.headers.get(EVAL_PURPOSE_HEADER, "").lower() == "eval" else "user"
+async def _caller(request: Request, ctx: GatewayContext) -> tuple[Caller | None, Purpose]:
+    """Who sent an inference request, and what for. A key is needed when `serving.require_api_key` is on (the
+    production stack) and optional otherwise, but a key that is sent must be valid and hold `inference`. Marking
+    a request as evaluation traffic keeps it out of capture and drift, so only an admin caller may."""
+    caller = await ctx.auth.caller(request)
+    if caller is None and ctx.config.serving.require_api_key:
+        raise AuthError("this gateway needs an API key: send 'Authorization: Bearer <key>' (an operator creates "
+                        "one with `tuneloop keys create NAME --scope inference`)")
+    if caller is not None:
+        permit(caller, "inference")
+    purpose: Purpose = "user"
+    if request.headers.get(EVAL_PURPOSE_HEADER, "").lower() == "eval":
+        if caller is None or not caller.can("admin"):
+            raise PermissionDenied(f"{EVAL_PURPOSE_HEADER}: eval keeps a request out of capture and drift; it "
+                                   "needs an admin key")
+        purpose = "eval"
+    ctx.limiter.admit(caller)
+    return caller, purpose
 
 
 async def chat_completions(request: Request) -> Response:
     ctx = context(request)
+    caller, purpose = await _caller(request, ctx)
     body = await read_json_body(request)
     parsed = validate_body(ChatRequest, body)
     check_limits("chat", body, ctx.config.serving.limits)
@@ -48,11 +68,12 @@ async def chat_completions(request: Request) -> Response:
     users = [text_content(m.get("content")) for m in messages if m["role"] == "user"]
     return await forward(ctx, ProxiedRequest(route=route, endpoint="chat", body=body,
                                              prompt_text=users[-1] if users else "", messages=messages,
-                                             stream=parsed.stream, purpose=_purpose(request)))
+                                             stream=parsed.stream, purpose=purpose, caller=caller))
 
 
 async def completions(request: Request) -> Response:
     ctx = context(request)
+    caller, purpose = await _caller(request, ctx)
     body = await read_json_body(request)
     parsed = validate_body(CompletionRequest, body)
     check_limits("completion", body, ctx.config.serving.limits)
@@ -62,11 +83,12 @@ async def completions(request: Request) -> Response:
     prompt = parsed.prompt if isinstance(parsed.prompt, str) else "\n".join(parsed.prompt)
     return await forward(ctx, ProxiedRequest(route=route, endpoint="completion", body=body, prompt_text=prompt,
                                              messages=[{"role": "user", "content": prompt}], stream=parsed.stream,
-                                             purpose=_purpose(request)))
+                                             purpose=purpose, caller=caller))
 
 
 async def models(request: Request) -> Response:
     ctx = context(request)
+    await _caller(request, ctx)
     now = int(time.time())
     names = [*sorted(ctx.router.champions), *sorted(ctx.engine.client.loaded), ctx.config.base_model.name]
     return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "created": now,

@@ -23,6 +23,8 @@ from tuneloop.errors import (
     FeedbackConflict,
     FeedbackError,
     ModelNotFound,
+    PermissionDenied,
+    RateLimited,
     RequestTooLarge,
     StoreError,
     TuneloopError,
@@ -40,7 +42,8 @@ RETRY_AFTER_S = "5"
 KEEPALIVE_EXPIRY_S = 2.0
 Endpoint = Literal["chat", "completion"]
 Purpose = Literal["user", "eval"]
-ErrorType = Literal["authentication_error", "not_found_error", "conflict_error", "service_unavailable",
+ErrorType = Literal["authentication_error", "permission_error", "rate_limit_error", "not_found_error",
+                    "conflict_error", "service_unavailable",
                     "store_unavailable", "adapter_error", "request_too_large", "invalid_request_error",
                     "internal_error"]
 # Exception type -> HTTP status and error type, most specific first. The admin client maps a (status, type) pair
@@ -48,7 +51,9 @@ ErrorType = Literal["authentication_error", "not_found_error", "conflict_error",
 # database, training, evaluation, any error not classified here) is a 5xx, so a client never retries a bad request
 # and never gives up on a good one because the database blinked.
 ERROR_TYPES: list[tuple[type[TuneloopError], int, ErrorType]] = [
+    (PermissionDenied, 403, "permission_error"),
     (AuthError, 401, "authentication_error"),
+    (RateLimited, 429, "rate_limit_error"),
     (ModelNotFound, 404, "not_found_error"),
     (UnknownRequest, 404, "not_found_error"),
     (DatasetNotFound, 404, "not_found_error"),

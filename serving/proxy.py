@@ -19,6 +19,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 
 from tuneloop.errors import EngineUnavailable
+from tuneloop.keys import Caller
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
 from tuneloop.serving.routing import Route
@@ -41,6 +42,7 @@ class ProxiedRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
     shadow_of: str | None = None
+    caller: Caller | None = field(default=None, metadata={"help": "The API key that sent it, if any."})
 
     @property
     def labels(self) -> dict[str, str]:
@@ -138,6 +140,12 @@ def finish(ctx: GatewayContext, request: ProxiedRequest, outcome: Outcome) -> No
         ctx.metrics.prompt_tokens.labels(**labels).inc(outcome.usage["prompt_tokens"])
     if outcome.usage.get("completion_tokens"):
         ctx.metrics.completion_tokens.labels(**labels).inc(outcome.usage["completion_tokens"])
+    if request.shadow_of is None:  # a shadow request is ours, not the client's: not charged, not counted per key
+        used = outcome.usage.get("total_tokens") or ((outcome.usage.get("prompt_tokens") or 0)
+                                                     + (outcome.usage.get("completion_tokens") or 0))
+        ctx.limiter.charge(request.caller, int(used))
+        ctx.metrics.key_requests.labels(key=request.caller.key_id if request.caller else "none",
+                                        status=str(outcome.status)).inc()
     if request.purpose == "eval":
         return
     # Redaction happens in the capture writer's thread: it is linear, but a 2 MB prompt still costs milliseconds
@@ -151,7 +159,8 @@ def finish(ctx: GatewayContext, request: ProxiedRequest, outcome: Outcome) -> No
         messages=messages, completion=outcome.completion, prompt_tokens=outcome.usage.get("prompt_tokens"),
         completion_tokens=outcome.usage.get("completion_tokens"),
         latency_ms=round((time.perf_counter() - request.started) * 1000, 2), status=outcome.status,
-        stream=request.stream, shadow_of=request.shadow_of))
+        stream=request.stream, shadow_of=request.shadow_of,
+        key_id=request.caller.key_id if request.caller else None))
 
 
 def _count(ctx: GatewayContext, request: ProxiedRequest, status: int) -> None:

@@ -13,7 +13,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tuneloop.serving.auth import require_admin
 from tuneloop.serving.protocol import error_response
 from tuneloop.serving.state import context
 
@@ -31,7 +30,7 @@ def resolve_report(reports_dir: Path, relative: str) -> Path | None:
 
 async def report(request: Request) -> Response:
     ctx = context(request)
-    require_admin(request, ctx.config.admin_token)
+    await ctx.auth.require(request, "admin")
     relative = request.path_params["path"]
     path = resolve_report(ctx.config.data_path / "reports", relative)
     if path is None:

@@ -33,12 +33,14 @@ from tuneloop.errors import AdapterError, EngineUnavailable
 from tuneloop.modelinfo import model_modules
 from tuneloop.redact import Redactor
 from tuneloop.registry import ALIASES, AdapterVersion, find_alias
+from tuneloop.serving.auth import Authenticator
 from tuneloop.serving.capture import CaptureWriter
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor, ServingEngine
 from tuneloop.serving.engine_client import EngineLimits, check_servable
 from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.routing import Router
 from tuneloop.store import Store
 
@@ -135,6 +137,7 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
         registry.register(collector)
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
+                          auth=Authenticator(store, config.admin_token), limiter=RateLimiter(),
                           upstream_transport=upstream_transport)
 
 

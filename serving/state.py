@@ -12,10 +12,12 @@ from starlette.requests import Request
 
 from tuneloop.config import Config
 from tuneloop.redact import Redactor
+from tuneloop.serving.auth import Authenticator
 from tuneloop.serving.capture import CaptureWriter
 from tuneloop.serving.engine import ServingEngine
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics
+from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.routing import Router
 
 
@@ -29,6 +31,8 @@ class GatewayContext:
     redactor: Redactor
     registry: CollectorRegistry
     metrics: GatewayMetrics
+    auth: Authenticator
+    limiter: RateLimiter
     upstream_transport: httpx.AsyncBaseTransport | None = field(
         default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})
     client: httpx.AsyncClient | None = None

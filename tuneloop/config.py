@@ -22,6 +22,7 @@ from tuneloop.parsing import is_decimal
 CONFIG_FILENAME = "tuneloop.yaml"
 CONFIG_ENV = "TUNELOOP_CONFIG"
 ADMIN_TOKEN_ENV = "TUNELOOP_ADMIN_TOKEN"
+LOCAL_CREDENTIAL = "admin-token"  # in the data dir: the admin credential `tuneloop init` writes for this machine
 DATABASE_URL_ENV = "TUNELOOP_DATABASE_URL"
 
 TrainMethod = Literal["lora", "prompt-tuning", "full"]
@@ -287,6 +288,9 @@ class ServingConfig(StrictModel):
     """Addresses and engine limits of the gateway and vLLM."""
 
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request caps the gateway enforces.")
+    require_api_key: bool = Field(default=False, description="Refuse /v1/* inference without an API key (`tuneloop "
+                                  "keys create`). Off for the single-machine default, on in the production stack. "
+                                  "Feedback, admin routes and the webhook always need a key of their scope.")
 
     gateway_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
     gateway_port: int = Field(default=8400, ge=1, le=65535, description="Gateway port (/v1/*, /healthz, /metrics).")
@@ -439,8 +443,38 @@ class Config(StrictModel):
                 or f"sqlite:///{self.data_path / 'tuneloop.db'}")
 
     @property
+    def local_credential_path(self) -> Path:
+        return self.data_path / LOCAL_CREDENTIAL
+
+    @property
     def admin_token(self) -> str | None:
-        return os.environ.get(ADMIN_TOKEN_ENV) or self.serving.admin_token
+        """The environment's token, else the config's, else the local credential `tuneloop init` wrote (read only
+        while no other user can read it)."""
+        explicit = os.environ.get(ADMIN_TOKEN_ENV) or self.serving.admin_token
+        if explicit:
+            return explicit
+        path = self.local_credential_path
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return None
+        if mode & 0o077:
+            raise ConfigError(f"{path} is readable by other users (mode {mode & 0o777:o}); run `chmod 600 {path}` "
+                              "or delete it and run `tuneloop init` again")
+        return path.read_text(encoding="utf-8").strip() or None
+
+    def ensure_local_credential(self) -> Path | None:
+        """Write an admin credential for this machine's CLI and gateway (owner-only), unless a token is configured
+        or one exists; returns the path written."""
+        if os.environ.get(ADMIN_TOKEN_ENV) or self.serving.admin_token or self.local_credential_path.exists():
+            return None
+        import secrets
+
+        self.data_path.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.local_credential_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        return self.local_credential_path
 
     def task(self, name: str) -> TaskConfig:
         try:

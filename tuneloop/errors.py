@@ -68,6 +68,24 @@ class AuthError(TuneloopError):
     exit_code = 10
 
 
+class PermissionDenied(AuthError):
+    """A valid API key whose scopes do not reach the route it called."""
+
+
+class RateLimited(TuneloopError):
+    """An API key over its requests or tokens per minute; `retry_after_s` and `headers` go to the client."""
+
+    def __init__(self, message: str, retry_after_s: int, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after_s, self.headers = retry_after_s, headers
+
+
+class ApiKeyError(TuneloopError):
+    """An API key operation that cannot be done: an unknown or duplicate name, a bad scope or limit."""
+
+    exit_code = 15
+
+
 class ModelNotFound(TuneloopError):
     """A request named a model (task or version) the gateway does not serve."""
 

@@ -104,6 +104,23 @@ class TrafficRow(Base):
     pii: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     reference: Mapped[str | None] = mapped_column(Text, nullable=True)
     reference_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reference_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class ApiKeyRow(Base):
+    """An API key: its public id, scopes and limits, and the SHA-256 of its secret (never the secret)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class EvalRunRow(Base):

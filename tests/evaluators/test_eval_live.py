@@ -21,6 +21,7 @@ from tuneloop.challenger_sets.records import Example, Message
 from tuneloop.evaluators.compare import compare_runs
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.hardware import usable_cpu_cores
+from tuneloop.keys import create_key
 from tuneloop.tables import EvalPredictionRow, EvalRunRow, TrafficRow
 from tuneloop.timewindow import parse_instant
 
@@ -129,23 +130,32 @@ def test_feedback_turns_traffic_into_a_challenger_set(live_gateway: LiveGateway)
         assert response.status_code == 200
         asked[text] = response.headers["X-Request-Id"]
     request_id = asked["@united worst customer service ever, feedback test"]
+    labeller, labeller_key = create_key(live_gateway.store, "labeller", ["feedback"])
+    _, app_key = create_key(live_gateway.store, "app", ["inference"])
+    as_labeller = {"Authorization": f"Bearer {labeller_key}"}
+
+    def label(reference: str, headers: dict[str, str] | None = None, **extra: object) -> httpx.Response:
+        return httpx.post(f"{url}/v1/feedback", headers=headers if headers is not None else as_labeller,
+                          json={"request_id": request_id, "reference": reference, **extra})
+
+    assert label("negative", headers={}).status_code == 401, "labels are training data: no key, no label"
+    assert label("negative", headers={"Authorization": f"Bearer {app_key}"}).status_code == 403
     deadline = time.time() + 10
-    answer = httpx.post(f"{url}/v1/feedback", json={"request_id": request_id, "reference": "Negative"})
+    answer = label("Negative")
     while answer.status_code == 404 and time.time() < deadline:  # the capture may not be written yet
         time.sleep(0.3)
-        answer = httpx.post(f"{url}/v1/feedback", json={"request_id": request_id, "reference": "Negative"})
+        answer = label("Negative")
     assert answer.status_code == 200 and answer.json()["reference"] == "negative"
-    bad_label = httpx.post(f"{url}/v1/feedback", json={"request_id": request_id, "reference": "furious"})
+    bad_label = label("furious")
     assert bad_label.status_code == 400 and "label" in bad_label.json()["error"]["message"]
-    conflict = httpx.post(f"{url}/v1/feedback", json={"request_id": request_id, "reference": "positive"})
-    assert conflict.status_code == 409
-    unauthorised = httpx.post(f"{url}/v1/feedback", json={"request_id": request_id, "reference": "positive",
-                                                           "overwrite": True})
-    assert unauthorised.status_code == 401
-    unknown = httpx.post(f"{url}/v1/feedback", json={"request_id": "0" * 32, "reference": "positive"})
+    assert label("positive").status_code == 409
+    assert label("positive", overwrite=True).status_code == 403, "replacing a label needs admin"
+    unknown = httpx.post(f"{url}/v1/feedback", headers=as_labeller,
+                         json={"request_id": "0" * 32, "reference": "positive"})
     assert unknown.status_code == 404
     with live_gateway.store.session() as session:
-        assert session.scalar(select(TrafficRow.reference).where(TrafficRow.request_id == request_id)) == "negative"
+        row = session.scalars(select(TrafficRow).where(TrafficRow.request_id == request_id)).one()
+        assert (row.reference, row.reference_key_id) == ("negative", labeller.id)
     result = build_from_traffic(live_gateway.config, live_gateway.store, "sentiment", name="from-traffic",
                                 since=parse_instant("1h"))
     examples = get_dataset(live_gateway.store, "sentiment/from-traffic").load()

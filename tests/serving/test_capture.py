@@ -91,7 +91,7 @@ def test_replay_goes_in_bounded_batches_and_a_refused_batch_keeps_the_rest(store
     writer._spill([_record(i) for i in range(100)], reason="database_error")
     largest: list[int] = []
 
-    def count(_conn, _cursor, _statement, parameters, _context, executemany) -> None:  # type: ignore[no-untyped-def]
+    def count(_conn, _cursor, _statement, parameters, _context, executemany) -> None:
         largest.append(len(parameters) if not executemany and isinstance(parameters, (tuple, list)) else 0)
 
     event.listen(store.engine, "before_cursor_execute", count)

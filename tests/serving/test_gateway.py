@@ -289,8 +289,12 @@ def test_user_traffic_is_captured_redacted_and_eval_traffic_only_counted(gateway
     assert gateway.chat("sentiment", "mail me at jane@example.com").status_code == 200
     streamed = gateway.chat("chat", "tell me a story", stream=True)
     assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
-    evaluation = gateway.http.post("/v1/chat/completions", headers={"X-Tuneloop-Purpose": "eval"},
-                                   json={"model": "sentiment", "messages": [{"role": "user", "content": "eval"}]})
+    body = {"model": "sentiment", "messages": [{"role": "user", "content": "eval"}]}
+    anonymous = gateway.http.post("/v1/chat/completions", headers={"X-Tuneloop-Purpose": "eval"}, json=body)
+    assert anonymous.status_code == 403 and "needs an admin key" in anonymous.json()["error"]["message"], \
+        "anyone could keep their traffic out of capture and drift"
+    evaluation = gateway.http.post("/v1/chat/completions", json=body,
+                                   headers={"X-Tuneloop-Purpose": "eval", "Authorization": f"Bearer {TOKEN}"})
     assert evaluation.status_code == 200
     rows: list[TrafficRow] = []
     deadline = time.monotonic() + 10

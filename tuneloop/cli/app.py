@@ -11,6 +11,7 @@ from tuneloop.cli import adapters as adapters_cli
 from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
 from tuneloop.cli import evaluate as evaluate_cli
+from tuneloop.cli import keys as keys_cli
 from tuneloop.cli import monitor as monitor_cli
 from tuneloop.cli import ops as ops_cli
 from tuneloop.cli import retrain as retrain_cli
@@ -30,6 +31,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(datasets_cli.app, name="datasets")
 app.add_typer(adapters_cli.app, name="adapters")
 app.add_typer(task_cli.app, name="task")
+app.add_typer(keys_cli.app, name="keys")
 app.command("train")(train_cli.train)
 app.command("demo")(demo_cli.demo)
 app.command("serve")(serving_cli.serve)
@@ -76,17 +78,21 @@ def init(
     STATE.config_path = path
     config = STATE.config
     config.data_path.mkdir(parents=True, exist_ok=True)
+    credential = config.ensure_local_credential()
     from tuneloop.challenger_sets.catalog import list_datasets
 
     datasets = [d.manifest.ref for d in list_datasets(STATE.store)]
     result = {"config": str(path), "written": written, "data_dir": str(config.data_path),
-              "database": STATE.store.safe_url, "datasets": datasets}
+              "database": STATE.store.safe_url, "datasets": datasets,
+              "admin_credential": str(config.local_credential_path) if config.local_credential_path.exists() else None}
     if json_output:
         print_json(result)
         return
     console.print(f"{'wrote' if written else 'kept existing'} {path}")
     console.print(f"data dir  {config.data_path}\ndatabase  {STATE.store.safe_url}")
     console.print(f"datasets  {', '.join(datasets)}")
+    if credential is not None:
+        console.print(f"admin credential  {credential} (owner-only; the local CLI and gateway read it)")
     console.print("next: tuneloop train --task sentiment --max-steps 20")
 
 

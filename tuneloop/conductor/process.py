@@ -113,7 +113,9 @@ def _background(loop: Loop, schedule: bool) -> Background | None:
 
 
 def serve(config: Config, store: Store, *, schedule: bool = False) -> None:
-    """`tuneloop serve` (schedule=False) and `tuneloop run` (schedule=True), in the foreground."""
+    """`tuneloop serve` (schedule=False) and `tuneloop run` (schedule=True), in the foreground. A machine that never
+    ran `tuneloop init` gets its local admin credential here, so the CLI beside the gateway can administer it."""
+    config.ensure_local_credential()
     loop = assemble_loop(config, store)
     serve_gateway(config, store, extensions=extensions(loop), background=_background(loop, schedule))
 

@@ -1,6 +1,7 @@
 """`POST /v1/hooks/alertmanager`: Alertmanager's webhook starts (or joins) retraining of the alerted task.
 
-Caller: Alertmanager, with the admin token as its bearer credential (grafana/alertmanager.yml). The token is checked
+Caller: Alertmanager, with a key of the `webhook` scope (or the admin token) as its bearer credential
+(grafana/alertmanager.yml): a webhook key can start retraining, never promote or load an adapter. The token is checked
 before the body is read; a malformed body is refused whole (400, naming the field); firing alerts with a configured
 `task` label each become a trigger keyed by fingerprint and start time, so a re-sent notification is answered
 with the same job and changes nothing. The conductor adds this route to the gateway; the gateway itself knows
@@ -16,8 +17,8 @@ from starlette.routing import BaseRoute, Route
 
 from tuneloop.conductor.loop import Loop
 from tuneloop.retrain.triggers import AlertmanagerPayload, alert_triggers
-from tuneloop.serving.auth import require_admin
 from tuneloop.serving.protocol import read_json_body, validate_body
+from tuneloop.serving.state import context
 
 PATH = "/v1/hooks/alertmanager"
 
@@ -28,7 +29,7 @@ class AlertmanagerWebhook:
 
     async def receive(self, request: Request) -> Response:
         config = self.loop.config
-        require_admin(request, config.admin_token)
+        await context(request).auth.require(request, "webhook")
         payload = validate_body(AlertmanagerPayload, await read_json_body(request))
         accepted, ignored = alert_triggers(payload, config)
         results = []
