@@ -287,7 +287,8 @@ def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], r
             totals: dict[str, list[LoadResult]] = {m: [] for m in models}
             for i in range(rounds):
                 for model in models if i % 2 == 0 else list(reversed(models)):
-                    result = asyncio.run(run_load(url, workload.build(model), workload.concurrency))
+                    result = asyncio.run(run_load(url, workload.build(model), workload.concurrency,
+                                                    headers=spec.auth_headers))
                     totals[model].append(result)
                     failures += result.failures
             results[workload.name] = {m: _throughput(r, workload) for m, r in totals.items()}
@@ -301,7 +302,8 @@ def _served(spec: EngineSpec, tmp: Path) -> Iterator[tuple[EngineSupervisor, str
     engine.start()
     try:
         url = f"{spec.base_url}/v1/chat/completions"
-        asyncio.run(run_load(url, chat_bodies("adapter" if spec.enable_lora else "base", ["warm up"] * 4, 4), 4))
+        asyncio.run(run_load(url, chat_bodies("adapter" if spec.enable_lora else "base", ["warm up"] * 4, 4), 4,
+                             headers=spec.auth_headers))
         yield engine, url
     finally:
         engine.stop()
@@ -343,7 +345,7 @@ def _profile(engine: EngineSupervisor, url: str, bodies: list[dict[str, Any]], c
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2)
     for _ in range(passes):
-        asyncio.run(run_load(url, bodies, concurrency))
+        asyncio.run(run_load(url, bodies, concurrency, headers=engine.spec.auth_headers))
     recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT; SIGTERM kills it with nothing written
     recorder.wait(60)
     counts: Counter[str] = Counter()

@@ -68,9 +68,10 @@ def run(*, quick: bool = False) -> list[Table]:
             engine = running.engine
             direct_url = f"{engine.spec.base_url}/v1/chat/completions"
             gateway_url = f"{running.url}/v1/chat/completions"
-            asyncio.run(run_load(direct_url, chat_bodies("chat@1", prompts[:4], 4, system), 4))  # warm-up
-            probe = _latency_probe(direct_url, gateway_url, prompts[:probe_pairs], system)
-            overhead_rows = [_overhead(direct_url, gateway_url, prompts[:n], system, tokens, concurrency)
+            key = engine.spec.auth_headers  # direct requests carry vLLM's key, as the gateway's do
+            asyncio.run(run_load(direct_url, chat_bodies("chat@1", prompts[:4], 4, system), 4, key))  # warm-up
+            probe = _latency_probe(direct_url, gateway_url, prompts[:probe_pairs], system, key)
+            overhead_rows = [_overhead(direct_url, gateway_url, prompts[:n], system, tokens, concurrency, key)
                              for concurrency, n in levels]
             tweet = sentiment_sets()["heldout"][0].last_user_text()
             load_body = {"model": "sentiment", "messages": [{"role": "user", "content": tweet}], "temperature": 0}
@@ -169,12 +170,12 @@ def _restart(engine: EngineSupervisor) -> None:
 
 
 def _overhead(direct_url: str, gateway_url: str, prompts: list[str], system: str, tokens: int,
-              concurrency: int) -> list[Any]:
+              concurrency: int, key: dict[str, str]) -> list[Any]:
     results: dict[str, list[LoadResult]] = {"direct": [], "gateway": []}
     for path in ("direct", "gateway", "gateway", "direct"):
         if path == "direct":
             bodies = chat_bodies("chat@1", prompts, tokens, system)
-            results[path].append(asyncio.run(run_load(direct_url, bodies, concurrency)))
+            results[path].append(asyncio.run(run_load(direct_url, bodies, concurrency, key)))
         else:
             results[path].append(asyncio.run(run_load(gateway_url, chat_bodies("chat", prompts, tokens),
                                                       concurrency)))
@@ -191,7 +192,8 @@ def _combine(results: list[LoadResult]) -> LoadResult:
                       seconds=sum(r.seconds for r in results), latencies=[x for r in results for x in r.latencies])
 
 
-def _latency_probe(direct_url: str, gateway_url: str, prompts: list[str], system: str) -> dict[str, Any]:
+def _latency_probe(direct_url: str, gateway_url: str, prompts: list[str], system: str,
+                   key: dict[str, str]) -> dict[str, Any]:
     """1-token requests one at a time; pair i runs direct first when i is even, the gateway first when odd."""
     pairs: list[tuple[float, float]] = []
     failures = {"direct": 0, "gateway": 0}
@@ -202,7 +204,7 @@ def _latency_probe(direct_url: str, gateway_url: str, prompts: list[str], system
             timings: dict[str, float] = {}
             for name, url, body in sides if i % 2 == 0 else list(reversed(sides)):
                 started = time.perf_counter()
-                response = client.post(url, json=body)
+                response = client.post(url, json=body, headers=key if name == "direct" else None)
                 if response.status_code == 200:
                     timings[name] = (time.perf_counter() - started) * 1000
                 else:

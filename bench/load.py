@@ -52,10 +52,13 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tup
     return elapsed, int(response.json().get("usage", {}).get("completion_tokens", 0)), True
 
 
-async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> LoadResult:
-    """Send every body once, at most `concurrency` in flight; latencies are per request, wall clock overall."""
+async def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int,
+                   headers: dict[str, str] | None = None) -> LoadResult:
+    """Send every body once, at most `concurrency` in flight; latencies are per request, wall clock overall.
+    `headers`: vLLM's key when `url` is the engine itself."""
     semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency * 2),
+                                 headers=headers) as client:
         async def bounded(body: dict[str, Any]) -> tuple[float, int, bool]:
             async with semaphore:
                 return await _one(client, url, body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -56,6 +57,13 @@ class EngineSpec:
     enable_lora: bool = True
     prefix_caching: bool | None = field(default=None, metadata={"help": "None: vLLM's default."})
     base_sha256: str = field(default="", metadata={"help": "Checksum of the base model; adapters must match."})
+    api_key: str | None = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False, metadata={
+        "help": "vLLM's own key (VLLM_API_KEY): only the gateway and its engine client, which hold it, reach vLLM's "
+                "/v1 routes, runtime adapter loading included. None: an open engine (nothing in tuneloop does this)."})
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def base_url(self) -> str:
@@ -74,15 +82,32 @@ class EngineSpec:
                             tuple(self.lora_target_modules))
 
 
+# What vLLM may inherit from the gateway's environment: how to find programs and libraries, locale and temp dirs,
+# and the knobs of vLLM, torch, OpenMP, the math libraries and the accelerator. Not the admin token, the database
+# URL or anything else tuneloop or the operator keeps there.
+INHERITED = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "LD_PRELOAD",
+             "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "XDG_CACHE_HOME",
+             "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_HUB_OFFLINE",
+             "TRANSFORMERS_OFFLINE"}
+INHERITED_PREFIXES = ("LC_", "VLLM_", "TORCH", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "NCCL_",
+                      "TRITON_", "ONEDNN_", "DNNL_")
+
+
+def inherited_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
+
+
 def engine_env(spec: EngineSpec) -> dict[str, str]:
     """vLLM's environment: ours on top of the caller's.
 
     vLLM's CPU backend keeps one core per worker free for its scheduler, which on a 2-core machine halves the
     compute for a process that mostly waits; there, unless the spec or the operator's environment says otherwise,
     it keeps none."""
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    env = {**inherited_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
            "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", LORA_OPS_ENV: spec.lora_ops}
+    if spec.api_key:
+        env["VLLM_API_KEY"] = spec.api_key  # the environment, not the command line, which every user can read
     if spec.cpu_reserved_cores is not None:
         env[RESERVED_CORES_ENV] = str(spec.cpu_reserved_cores)
     elif RESERVED_CORES_ENV not in os.environ and usable_cpu_cores() <= 2:
@@ -179,13 +204,18 @@ class EngineSupervisor:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.client = EngineClient(spec.base_url, spec.limits, ready=lambda: self.state == "ready")
+        self.client = EngineClient(spec.base_url, spec.limits, ready=lambda: self.state == "ready",
+                                   headers=spec.auth_headers)
         for name, path in spec.lora_modules.items():
             self.client.adopt(name, path)
 
     @property
     def base_url(self) -> str:
         return self.spec.base_url
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return self.spec.auth_headers
 
     # lifecycle -------------------------------------------------------------------------------------------
 
@@ -299,3 +329,6 @@ class ServingEngine(Protocol):
 
     @property
     def base_url(self) -> str: ...
+
+    @property
+    def auth_headers(self) -> dict[str, str]: ...

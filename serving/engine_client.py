@@ -52,8 +52,10 @@ class EngineClient:
     from the command line), so a supervisor can hand the same set to a restarted engine."""
 
     def __init__(self, base_url: str, limits: EngineLimits, *, ready: Callable[[], bool] | None = None,
-                 timeout_s: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout_s: float = 120.0, transport: httpx.BaseTransport | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._headers = dict(headers or {})
         self.limits = limits
         self.loaded: dict[str, Path] = {}
         self._ready = ready
@@ -64,7 +66,8 @@ class EngineClient:
 
     def _http(self) -> httpx.Client:
         """A short-lived client per call: adapter changes are rare, and nothing is left open between them."""
-        return httpx.Client(base_url=self.base_url, timeout=self._timeout_s, transport=self._transport)
+        return httpx.Client(base_url=self.base_url, timeout=self._timeout_s, transport=self._transport,
+                            headers=self._headers)
 
     def adopt(self, name: str, path: Path) -> None:
         """Record an adapter the engine was started with (`--lora-modules`)."""

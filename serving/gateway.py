@@ -80,6 +80,7 @@ def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Star
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         ctx.client = httpx.AsyncClient(base_url=ctx.engine.base_url, transport=ctx.upstream_transport,
+                                       headers=ctx.engine.auth_headers,
                                        timeout=httpx.Timeout(ctx.config.serving.request_timeout_s, connect=2.0),
                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
                                                            keepalive_expiry=KEEPALIVE_EXPIRY_S))

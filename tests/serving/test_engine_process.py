@@ -37,3 +37,21 @@ def test_a_child_that_ignores_sigterm_is_killed() -> None:
     end_process_group(leader.pid, timeout_s=0.5)
     leader.wait(5)
     assert process_group_members(leader.pid) == []
+
+
+def test_vllm_inherits_only_what_it_needs_and_gets_its_own_key(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from tuneloop.serving.engine import EngineSpec, build_command, engine_env
+
+    for name, value in {"TUNELOOP_ADMIN_TOKEN": "admin-secret", "TUNELOOP_DATABASE_URL": "postgresql://u:pw@db/x",
+                        "AWS_SECRET_ACCESS_KEY": "aws", "OMP_NUM_THREADS": "2", "VLLM_LOGGING_LEVEL": "INFO"}.items():
+        monkeypatch.setenv(name, value)
+    spec = EngineSpec(model_path=Path("/models/base"), served_name="base")
+    env = engine_env(spec)
+    assert "admin-secret" not in env.values() and "TUNELOOP_DATABASE_URL" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["OMP_NUM_THREADS"] == "2" and env["VLLM_LOGGING_LEVEL"] == "INFO" and env["PATH"]
+    assert spec.api_key and env["VLLM_API_KEY"] == spec.api_key and len(spec.api_key) >= 32
+    assert spec.api_key not in " ".join(build_command(spec)), "the key is not on the command line ps shows"
+    assert EngineSpec(model_path=Path("/m"), served_name="b").api_key != spec.api_key

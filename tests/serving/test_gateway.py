@@ -31,6 +31,7 @@ BASE_SHA = "b" * 64
 TOKEN = "fast-admin-token"
 VLLM = "http://vllm.test"
 USER = {"role": "user", "content": "x"}
+ENGINE_AUTH = "Bearer engine-key"
 
 
 class SentEvents(httpx.AsyncByteStream):
@@ -57,11 +58,15 @@ class FakeVllm:
         self.down = False
         self.stream_fails_after: int | None = None
         self.refuse_with: tuple[int, str] | None = None
+        self.authorizations: list[str | None] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused")
         path = request.url.path
+        self.authorizations.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") != ENGINE_AUTH:  # vLLM started with VLLM_API_KEY
+            return httpx.Response(401, json={"error": "Unauthorized"})
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": n} for n in sorted(self.loaded | {"smollm2-base"})]})
         body = json.loads(request.content)
@@ -96,6 +101,7 @@ class StubEngine:
     state: EngineState = "ready"
     restarts: int = 0
     base_url: str = VLLM
+    auth_headers: dict[str, str] = field(default_factory=lambda: {"Authorization": ENGINE_AUTH})
 
 
 @dataclass
@@ -139,7 +145,7 @@ def _gateway(tmp_path: Path, extra_config: str = "", *,
     _adapter(store, config, adapters, "sentiment", base="c" * 64)  # sentiment@3: another base model
     vllm = FakeVllm()
     engine = StubEngine(EngineClient(VLLM, EngineLimits(BASE_SHA, 8, ("q_proj", "v_proj")),
-                                     transport=httpx.MockTransport(vllm)))
+                                     transport=httpx.MockTransport(vllm), headers={"Authorization": ENGINE_AUTH}))
     for name in ("sentiment@1", "chat@1"):
         engine.client.adopt(name, tmp_path)
     extensions = extend(config, store) if extend is not None else GatewayExtensions()

@@ -65,6 +65,8 @@ def test_each_route_needs_its_scope_and_the_key_id_is_on_the_capture(locked: Gat
     assert _chat(locked, labeller) == 403 and _chat(locked, alerts) == 403
     assert _chat(locked, app) == 200 and _chat(locked, admin) == 200 and _chat(locked, TOKEN) == 200
     assert locked.vllm.bodies and len(locked.vllm.bodies) == 3, "refused requests reach nothing"
+    assert set(locked.vllm.authorizations) == {"Bearer engine-key"}, \
+        "vLLM sees its own key, never the client's"
     promote = {"version": "sentiment@2"}
     for key in (app, labeller, alerts):
         answer = locked.http.post("/admin/promote", json=promote, headers=_bearer(key))
