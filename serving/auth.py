@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from tuneloop.errors import AuthError, PermissionDenied
-from tuneloop.keys import ADMIN_TOKEN_CALLER, Caller, Scope, digest, verify_key
+from tuneloop.keys import ADMIN_TOKEN_CALLER, KEY_PATTERN, Caller, Scope, digest, verify_key
 from tuneloop.store import Store
 
 MAX_CREDENTIAL_CHARS = 200
@@ -27,11 +27,20 @@ class Authenticator:
         self.store, self.admin_token, self.ttl_s, self.max_cached = store, admin_token, ttl_s, max_cached
         self._cache: OrderedDict[str, tuple[Caller | None, float]] = OrderedDict()
 
-    async def caller(self, request: Request) -> Caller | None:
-        """The request's caller; None when it sends no credential; AuthError for a bad or unknown one."""
+    async def caller(self, request: Request, *, open_gateway: bool = False) -> Caller | None:
+        """The request's caller; None when it sends no credential; AuthError for a bad or unknown one.
+
+        `open_gateway` (inference with `serving.require_api_key` off): a credential that is not a tuneloop key at
+        all, such as the "EMPTY" the OpenAI client needs to be given, is no credential; a tuneloop key that is
+        revoked or wrong is still refused, so its holder learns of it."""
         header = request.headers.get("authorization")
         if header is None:
             return None
+        if open_gateway:
+            token = header.partition(" ")[2].strip()
+            if not KEY_PATTERN.fullmatch(token) and not (self.admin_token and hmac.compare_digest(
+                    token.encode("utf-8", "replace"), self.admin_token.encode())):
+                return None
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

@@ -35,7 +35,7 @@ async def _caller(request: Request, ctx: GatewayContext) -> tuple[Caller | None,
     """Who sent an inference request, and what for. A key is needed when `serving.require_api_key` is on (the
     production stack) and optional otherwise, but a key that is sent must be valid and hold `inference`. Marking
     a request as evaluation traffic keeps it out of capture and drift, so only an admin caller may."""
-    caller = await ctx.auth.caller(request)
+    caller = await ctx.auth.caller(request, open_gateway=not ctx.config.serving.require_api_key)
     if caller is None and ctx.config.serving.require_api_key:
         raise AuthError("this gateway needs an API key: send 'Authorization: Bearer <key>' (an operator creates "
                         "one with `tuneloop keys create NAME --scope inference`)")

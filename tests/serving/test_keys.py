@@ -94,9 +94,16 @@ def test_a_revoked_key_is_refused_once_the_cache_lets_go(locked: Gateway) -> Non
     assert _chat(locked, app) == 401
 
 
-def test_without_require_api_key_no_key_is_fine_but_a_bad_one_is_not(gateway: Gateway) -> None:
-    assert _chat(gateway, None) == 200
-    assert _chat(gateway, "tl_0000") == 401, "a key that is sent must be valid"
+def test_without_require_api_key_no_key_is_fine_but_a_revoked_one_is_not(gateway: Gateway) -> None:
+    key, secret = create_key(gateway.store, "app", ["inference"])
+    assert _chat(gateway, None) == 200 and _chat(gateway, "EMPTY") == 200, "what the OpenAI client is given"
+    assert _chat(gateway, secret) == 200
+    revoke_key(gateway.store, "app")
+    gateway.ctx.auth._cache.clear()
+    assert _chat(gateway, secret) == 401, "a tuneloop key that is sent must be valid"
+    gateway.ctx.capture.close()
+    with gateway.store.session() as session:
+        assert list(session.scalars(select(TrafficRow.key_id).order_by(TrafficRow.id))) == [None, None, key.id]
 
 
 def test_a_key_over_its_requests_per_minute_gets_429_with_openai_headers(locked: Gateway) -> None:
