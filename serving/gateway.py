@@ -16,6 +16,7 @@ import httpx
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -39,7 +40,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(context(request).registry), media_type=CONTENT_TYPE_LATEST)
+    # Collectors query the database (job states, capture counts, scores): off the event loop, so a locked SQLite
+    # or a slow Postgres delays the scrape, not every request.
+    body = await run_in_threadpool(generate_latest, context(request).registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def on_error(request: Request, exc: Exception) -> Response:

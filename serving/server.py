@@ -179,8 +179,13 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx.capture.start()
         ctx.capture.replay_spill()
         app = create_app(ctx, routes=extensions.routes)
+        # Bounded at the server: connections and in-flight requests together (beyond it uvicorn answers 503),
+        # idle keep-alive connections, and a request head of at most 16 KiB (h11's incomplete-event limit).
         server = uvicorn.Server(uvicorn.Config(app, host=config.serving.gateway_host, port=config.serving.gateway_port,
-                                               log_level=log_level, access_log=False))
+                                               log_level=log_level, access_log=False,
+                                               limit_concurrency=config.serving.max_connections,
+                                               timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024,
+                                               timeout_graceful_shutdown=config.serving.shutdown_grace_s))
         thread = threading.Thread(target=server.run, name="gateway", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
