@@ -23,6 +23,7 @@ BENCHMARKS = {
     "drift": "bench.bench_drift",
     "drift_timing": "bench.bench_drift:run_timing",
     "retrain": "bench.bench_retrain",
+    "reliability": "bench.bench_reliability",
 }
 
 
