@@ -17,7 +17,7 @@ DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertman
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-fast bench bench-smoke lint docs clean
+.PHONY: install demo demo-fast test test-fast bench bench-smoke reliability lint docs clean
 
 install: $(STAMP)
 
@@ -72,6 +72,9 @@ docs: install
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+reliability: install
+	$(BIN)/python -m bench reliability
 
 bench-smoke: install
 	$(BIN)/python -m pytest -q tests/bench $(DURATIONS) $(PYTEST_ARGS)
