@@ -290,7 +290,7 @@ class ServingConfig(StrictModel):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request caps the gateway enforces.")
     max_connections: int = Field(default=1024, ge=8, le=100_000, description="Connections and requests in "
                                  "flight the gateway's server holds at once; beyond it new ones get 503.")
-    shutdown_grace_s: float = Field(default=30.0, ge=1.0, le=600.0, description="How long a stopping gateway waits "
+    shutdown_grace_s: int = Field(default=30, ge=1, le=600, description="How long a stopping gateway waits "
                                     "for requests in flight (streams included) before closing them.")
     require_api_key: bool = Field(default=False, description="Refuse /v1/* inference without an API key (`tuneloop "
                                   "keys create`). Off for the single-machine default, on in the production stack. "

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tuneloop.serving.engine import end_process_group, process_group_members
 
 
@@ -39,7 +41,7 @@ def test_a_child_that_ignores_sigterm_is_killed() -> None:
     assert process_group_members(leader.pid) == []
 
 
-def test_vllm_inherits_only_what_it_needs_and_gets_its_own_key(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_vllm_inherits_only_what_it_needs_and_gets_its_own_key(monkeypatch: pytest.MonkeyPatch) -> None:
     from pathlib import Path
 
     from tuneloop.serving.engine import EngineSpec, build_command, engine_env
