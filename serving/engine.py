@@ -154,14 +154,28 @@ def process_group_members(pgid: int) -> list[int]:
     return members
 
 
-def end_process_group(pgid: int, timeout_s: float) -> None:
-    """SIGTERM every process of the group, SIGKILL what is left after `timeout_s`; returns once none is alive."""
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        if not process_group_members(pgid):
-            return
+def end_process_group(pgid: int, timeout_s: float, *, leader: subprocess.Popen[bytes] | None = None,
+                      after_leader_s: float = 3.0) -> None:
+    """SIGTERM every process of the group and SIGKILL what is left; returns once none is alive.
+
+    The leader (vLLM's API server) gets `timeout_s` for its orderly shutdown, which stops its children; once it
+    has exited, whatever of the group is left gets `after_leader_s` more (an orphaned EngineCore does not
+    necessarily act on SIGTERM, and waiting the whole timeout for it would only delay every stop and restart)."""
+    if not process_group_members(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    leader_gone_at: float | None = None
+    while process_group_members(pgid) and time.monotonic() < deadline:
+        if leader_gone_at is None and (leader is None or leader.poll() is not None):
+            leader_gone_at = time.monotonic()
+            deadline = min(deadline, leader_gone_at + after_leader_s)
+        time.sleep(0.1)
+    if process_group_members(pgid):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait_s
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
         while process_group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
     if process_group_members(pgid):
@@ -307,7 +321,7 @@ class EngineSupervisor:
         process = self.process
         if process is None:
             return
-        end_process_group(process.pid, timeout_s)
+        end_process_group(process.pid, timeout_s, leader=process)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(5)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -57,3 +58,13 @@ def test_vllm_inherits_only_what_it_needs_and_gets_its_own_key(monkeypatch: pyte
     assert spec.api_key and env["VLLM_API_KEY"] == spec.api_key and len(spec.api_key) >= 32
     assert spec.api_key not in " ".join(build_command(spec)), "the key is not on the command line ps shows"
     assert EngineSpec(model_path=Path("/m"), served_name="b").api_key != spec.api_key
+
+
+def test_orphans_that_ignore_sigterm_do_not_hold_up_a_stop_for_the_whole_timeout() -> None:
+    leader = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300 & exec sleep 0.2"], start_new_session=True)
+    time.sleep(0.5)  # the leader has exited; its child ignores SIGTERM, like an orphaned engine core
+    ending = threading.Thread(target=end_process_group, args=(leader.pid, 600), daemon=True,
+                              kwargs={"leader": leader, "after_leader_s": 0.5})
+    ending.start()
+    ending.join(timeout=60)  # a hang detector: the bug waited out all 600 s for a group whose leader was gone
+    assert not ending.is_alive() and process_group_members(leader.pid) == []
