@@ -36,19 +36,17 @@ class Authenticator:
         header = request.headers.get("authorization")
         if header is None:
             return None
-        if open_gateway:
-            token = header.partition(" ")[2].strip()
-            if not KEY_PATTERN.fullmatch(token) and not (self.admin_token and hmac.compare_digest(
-                    token.encode("utf-8", "replace"), self.admin_token.encode())):
-                return None
         scheme, _, token = header.partition(" ")
         token = token.strip()
+        is_admin_token = bool(self.admin_token) and hmac.compare_digest(token.encode("utf-8", "replace"),
+                                                                        str(self.admin_token).encode())
+        if open_gateway and not is_admin_token and not KEY_PATTERN.fullmatch(token):
+            return None
         if scheme.lower() != "bearer" or not token:
             raise AuthError("malformed Authorization header: send 'Authorization: Bearer <key>'")
         if len(token) > MAX_CREDENTIAL_CHARS:
             raise AuthError("invalid API key")
-        if self.admin_token and hmac.compare_digest(token.encode("utf-8", "replace"),
-                                                    self.admin_token.encode()):
+        if is_admin_token:
             return ADMIN_TOKEN_CALLER
         key = digest(token)
         cached = self._cache.get(key)
