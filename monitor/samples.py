@@ -79,10 +79,14 @@ def reference_sample(config: Config, store: Store, task: str) -> ReferenceSample
 
 def traffic_window(store: Store, task: str, *, last: int | None = None, since: datetime | None = None,
                    until: datetime | None = None) -> TrafficWindow:
-    """The last `last` captured user prompts of the task, or those in [since, until)."""
-    query = select(TrafficRow.request_id, TrafficRow.prompt_text, TrafficRow.completion, TrafficRow.adapter_version,
-                   TrafficRow.status).where(TrafficRow.task == task, TrafficRow.route.in_(USER_ROUTES),
-                                            TrafficRow.shadow_of.is_(None))
+    """The last `last` answered user prompts of the task, or those in [since, until).
+
+    Only answered requests (status 200) count: a request vLLM refused (too long, bad parameters) produced no
+    answer and is not traffic the adapter served, and counting it would let any client steer the drift verdict
+    with prompts the engine throws away."""
+    query = select(TrafficRow.request_id, TrafficRow.prompt_text, TrafficRow.completion,
+                   TrafficRow.adapter_version).where(TrafficRow.task == task, TrafficRow.route.in_(USER_ROUTES),
+                                                     TrafficRow.shadow_of.is_(None), TrafficRow.status == 200)
     if since is not None:
         query = query.where(TrafficRow.created_at >= since)
     if until is not None:
@@ -94,6 +98,6 @@ def traffic_window(store: Store, task: str, *, last: int | None = None, since: d
         rows = list(session.execute(query))[::-1]
     rows = [r for r in rows if r.prompt_text and r.prompt_text.strip()]
     return TrafficWindow(task=task, prompts=[r.prompt_text for r in rows],
-                         completions=[r.completion if r.status == 200 else None for r in rows],
+                         completions=[r.completion for r in rows],
                          adapter_versions=[r.adapter_version for r in rows], since=since, until=until,
                          request_ids=[r.request_id for r in rows])

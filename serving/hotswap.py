@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
-from tuneloop.registry import AdapterVersion, clear_alias, find_alias, get_adapter, set_alias
+from tuneloop.registry import AdapterVersion, find_alias, get_adapter, set_alias
 from tuneloop.serving.engine_client import EngineClient, EngineLimits, check_servable
 from tuneloop.serving.routing import Router
 from tuneloop.store import Store
@@ -49,10 +49,7 @@ class HotSwapper:
     def promote(self, ref: str, *, reason: str = "promoted") -> SwapResult:
         with self._lock:
             version = self.load(ref)
-            previous = set_alias(self.store, version.ref, "champion", reason=reason)
-            candidate = find_alias(self.store, version.task, "candidate")
-            if candidate and candidate.version == version.version:
-                clear_alias(self.store, version.task, "candidate")
+            previous = set_alias(self.store, version.ref, "champion", reason=reason, clear="candidate")
             if self.router is not None:
                 self.router.refresh()
         if self.client is not None and previous and previous.version != version.version:

@@ -25,7 +25,7 @@ from tuneloop.errors import AdapterError, StoreError
 from tuneloop.events import record_event
 from tuneloop.parsing import is_integer
 from tuneloop.store import Store
-from tuneloop.tables import AdapterVersionRow, AliasRow, utcnow
+from tuneloop.tables import AdapterVersionRow, AliasRow, EventRow, utcnow
 
 Alias = Literal["champion", "candidate"]
 ALIASES: tuple[Alias, ...] = ("champion", "candidate")
@@ -208,24 +208,36 @@ def find_alias(store: Store, task: str, alias: Alias) -> AdapterVersion | None:
         return None
 
 
-def set_alias(store: Store, ref: str, alias: Alias, *, reason: str = "") -> AdapterVersion | None:
-    """Point `alias` of the version's task at it; returns the version it pointed at before (if any)."""
+def set_alias(store: Store, ref: str, alias: Alias, *, reason: str = "",
+              clear: Alias | None = None) -> AdapterVersion | None:
+    """Point `alias` of the version's task at it; returns the version it pointed at before (if any).
+
+    The alias row, its event and (with `clear`) the removal of another alias that pointed at the same version are
+    one transaction: rollback finds the previous champion in the event, so a process killed between an alias
+    flip and its event would leave a champion nobody can roll back from."""
     target = get_adapter(store, ref)
     if alias == "champion" and target.method != "lora":
         raise AdapterError(f"{ref} is a {target.method} model; only LoRA adapters can be served as champion")
-    previous = find_alias(store, target.task, alias)
     with store.session() as session:
-        row = session.get(AliasRow, (target.task, alias))
         adapter_id = session.scalars(select(AdapterVersionRow.id).where(
             AdapterVersionRow.task == target.task, AdapterVersionRow.version == target.version)).one()
+        row = session.get(AliasRow, (target.task, alias))
+        previous_row = session.get(AdapterVersionRow, row.adapter_id) if row is not None else None
+        previous = (_to_version(previous_row, _aliases_by_id(session).get(previous_row.id, []))
+                    if previous_row is not None else None)
         if row is None:
             session.add(AliasRow(task=target.task, alias=alias, adapter_id=adapter_id))
         else:
             row.adapter_id = adapter_id
             row.updated_at = utcnow()
-    record_event(store, f"alias_{alias}_set", f"{alias} of {target.task} -> {ref}" + (f" ({reason})" if reason else ""),
-                 task=target.task, payload={"alias": alias, "version": target.version,
-                                            "previous": previous.version if previous else None})
+        if clear is not None:
+            other = session.get(AliasRow, (target.task, clear))
+            if other is not None and other.adapter_id == adapter_id:
+                session.delete(other)
+        session.add(EventRow(kind=f"alias_{alias}_set",
+                             message=f"{alias} of {target.task} -> {ref}" + (f" ({reason})" if reason else ""),
+                             task=target.task, payload={"alias": alias, "version": target.version,
+                                                        "previous": previous.version if previous else None}))
     return previous
 
 

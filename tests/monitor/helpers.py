@@ -19,13 +19,13 @@ from tuneloop.tables import AdapterVersionRow, AliasRow, TrafficRow
 
 
 def capture(store: Store, task: str, prompts: Sequence[str], *, completions: Sequence[str] | None = None,
-            adapter_version: int | None = None, route: str = "champion") -> None:
+            adapter_version: int | None = None, route: str = "champion", status: int = 200) -> None:
     with store.session() as session:
         for i, prompt in enumerate(prompts):
             session.add(TrafficRow(
                 request_id=uuid.uuid4().hex, created_at=datetime.now(UTC), task=task, adapter_version=adapter_version,
                 route=route, endpoint="chat", prompt_text=prompt, messages=[{"role": "user", "content": prompt}],
-                completion=completions[i] if completions else None, latency_ms=1.0, status=200))
+                completion=completions[i] if completions else None, latency_ms=1.0, status=status))
 
 
 def register_version(store: Store, task: str, version: int, *, champion: bool = False) -> None:

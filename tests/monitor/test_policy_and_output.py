@@ -132,3 +132,16 @@ def test_output_view_fires_when_the_adapter_label_shares_move(config: Config, st
     capture(store, "sentiment", [f"v2 {i}" for i in range(150)], completions=["neutral"] * 150, adapter_version=2)
     [view] = detector.run("sentiment", window=150, html=False).views
     assert view.status == "unavailable" and "0 answers by sentiment@1" in view.detail["reason"]
+
+
+def test_the_drift_window_holds_only_answered_requests(store: Store) -> None:
+    """Requests vLLM refused produced no answer: a client sending thousands of prompts the engine throws away
+    must not fill the window the drift views judge."""
+    from tuneloop.monitor.samples import traffic_window
+
+    capture(store, "sentiment", [f"served {i}" for i in range(5)], completions=["neutral"] * 5)
+    capture(store, "sentiment", [f"refused {i}" for i in range(20)], status=400)
+    capture(store, "sentiment", [f"engine down {i}" for i in range(3)], status=503)
+    window = traffic_window(store, "sentiment", last=10)
+    assert window.prompts == [f"served {i}" for i in range(5)]
+    assert window.completions == ["neutral"] * 5

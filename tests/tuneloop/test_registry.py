@@ -54,6 +54,39 @@ def test_aliases_move_and_resolve(store: Store, config: Config, tmp_path: Path) 
     assert sorted(get_adapter(store, "sentiment@2").aliases) == ["candidate", "champion"]
 
 
+def test_an_alias_flip_its_event_and_the_cleared_candidate_commit_together(store: Store, config: Config,
+                                                                           tmp_path: Path) -> None:
+    """Rollback reads the previous champion from the flip's event: if the event cannot be written, the flip must
+    not happen either (a SQLite trigger makes the events table refuse the write, as a kill or a full disk would
+    end the transaction)."""
+    from sqlalchemy import text
+
+    from tuneloop.errors import StoreError
+    from tuneloop.events import list_events
+
+    register_adapter(store, config.data_path, _trained(tmp_path, "a"), _card())
+    register_adapter(store, config.data_path, _trained(tmp_path, "b", b"2"), _card())
+    set_alias(store, "sentiment@2", "candidate")
+    events_before = len(list_events(store))
+    with store.session() as session:
+        session.execute(text("CREATE TRIGGER refuse_events BEFORE INSERT ON events "
+                             "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+    with pytest.raises(StoreError, match="disk full"):
+        set_alias(store, "sentiment@2", "champion", clear="candidate")
+    assert get_adapter(store, "sentiment@champion").version == 1
+    assert get_adapter(store, "sentiment@candidate").version == 2
+    with store.session() as session:
+        session.execute(text("DROP TRIGGER refuse_events"))
+    assert len(list_events(store)) == events_before
+
+    previous = set_alias(store, "sentiment@2", "champion", reason="gate passed", clear="candidate")
+    assert previous is not None and previous.version == 1
+    assert find_alias(store, "sentiment", "candidate") is None
+    [event] = list_events(store, kind="alias_champion_set", limit=1)
+    assert event.payload == {"alias": "champion", "version": 2, "previous": 1}
+    assert event.message == "champion of sentiment -> sentiment@2 (gate passed)"
+
+
 def test_only_lora_can_be_champion(store: Store, config: Config, tmp_path: Path) -> None:
     version = register_adapter(store, config.data_path, _trained(tmp_path, "p"), _card(method="prompt-tuning"))
     assert version.aliases == []
