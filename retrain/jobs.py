@@ -17,9 +17,9 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ from tuneloop.retrain.records import (
     WatchState,
 )
 from tuneloop.store import Store
-from tuneloop.tables import RetrainJobRow, RetrainTriggerRow
+from tuneloop.tables import AdapterVersionRow, AliasRow, RetrainJobRow, RetrainTriggerRow
 from tuneloop.timewindow import as_utc
 
 log = logging.getLogger(__name__)
@@ -280,21 +280,56 @@ class JobStore:
 
     # The reaper ---------------------------------------------------------------------------------------------
 
-    def reap(self, *, stale_after_s: float, data_dir: Path | None = None) -> list[int]:
-        """Mark unfinished jobs whose worker is gone (or silent for `stale_after_s`) failed and remove their
-        half-written adapter folders under `data_dir`; returns their ids. Changes state: the scheduler process and
-        `tuneloop jobs reap` call it, read commands only show `why_stale`."""
-        failed = []
+    def reap(self, *, stale_after_s: float, data_dir: Path | None = None,
+             release: Callable[[Job], None] | None = None) -> list[int]:
+        """End unfinished jobs whose worker is gone (or silent for `stale_after_s`) and remove their half-written
+        adapter folders under `data_dir`; returns their ids. Changes state: the scheduler process and `tuneloop
+        jobs reap` call it, read commands only show `why_stale`.
+
+        A worker that died after its candidate became champion did promote it: that job ends `promoted` with its
+        watch started at the promotion's time (failing it would leave a promotion nobody watches). Any other dead
+        job ends `failed`, and `release` (the serving side's unload) is handed each one that left a registered
+        candidate behind, which the gate may have loaded into the engine."""
+        ended = []
         for job in self.active():
             reason = why_stale(job, stale_after_s=stale_after_s)
             if reason is None:
                 continue
             if data_dir is not None:
                 remove_staging(data_dir, job.task, job.id)
-            self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
-            failed.append(job.id)
-            log.warning("job %s failed: %s", job.id, reason)
-        return failed
+            promoted_at = self._promoted_at(job)
+            if promoted_at is not None:
+                self._finish_promoted(job, promoted_at, reason)
+            else:
+                self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
+                if job.candidate_version is not None and release is not None:
+                    try:
+                        release(job)
+                    except Exception as exc:  # noqa: BLE001 - costs only an engine slot; the job has ended
+                        log.warning("job %s: could not release candidate %s: %s", job.id, job.candidate_ref, exc)
+            ended.append(job.id)
+            log.warning("job %s ended: %s", job.id, reason)
+        return ended
+
+    def _promoted_at(self, job: Job) -> datetime | None:
+        """When the job's candidate became champion, if it is champion now."""
+        if job.candidate_version is None:
+            return None
+        with self.store.session() as session:
+            alias = session.get(AliasRow, (job.task, "champion"))
+            champion = session.get(AdapterVersionRow, alias.adapter_id) if alias is not None else None
+            if champion is None or champion.version != job.candidate_version:
+                return None
+            return as_utc(alias.updated_at) if alias is not None and alias.updated_at else datetime.now(UTC)
+
+    def _finish_promoted(self, job: Job, promoted_at: datetime, reason: str) -> None:
+        watch_s = job.settings.retrain.watch_s
+        previous = job.champion_version if job.champion_version is not None else job.candidate_version
+        assert previous is not None
+        watch = WatchState(status="watching" if watch_s > 0 else "off", promoted_at=promoted_at,
+                           until=promoted_at + timedelta(seconds=watch_s), previous_version=previous,
+                           through_gateway=True, reason=f"recovered by the reaper: {reason} after promoting")
+        self.finish(job.id, "promoted", watch=watch)
 
 
 def why_stale(job: Job, *, stale_after_s: float, now: datetime | None = None) -> str | None:

@@ -26,9 +26,10 @@ from tuneloop.monitor.jobs import JobFunction, JobKind, JobOutcome, execute
 from tuneloop.monitor.policy import Policy, PolicyOutcome
 from tuneloop.monitor.scheduled import scheduled_drift, scheduled_eval
 from tuneloop.monitor.scheduler import TuneloopScheduler
+from tuneloop.registry import get_adapter
 from tuneloop.retrain.deployment import Deployment
-from tuneloop.retrain.jobs import SubmitOutcome
-from tuneloop.retrain.records import IncidentTrigger, JobState, Trigger
+from tuneloop.retrain.jobs import JobStore, SubmitOutcome
+from tuneloop.retrain.records import IncidentTrigger, Job, JobState, Trigger
 from tuneloop.retrain.runner import JobRunner
 from tuneloop.retrain.triggers import request_retrain
 from tuneloop.retrain.watch import Watch, WatchOutcome
@@ -120,7 +121,17 @@ class Loop:
 
     def request_retrain(self, task: str, trigger: Trigger) -> SubmitOutcome:
         """Step 4: queue a job for the task or join its running one (the webhook and `tuneloop retrain` too)."""
+        self.reap_jobs()
         return request_retrain(self.config, self.store, task, trigger, runner=self.runner)
+
+    def reap_jobs(self) -> list[int]:
+        """End the jobs whose worker died, unloading the candidates they left in the engine."""
+        return JobStore(self.store).reap(stale_after_s=self.config.jobs.stale_after_s, data_dir=self.config.data_path,
+                                         release=self._release_candidate)
+
+    def _release_candidate(self, job: Job) -> None:
+        if job.candidate_ref is not None:
+            self.deployment.release(get_adapter(self.store, job.candidate_ref))
 
     def check_watch(self, task: str) -> WatchOutcome | None:
         """Step 7: compare a watched promotion with the champion it replaced; a regression rolls it back."""

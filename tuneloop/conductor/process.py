@@ -25,7 +25,6 @@ from tuneloop.conductor.loop import Loop
 from tuneloop.conductor.webhook import AlertmanagerWebhook
 from tuneloop.config import Config
 from tuneloop.monitor.exporter import MonitorCollector
-from tuneloop.retrain.jobs import JobStore
 from tuneloop.retrain.metrics import RetrainCollector
 from tuneloop.retrain.runner import JobRunner, LocalRunner
 from tuneloop.serving.admin_client import gateway_url
@@ -65,12 +64,13 @@ def exporter_registry(config: Config, store: Store) -> CollectorRegistry:
 
 
 class Reaper:
-    """Fails retraining jobs whose worker died (JobStore.reap) every `every_s`, beside the scheduler: a read
-    command never does it, and a dead job would hold its task's lock until the next trigger."""
+    """Ends retraining jobs whose worker died (JobStore.reap) every `every_s`, beside the scheduler: a read
+    command never does it, and a dead job would hold its task's lock until the next trigger. A dead job's
+    candidate is unloaded from the engine through `loop`'s deployment."""
 
-    def __init__(self, config: Config, store: Store, *, every_s: float | None = None) -> None:
-        self.config, self.jobs = config, JobStore(store)
-        self.every_s = every_s or max(1.0, config.jobs.stale_after_s / 4)
+    def __init__(self, loop: Loop, *, every_s: float | None = None) -> None:
+        self.config, self.loop = loop.config, loop
+        self.every_s = every_s or max(1.0, self.config.jobs.stale_after_s / 4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -86,7 +86,7 @@ class Reaper:
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                self.jobs.reap(stale_after_s=self.config.jobs.stale_after_s, data_dir=self.config.data_path)
+                self.loop.reap_jobs()
             except Exception as exc:  # noqa: BLE001 - the database may be away; try again next time
                 log.warning("job reaper: %s", exc)
 
@@ -109,7 +109,7 @@ class Together:
 def _background(loop: Loop, schedule: bool) -> Background | None:
     if not schedule:
         return None
-    return Together([loop.scheduler(), Reaper(loop.config, loop.store)])
+    return Together([loop.scheduler(), Reaper(loop)])
 
 
 def serve(config: Config, store: Store, *, schedule: bool = False) -> None:

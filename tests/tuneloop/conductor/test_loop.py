@@ -115,3 +115,50 @@ def test_an_incidents_rule_names_the_sets_retraining_learns_from() -> None:
     assert (floor.key, floor.datasets, floor.rule) == ("incident:7", ["other-topics"], "floor:macro_f1:other-topics")
     assert len(floor.message) == 500, "bounded"
     assert incident_trigger(incident(RuleId.drift())).datasets == [], "drift names no set: all are used"
+
+
+def _dead_worker(store: Store, job_id: int, *, candidate: int, state: str) -> None:
+    """Test setup: the job's worker registered `candidate`, reached `state` and was SIGKILLed (a pid above
+    Linux's largest, 2**22, never names a live process, so the reaper sees the worker gone at once)."""
+    import socket
+
+    from tuneloop.tables import RetrainJobRow
+
+    with store.session() as session:
+        row = session.get(RetrainJobRow, job_id)
+        assert row is not None
+        row.pid, row.host, row.heartbeat_at = 2**22 + 7, socket.gethostname(), datetime.now(UTC)
+        row.state, row.candidate_version = state, candidate
+
+
+def test_a_job_killed_while_the_gate_ran_is_failed_and_its_loaded_candidate_released(config: Config,
+                                                                                      store: Store) -> None:
+    register_champion(store, "sentiment", 1)
+    register_version(store, "sentiment", 2)
+    deployment = RecordingDeployment(store)
+    loop = Loop(config, store, runner=RecordingRunner(), deployment=deployment, endpoint="http://unused.test")
+    job = loop.request_retrain("sentiment", ManualTrigger(key="k1", reason="test")).job
+    _dead_worker(store, job.id, candidate=2, state="evaluating")
+    assert loop.reap_jobs() == [job.id]
+    ended = JobStore(store).get(job.id)
+    assert ended.state == "failed" and "exited during 'evaluating'" in (ended.error or "")
+    assert deployment.calls == [("release", "sentiment@2")]
+    assert loop.reap_jobs() == [], "an ended job is not reaped twice"
+
+
+def test_a_job_killed_after_promoting_ends_promoted_with_its_watch_on(config: Config, store: Store) -> None:
+    config.tasks["sentiment"].retrain.watch_s = 600
+    register_champion(store, "sentiment", 1)
+    register_version(store, "sentiment", 2)
+    deployment = RecordingDeployment(store)
+    loop = Loop(config, store, runner=RecordingRunner(), deployment=deployment, endpoint="http://unused.test")
+    job = loop.request_retrain("sentiment", ManualTrigger(key="k1", reason="test")).job
+    set_alias(store, "sentiment@2", "champion", reason="promoted")  # the worker's last act before the kill
+    _dead_worker(store, job.id, candidate=2, state="evaluating")
+    assert loop.reap_jobs() == [job.id]
+    ended = JobStore(store).get(job.id)
+    assert ended.state == "promoted", ended.error
+    assert ended.watch is not None and ended.watch.status == "watching" and ended.watch.previous_version == 1
+    assert (ended.watch.until - ended.watch.promoted_at).total_seconds() == pytest.approx(600)
+    assert "recovered by the reaper" in (ended.watch.reason or "")
+    assert deployment.calls == [], "the champion is not unloaded"
