@@ -40,8 +40,8 @@ class GatewayMetrics:
 class ServingStateCollector(Collector):
     """Engine state and restarts, capture outcomes and PII redactions, read from their owners at scrape time."""
 
-    def __init__(self, engine: Any, capture: Any, redactor: Any) -> None:
-        self.engine, self.capture, self.redactor = engine, capture, redactor
+    def __init__(self, engine: Any, capture: Any, redactor: Any, retention: Any = None) -> None:
+        self.engine, self.capture, self.redactor, self.retention = engine, capture, redactor, retention
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("tuneloop_engine_up", "1 when vLLM answers its health check.")
@@ -65,3 +65,24 @@ class ServingStateCollector(Collector):
         for kind in ("email", "phone", "card", "iban"):
             pii.add_metric([kind], float(self.redactor.counts.get(kind, 0)))
         yield pii
+        if self.retention is not None:
+            yield from self._retention()
+
+    def _retention(self) -> Iterator[Any]:
+        pruned = CounterMetricFamily("tuneloop_traffic_pruned_rows", "Captured requests deleted by this "
+                                     "gateway's retention passes, by limit (age, size).", labels=["reason"])
+        for reason in ("age", "size"):
+            pruned.add_metric([reason], float(self.retention.pruned[reason]))
+        yield pruned
+        last = self.retention.last
+        if last is None:
+            return
+        rows = GaugeMetricFamily("tuneloop_traffic_rows", "Captured requests stored, as counted by the last "
+                                 "retention pass, by whether they carry feedback.", labels=["labelled"])
+        rows.add_metric(["false"], float(last.kept_unlabelled))
+        rows.add_metric(["true"], float(last.kept_labelled))
+        yield rows
+        at = GaugeMetricFamily("tuneloop_traffic_retention_last_run_timestamp_seconds",
+                               "When this gateway's last retention pass finished (Unix time).")
+        at.add_metric([], self.retention.last_run_at.timestamp())
+        yield at

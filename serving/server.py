@@ -41,6 +41,7 @@ from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 from tuneloop.serving.ratelimit import RateLimiter
+from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
 from tuneloop.store import Store
 
@@ -132,12 +133,13 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
                             max_queue_bytes=config.serving.capture_queue_mib * 2**20)
     swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
                          grace_s=config.serving.unload_grace_s)
-    registry.register(ServingStateCollector(engine, capture, redactor))
+    retention = TrafficRetention(store, config.serving.retention)
+    registry.register(ServingStateCollector(engine, capture, redactor, retention))
     for collector in extensions.collectors:
         registry.register(collector)
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
-                          auth=Authenticator(store, config.admin_token), limiter=RateLimiter(),
+                          auth=Authenticator(store, config.admin_token), limiter=RateLimiter(), retention=retention,
                           upstream_transport=upstream_transport)
 
 
@@ -178,6 +180,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx = build_context(config, store, engine, extensions=extensions, seed=seed)
         ctx.capture.start()
         ctx.capture.replay_spill()
+        ctx.retention.start()
         app = create_app(ctx, routes=extensions.routes)
         # Bounded at the server: connections and in-flight requests together (beyond it uvicorn answers 503),
         # idle keep-alive connections, and a request head of at most 16 KiB (h11's incomplete-event limit).
@@ -206,6 +209,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
             server.should_exit = True
             thread.join(15)
         if ctx is not None:
+            ctx.retention.stop()
             ctx.capture.close()
         engine.stop()
 

@@ -18,6 +18,7 @@ from tuneloop.serving.engine import ServingEngine
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.ratelimit import RateLimiter
+from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
 
 
@@ -33,6 +34,7 @@ class GatewayContext:
     metrics: GatewayMetrics
     auth: Authenticator
     limiter: RateLimiter
+    retention: TrafficRetention
     upstream_transport: httpx.AsyncBaseTransport | None = field(
         default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})
     client: httpx.AsyncClient | None = None

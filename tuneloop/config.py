@@ -284,9 +284,27 @@ class RequestLimits(StrictModel):
     max_logprobs: int = Field(default=20, ge=0, le=100, description="Largest `logprobs` / `top_logprobs`.")
 
 
+class RetentionConfig(StrictModel):
+    """How long captured traffic is kept. Labelled rows (feedback) are kept by default whatever their age: they
+    are the raw material of challenger and training sets, and far fewer than unlabelled ones."""
+
+    max_age_days: float | None = Field(default=30, gt=0, description="Unlabelled captured requests older than "
+                                       "this are deleted. null: no age limit.")
+    max_rows: int | None = Field(default=1_000_000, ge=1, description="Most unlabelled captured requests kept; the "
+                                 "oldest beyond it are deleted. null: no size limit.")
+    keep_labelled: bool = Field(default=True, description="Never delete requests that carry feedback (a "
+                                "reference); false applies both limits to them too.")
+    every_s: float = Field(default=600, ge=1, le=86_400, description="Seconds between retention passes (each "
+                           "gateway runs one; deleting is idempotent).")
+    batch_rows: int = Field(default=5000, ge=1, le=100_000, description="Rows deleted per transaction, so a "
+                            "long prune never holds SQLite's write lock for long.")
+
+
 class ServingConfig(StrictModel):
     """Addresses and engine limits of the gateway and vLLM."""
 
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How long captured traffic is "
+                                       "kept (by age and by row count).")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request caps the gateway enforces.")
     max_connections: int = Field(default=1024, ge=8, le=100_000, description="Connections and requests in "
                                  "flight the gateway's server holds at once; beyond it new ones get 503.")

@@ -107,6 +107,7 @@ def _tuneloop_names(config: Config, store: Store) -> set[str]:
     store, plus the gateway's and serving's own)."""
     from tuneloop.conductor.process import collectors
     from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+    from tuneloop.serving.retention import TrafficRetention
 
     class Idle:
         state, restarts = "ready", 0
@@ -117,7 +118,9 @@ def _tuneloop_names(config: Config, store: Store) -> set[str]:
     registry = CollectorRegistry()
     for collector in collectors(config, store):
         registry.register(collector)
-    registry.register(ServingStateCollector(Idle(), Idle(), Idle()))
+    retention = TrafficRetention(store, config.serving.retention)
+    retention.prune()
+    registry.register(ServingStateCollector(Idle(), Idle(), Idle(), retention))
     gateway = GatewayMetrics(registry)
     labels = {"task": "t", "adapter": "a", "route": "r"}
     for counter in (gateway.requests, gateway.errors):

@@ -213,6 +213,7 @@ def _families() -> Iterator[Any]:
 
     from tuneloop.conductor.process import collectors
     from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+    from tuneloop.serving.retention import TrafficRetention
     from tuneloop.store import Store
 
     with tempfile.TemporaryDirectory() as root:
@@ -226,7 +227,9 @@ def _families() -> Iterator[Any]:
         gateway.latency.labels(*route).observe(0)
         gateway.prompt_tokens.labels(*route).inc(0)
         gateway.completion_tokens.labels(*route).inc(0)
-        registry.register(ServingStateCollector(_Idle(), _Idle(), _Idle()))
+        retention = TrafficRetention(store, config.serving.retention)
+        retention.prune()
+        registry.register(ServingStateCollector(_Idle(), _Idle(), _Idle(), retention))
         for collector in collectors(config, store):
             registry.register(collector)
         families = sorted(registry.collect(), key=lambda f: f.name)
