@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 from tuneloop.errors import RateLimited, TuneloopError
 from tuneloop.serving import admin_api, feedback_api, openai_api, reports_api
 from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S, RETRY_AFTER_S, error_response, status_of
+from tuneloop.serving.slow_clients import ClientStalled
 from tuneloop.serving.state import GatewayContext, context
 
 __all__ = ["GatewayContext", "create_app"]
@@ -75,7 +76,10 @@ PUBLIC_MESSAGES = {
 
 
 async def on_unexpected(_: Request, exc: Exception) -> Response:
-    """A bug, not a refusal: the client gets the one error shape and a 500, the log gets the traceback."""
+    """A bug, not a refusal: the client gets the one error shape and a 500, the log gets the traceback. A client
+    that stopped reading is neither: its response has started, so nothing more is sent or logged here."""
+    if isinstance(exc, ClientStalled):
+        return Response(status_code=500)
     log.exception("unhandled %s", type(exc).__name__, exc_info=exc)
     return error_response(500, "internal error; the gateway's log has the details", "internal_error")
 

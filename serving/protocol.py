@@ -25,6 +25,7 @@ from tuneloop.errors import (
     ModelNotFound,
     PermissionDenied,
     RateLimited,
+    RequestTimeout,
     RequestTooLarge,
     StoreError,
     TuneloopError,
@@ -44,8 +45,8 @@ Endpoint = Literal["chat", "completion"]
 Purpose = Literal["user", "eval"]
 ErrorType = Literal["authentication_error", "permission_error", "rate_limit_error", "not_found_error",
                     "conflict_error", "service_unavailable",
-                    "store_unavailable", "adapter_error", "request_too_large", "invalid_request_error",
-                    "internal_error"]
+                    "store_unavailable", "adapter_error", "request_too_large", "request_timeout",
+                    "invalid_request_error", "internal_error"]
 # Exception type -> HTTP status and error type, most specific first. The admin client maps a (status, type) pair
 # back to the first exception type listed with it. What the client sent wrong is a 4xx; what failed on our side (the
 # database, training, evaluation, any error not classified here) is a 5xx, so a client never retries a bad request
@@ -62,6 +63,7 @@ ERROR_TYPES: list[tuple[type[TuneloopError], int, ErrorType]] = [
     (StoreError, 503, "store_unavailable"),
     (AdapterError, 400, "adapter_error"),
     (RequestTooLarge, 413, "request_too_large"),
+    (RequestTimeout, 408, "request_timeout"),
     (DatasetError, 400, "invalid_request_error"),
     (FeedbackError, 400, "invalid_request_error"),
     (ConfigError, 400, "invalid_request_error"),

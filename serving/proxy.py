@@ -77,7 +77,21 @@ async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
         completion, usage = completion_of(json_or_none(raw), request.endpoint)
         finish(ctx, request, Outcome(completion, usage, upstream.status_code))
         return Response(raw, status_code=upstream.status_code, media_type="application/json", headers=headers)
-    return StreamingResponse(_relay(ctx, upstream, request), media_type="text/event-stream", headers=headers)
+    return RelayResponse(_relay(ctx, upstream, request), media_type="text/event-stream", headers=headers)
+
+
+class RelayResponse(StreamingResponse):
+    """A stream whose relay is closed as soon as the response ends, however it ends: a client that disconnected
+    or stopped reading (serving/slow_clients.py) would otherwise leave the generator suspended until garbage
+    collection, holding its upstream connection to vLLM and its capture record."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 async def _relay(ctx: GatewayContext, upstream: httpx.Response, request: ProxiedRequest) -> AsyncIterator[bytes]:

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
+import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from tuneloop.basemodel import BaseModelFolder, ensure_base_model
 from tuneloop.config import Config
@@ -43,6 +45,7 @@ from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
+from tuneloop.serving.slow_clients import ClientTimeouts, HeadTimeoutProtocol
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,23 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
                           upstream_transport=upstream_transport)
 
 
+def server_config(config: Config, app: ASGIApp, *, log_level: str = "warning",
+                  port: int | None = None) -> uvicorn.Config:
+    """uvicorn's settings for the gateway. Bounded at the server: connections and in-flight requests together
+    (beyond it uvicorn answers 503), idle keep-alive connections, a request head of at most 16 KiB (h11's
+    incomplete-event limit) that must be complete within head_timeout_s, and slow bodies and stalled readers
+    (serving/slow_clients.py)."""
+    settings = config.serving
+    return uvicorn.Config(ClientTimeouts(app, body_timeout_s=settings.body_timeout_s,
+                                         send_timeout_s=settings.send_timeout_s),
+                          host=settings.gateway_host, port=settings.gateway_port if port is None else port,
+                          log_level=log_level, access_log=False,
+                          http=HeadTimeoutProtocol.with_timeout(settings.head_timeout_s),
+                          limit_concurrency=settings.max_connections, timeout_keep_alive=5,
+                          h11_max_incomplete_event_size=16 * 1024,
+                          timeout_graceful_shutdown=settings.shutdown_grace_s)
+
+
 class Background(Protocol):
     """Something that runs beside the gateway (the scheduler): started once the gateway listens, stopped first."""
 
@@ -168,8 +188,6 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
     """Engine, gateway (uvicorn on a thread) and `background`, started in order and stopped in reverse.
 
     Captured traffic that a previous process spilled to disk is replayed before the gateway takes requests."""
-    import uvicorn
-
     engine, _ = build_engine(config, store)
     ctx: GatewayContext | None = None
     server: uvicorn.Server | None = None
@@ -181,14 +199,8 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx.capture.start()
         ctx.capture.replay_spill()
         ctx.retention.start()
-        app = create_app(ctx, routes=extensions.routes)
-        # Bounded at the server: connections and in-flight requests together (beyond it uvicorn answers 503),
-        # idle keep-alive connections, and a request head of at most 16 KiB (h11's incomplete-event limit).
-        server = uvicorn.Server(uvicorn.Config(app, host=config.serving.gateway_host, port=config.serving.gateway_port,
-                                               log_level=log_level, access_log=False,
-                                               limit_concurrency=config.serving.max_connections,
-                                               timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024,
-                                               timeout_graceful_shutdown=config.serving.shutdown_grace_s))
+        server = uvicorn.Server(server_config(config, create_app(ctx, routes=extensions.routes),
+                                              log_level=log_level))
         thread = threading.Thread(target=server.run, name="gateway", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

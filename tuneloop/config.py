@@ -310,6 +310,13 @@ class ServingConfig(StrictModel):
                                  "flight the gateway's server holds at once; beyond it new ones get 503.")
     shutdown_grace_s: int = Field(default=30, ge=1, le=600, description="How long a stopping gateway waits "
                                     "for requests in flight (streams included) before closing them.")
+    head_timeout_s: float = Field(default=10, gt=0, le=600, description="A connection whose request line and "
+                                  "headers are not complete this long after it opened (or after the previous "
+                                  "response) is closed: the slowloris bound.")
+    body_timeout_s: float = Field(default=30, gt=0, le=3600, description="The whole request body must arrive "
+                                  "within this many seconds of its head; else 408.")
+    send_timeout_s: float = Field(default=30, gt=0, le=3600, description="A client that takes no data of its "
+                                  "answer (a stream it stopped reading) for this long has the response closed.")
     require_api_key: bool = Field(default=False, description="Refuse /v1/* inference without an API key (`tuneloop "
                                   "keys create`). Off for the single-machine default, on in the production stack. "
                                   "Feedback, admin routes and the webhook always need a key of their scope.")

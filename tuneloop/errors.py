@@ -132,6 +132,12 @@ class RequestTooLarge(TuneloopError):
     exit_code = 14
 
 
+class RequestTimeout(TuneloopError):
+    """A client sent its request body too slowly (the gateway's slow-client bound)."""
+
+    exit_code = 14
+
+
 class UnknownRequest(FeedbackError):
     """No captured request has this id (or its capture has not been written yet)."""
 

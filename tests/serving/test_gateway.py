@@ -57,6 +57,7 @@ class FakeVllm:
         self.load_calls: list[str] = []
         self.down = False
         self.stream_fails_after: int | None = None
+        self.stream_parts: list[str] = ["a free", "-text", " answer"]
         self.refuse_with: tuple[int, str] | None = None
         self.authorizations: list[str | None] = []
 
@@ -85,7 +86,7 @@ class FakeVllm:
         usage = {"prompt_tokens": 11, "completion_tokens": 2}
         if body.get("stream"):
             events: list[dict[str, Any]] = [{"choices": [{"delta": {"content": part}}]}
-                                            for part in ("a free", "-text", " answer")]
+                                            for part in self.stream_parts]
             events.append({"choices": [], "usage": usage})
             chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
             return httpx.Response(200, stream=SentEvents(chunks, self.stream_fails_after),
