@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
-from tuneloop.registry import AdapterVersion, find_alias, get_adapter, set_alias
+from tuneloop.registry import AdapterVersion, alias_versions, find_alias, get_adapter, set_alias
 from tuneloop.serving.engine_client import EngineClient, EngineLimits, check_servable
 from tuneloop.serving.routing import Router
 from tuneloop.store import Store
@@ -69,6 +69,40 @@ class HotSwapper:
                              payload={"from": current.version, "to": event.payload["previous"]})
                 return result
         raise AdapterError(f"{current.ref} has no previous champion to roll back to")
+
+    def follow(self) -> list[str]:
+        """Serve what the registry says now, when it was changed elsewhere (another gateway on this database):
+        load each champion and candidate this engine lacks, then route to them; a version that fails to load
+        keeps the task on what it was routed to before (logged, retried next time), so a bad promotion elsewhere
+        never turns into 404s here. Returns the refs that changed routing."""
+        if self.router is None or self.client is None:
+            return []
+        with self._lock:
+            configured = self.router.config.tasks
+            wanted = {key: v for key, v in alias_versions(self.store).items() if key[0] in configured}
+            routed = self.router.current()
+            if wanted == routed:
+                return []
+            applied = dict(wanted)
+            for (task, alias), version in wanted.items():
+                ref = f"{task}@{version}"
+                if routed.get((task, alias)) == version or ref in self.client.loaded:
+                    continue
+                try:
+                    self.load(ref)
+                except Exception as exc:  # noqa: BLE001 - any failure: keep routing what works, retry next poll
+                    log.error("cannot follow %s of %s to %s: %s", alias, task, ref, exc)
+                    applied.pop((task, alias))
+                    if (task, alias) in routed:
+                        applied[(task, alias)] = routed[(task, alias)]
+            self.router.apply(applied)
+            changed = sorted(f"{task}@{v}" for (task, alias), v in applied.items() if routed.get((task, alias)) != v)
+            replaced = {f"{task}@{v}" for (task, alias), v in routed.items() if applied.get((task, alias)) != v}
+        for name in replaced:
+            self._unload_later(name)
+        if changed:
+            log.info("following the registry: now routing %s", ", ".join(changed))
+        return changed
 
     def _unload_later(self, name: str) -> None:
         client = self.client

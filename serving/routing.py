@@ -1,8 +1,9 @@
 """Which adapter answers a request: task name -> champion (or, for a canary share, the candidate), `task@N` ->
 that version if the engine has it loaded, the base model's served name -> no adapter.
 
-The alias table is read from the registry and cached; it is refreshed after every promotion and rollback, so a
-flip in the store is a flip in routing without a restart.
+The alias table is read from the registry and cached; it is refreshed after every promotion and rollback made
+through this gateway, and a flip made elsewhere (another gateway on the same database, `tuneloop promote` with
+no gateway) is followed by `HotSwapper.follow`, polled every serving.alias_poll_s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 from tuneloop.config import Config
 from tuneloop.errors import ModelNotFound
 from tuneloop.parsing import is_integer
-from tuneloop.registry import find_alias
+from tuneloop.registry import Alias, alias_versions
 from tuneloop.store import Store
 
 RouteKind = Literal["champion", "candidate", "explicit", "base", "shadow"]
@@ -49,17 +50,22 @@ class Router:
         self.candidates: dict[str, int] = {}
 
     def refresh(self) -> None:
-        champions: dict[str, int] = {}
-        candidates: dict[str, int] = {}
-        for task in self.config.tasks:
-            champion = find_alias(self.store, task, "champion")
-            candidate = find_alias(self.store, task, "candidate")
-            if champion:
-                champions[task] = champion.version
-            if candidate:
-                candidates[task] = candidate.version
+        """Route by the registry's aliases as they are now."""
+        self.apply(alias_versions(self.store))
+
+    def apply(self, aliases: dict[tuple[str, Alias], int]) -> None:
+        """Route by `aliases` ((task, alias) -> version; tasks not configured here are ignored)."""
+        configured = self.config.tasks
+        champions = {task: v for (task, alias), v in aliases.items() if alias == "champion" and task in configured}
+        candidates = {task: v for (task, alias), v in aliases.items() if alias == "candidate" and task in configured}
         with self._lock:
             self.champions, self.candidates = champions, candidates
+
+    def current(self) -> dict[tuple[str, Alias], int]:
+        """What routing uses now, in `apply`'s shape."""
+        with self._lock:
+            return {**{(t, "champion"): v for t, v in self.champions.items()},
+                    **{(t, "candidate"): v for t, v in self.candidates.items()}}
 
     def resolve(self, model: str) -> Route:
         if model == self.base_name:

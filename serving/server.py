@@ -42,6 +42,7 @@ from tuneloop.serving.engine_client import EngineLimits, check_servable
 from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+from tuneloop.serving.periodic import Periodic
 from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
@@ -192,6 +193,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
     ctx: GatewayContext | None = None
     server: uvicorn.Server | None = None
     thread: threading.Thread | None = None
+    follower: Periodic | None = None
     started_background = False
     try:
         engine.start()
@@ -199,6 +201,8 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx.capture.start()
         ctx.capture.replay_spill()
         ctx.retention.start()
+        follower = Periodic("alias-follower", config.serving.alias_poll_s, ctx.swapper.follow)
+        follower.start()
         server = uvicorn.Server(server_config(config, create_app(ctx, routes=extensions.routes),
                                               log_level=log_level))
         thread = threading.Thread(target=server.run, name="gateway", daemon=True)
@@ -220,6 +224,8 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         if server is not None and thread is not None:
             server.should_exit = True
             thread.join(15)
+        if follower is not None:
+            follower.stop()
         if ctx is not None:
             ctx.retention.stop()
             ctx.capture.close()

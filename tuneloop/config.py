@@ -342,6 +342,9 @@ class ServingConfig(StrictModel):
     admin_token: str | None = Field(
         default=None, description=f"Bearer token for /admin/*; the {ADMIN_TOKEN_ENV} environment variable wins.")
     start_timeout_s: float = Field(default=600, gt=0, description="How long vLLM may take to become ready.")
+    alias_poll_s: float = Field(default=2, gt=0, le=3600, description="Seconds between reads of the registry's "
+                                "aliases, so a promotion or rollback made through another gateway on the same "
+                                "database (or by `tuneloop promote` with no gateway) is loaded and routed here.")
     unload_grace_s: float = Field(default=30, ge=0, description="Seconds a replaced adapter stays loaded so "
                                   "in-flight requests finish on it.")
     request_timeout_s: float = Field(default=300, gt=0, description="Gateway timeout for one vLLM request.")

@@ -208,6 +208,14 @@ def find_alias(store: Store, task: str, alias: Alias) -> AdapterVersion | None:
         return None
 
 
+def alias_versions(store: Store) -> dict[tuple[str, Alias], int]:
+    """Every alias of every task and the version it points at, in one query (what gateways poll)."""
+    with store.session() as session:
+        rows = session.execute(select(AliasRow.task, AliasRow.alias, AdapterVersionRow.version).join(
+            AdapterVersionRow, AdapterVersionRow.id == AliasRow.adapter_id))
+        return {(task, alias): version for task, alias, version in rows if alias in ALIASES}
+
+
 def set_alias(store: Store, ref: str, alias: Alias, *, reason: str = "",
               clear: Alias | None = None) -> AdapterVersion | None:
     """Point `alias` of the version's task at it; returns the version it pointed at before (if any).
