@@ -47,6 +47,10 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(context(request).openapi)
+
+
 async def on_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, TuneloopError):
         raise exc
@@ -98,7 +102,8 @@ def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Star
             await ctx.client.aclose()
 
     every = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(), *routes,
-             Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+             Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+             Route("/openapi.json", openapi, methods=["GET"])]
     app = Starlette(routes=every, exception_handlers={TuneloopError: on_error, Exception: on_unexpected},
                     lifespan=lifespan)
     app.state.ctx = ctx

@@ -18,9 +18,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import uvicorn
@@ -42,6 +42,7 @@ from tuneloop.serving.engine_client import EngineLimits, check_servable
 from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
+from tuneloop.serving.openapi import openapi_document
 from tuneloop.serving.periodic import Periodic
 from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.retention import TrafficRetention
@@ -66,6 +67,8 @@ class GatewayExtensions:
 
     routes: Sequence[BaseRoute] = field(default_factory=tuple)
     collectors: Sequence[Collector] = field(default_factory=tuple)
+    openapi_paths: Mapping[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "The routes' entries in the gateway's OpenAPI document (serving/openapi.py)."})
 
 
 @dataclass
@@ -144,6 +147,7 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
                           auth=Authenticator(store, config.admin_token), limiter=RateLimiter(), retention=retention,
+                          openapi=openapi_document(config.serving.limits, extensions.openapi_paths),
                           upstream_transport=upstream_transport)
 
 

@@ -35,6 +35,7 @@ class GatewayContext:
     auth: Authenticator
     limiter: RateLimiter
     retention: TrafficRetention
+    openapi: dict[str, Any] = field(default_factory=dict, metadata={"help": "Served at /openapi.json."})
     upstream_transport: httpx.AsyncBaseTransport | None = field(
         default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})
     client: httpx.AsyncClient | None = None

@@ -53,7 +53,9 @@ def collectors(config: Config, store: Store) -> list[Collector]:
 
 
 def extensions(loop: Loop) -> GatewayExtensions:
-    return GatewayExtensions(routes=AlertmanagerWebhook(loop).routes(), collectors=collectors(loop.config, loop.store))
+    webhook = AlertmanagerWebhook(loop)
+    return GatewayExtensions(routes=webhook.routes(), collectors=collectors(loop.config, loop.store),
+                             openapi_paths=webhook.openapi_paths())
 
 
 def exporter_registry(config: Config, store: Store) -> CollectorRegistry:

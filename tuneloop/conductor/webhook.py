@@ -10,6 +10,8 @@ nothing of retraining.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from tuneloop.conductor.loop import Loop
 from tuneloop.retrain.triggers import AlertmanagerPayload, alert_triggers
+from tuneloop.serving.openapi import operation
 from tuneloop.serving.protocol import read_json_body, validate_body
 from tuneloop.serving.state import context
 
@@ -42,3 +45,9 @@ class AlertmanagerWebhook:
 
     def routes(self) -> list[BaseRoute]:
         return [Route(PATH, self.receive, methods=["POST"])]
+
+    @staticmethod
+    def openapi_paths() -> dict[str, dict[str, Any]]:
+        return {PATH: {"post": operation("Alertmanager's webhook: start or join retraining of the alerted task",
+                                         "webhook", body=AlertmanagerPayload.model_json_schema(),
+                                         ok="no alert named a configured task (202: jobs queued or joined)")}}
