@@ -74,7 +74,7 @@ bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 reliability: install
-	$(BIN)/python -m bench reliability
+	$(BIN)/python -m bench reliability faults
 
 bench-smoke: install
 	$(BIN)/python -m pytest -q tests/bench $(DURATIONS) $(PYTEST_ARGS)

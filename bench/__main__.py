@@ -24,6 +24,7 @@ BENCHMARKS = {
     "drift_timing": "bench.bench_drift:run_timing",
     "retrain": "bench.bench_retrain",
     "reliability": "bench.bench_reliability",
+    "faults": "bench.bench_faults",
 }
 
 

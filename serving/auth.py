@@ -2,6 +2,9 @@
 
 Keys are looked up in the database off the event loop and the answer is cached for `ttl_s` (revoking a key takes
 effect on every gateway within that time); the cache is bounded, so a client spraying random keys cannot grow it.
+While the database does not answer, a key seen in the last `stale_s` keeps its cached answer, so a database outage
+(a locked SQLite, a Postgres restart) does not turn every inference request into a 503; a key revoked during the
+outage therefore works until the database answers again, or for `stale_s` at most.
 The admin token is compared in constant time; a key's digest is compared in constant time by `verify_key`.
 """
 
@@ -14,7 +17,7 @@ from collections import OrderedDict
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from tuneloop.errors import AuthError, PermissionDenied
+from tuneloop.errors import AuthError, PermissionDenied, StoreError
 from tuneloop.keys import ADMIN_TOKEN_CALLER, KEY_PATTERN, Caller, Scope, digest, verify_key
 from tuneloop.store import Store
 
@@ -22,9 +25,10 @@ MAX_CREDENTIAL_CHARS = 200
 
 
 class Authenticator:
-    def __init__(self, store: Store, admin_token: str | None, *, ttl_s: float = 5.0,
+    def __init__(self, store: Store, admin_token: str | None, *, ttl_s: float = 5.0, stale_s: float = 300.0,
                  max_cached: int = 10_000) -> None:
         self.store, self.admin_token, self.ttl_s, self.max_cached = store, admin_token, ttl_s, max_cached
+        self.stale_s = stale_s
         self._cache: OrderedDict[str, tuple[Caller | None, float]] = OrderedDict()
 
     async def caller(self, request: Request, *, open_gateway: bool = False) -> Caller | None:
@@ -53,11 +57,20 @@ class Authenticator:
         if cached is not None and cached[1] > time.monotonic():
             found = cached[0]
         else:
-            found = await run_in_threadpool(verify_key, self.store, token)
+            try:
+                found = await run_in_threadpool(verify_key, self.store, token)
+            except StoreError:
+                if cached is None or cached[1] + self.stale_s < time.monotonic():
+                    raise
+                return self._known(cached[0])
             self._cache[key] = (found, time.monotonic() + self.ttl_s)
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
+        return self._known(found)
+
+    @staticmethod
+    def _known(found: Caller | None) -> Caller:
         if found is None:
             raise AuthError("invalid or revoked API key")
         return found

@@ -147,3 +147,29 @@ def test_init_writes_an_owner_only_admin_credential_the_cli_reads(tmp_path: Path
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="readable by other users"):
         _ = config.admin_token
+
+
+def test_while_the_database_is_away_a_key_seen_recently_keeps_working(locked: Gateway) -> None:
+    """A Postgres restart must not turn inference into 503s: a key looked up in the last `stale_s` keeps its
+    answer while the database refuses connections; a key never seen gets the database's 503."""
+    from tuneloop.store import Store
+
+    _, known = create_key(locked.store, "known", ["inference"])
+    _, unseen = create_key(locked.store, "unseen", ["inference"])
+    locked.ctx.auth.ttl_s = 0.0
+    assert _chat(locked, known) == 200
+    away = Store(f"postgresql+psycopg://tuneloop@127.0.0.1:{_closed_port()}/gone", migrate=False)  # refused
+    locked.ctx.auth.store = away
+    try:
+        assert _chat(locked, known) == 200
+        assert _chat(locked, unseen) == 503
+        locked.ctx.auth.stale_s = 0.0
+        assert _chat(locked, known) == 503, "beyond stale_s the database must answer"
+    finally:
+        away.close()
+
+
+def _closed_port() -> int:
+    from tests.live import free_port
+
+    return free_port()  # bound and released: nothing listens there
