@@ -17,7 +17,7 @@ DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertman
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-fast bench bench-smoke reliability lint docs clean
+.PHONY: install demo demo-fast test test-e2e test-fast bench bench-smoke reliability lint docs clean
 
 install: $(STAMP)
 
@@ -60,7 +60,11 @@ demo-fast: install
 DURATIONS := --durations=15 --durations-min=1
 
 test: install
-	$(BIN)/python -m pytest -q -m "not long_bench" $(DURATIONS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long_bench and not end_to_end" $(DURATIONS) $(PYTEST_ARGS)
+
+# The end-to-end runs (each starts its own vLLM, ~10 minutes together on 2 cores); CI runs them after make test.
+test-e2e: install
+	$(BIN)/python -m pytest -q -m end_to_end $(DURATIONS) $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" $(DURATIONS) $(PYTEST_ARGS)

@@ -33,6 +33,7 @@ def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.end_to_end
 def test_run_schedules_real_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path, base_model_dir: Path) -> None:
     from tuneloop.retrain.finetune import finetune
 

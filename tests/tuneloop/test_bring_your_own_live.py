@@ -47,6 +47,7 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.end_to_end
 def test_the_guide_runs_as_written_on_a_qwen2_base_with_an_imported_adapter(tmp_path: Path,
                                                                           base_model_dir: Path) -> None:
     assert _port_free(8400) and _port_free(8401), "the guide serves on the default ports 8400/8401; free them"

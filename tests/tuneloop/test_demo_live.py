@@ -22,6 +22,7 @@ from tuneloop.timewindow import as_utc
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.end_to_end
 def test_the_fast_demo_runs_the_whole_loop(tmp_path: Path, base_model_dir: Path) -> None:
     (tmp_path / "tuneloop.yaml").write_text(f"serving:\n  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n")
     models = tmp_path / ".tuneloop" / "models"

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, statistics (bootstrap CIs, paired tests) and runners that score served adapters."""

@@ -1,0 +1,1 @@
+"""Serving: the vLLM engine supervisor and the task gateway (next issue)."""
