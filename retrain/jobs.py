@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from tuneloop.errors import StoreError, TuneloopError
 from tuneloop.events import record_event
+from tuneloop.processes import process_alive
 from tuneloop.retrain.records import (
     ACTIVE_STATES,
     FinalState,
@@ -356,23 +357,6 @@ def staging_prefix(job_id: int) -> str:
 def remove_staging(data_dir: Path, task: str, job_id: int) -> None:
     for folder in (data_dir / "adapters" / task).glob(staging_prefix(job_id) + "*"):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (a dead child its parent has not waited for yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 # Rows <-> records -----------------------------------------------------------------------------------------------

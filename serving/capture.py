@@ -9,21 +9,28 @@ counted, and the counters are exported as metrics.
 
 What a crash can cost. A spill line torn by SIGKILL or a full disk is moved to `traffic-spill.corrupt.jsonl`
 (counted, never deleted), and the next append starts on a fresh line, so one torn line costs one record, not the
-file. Replay works on a renamed copy (`traffic-spill.replaying`) that is only deleted once every record in it is
-stored; a replay cut short leaves it for the next one, and records already stored are skipped by request id. What
+file. Replay works on a renamed copy (`traffic-spill.replaying.<host>-<pid>`) that is only deleted once every
+record in it is stored; a replay cut short leaves it for the next one (the same process, or the next gateway on
+this host once that process is gone), and records already stored are skipped by request id. Gateways may share
+the spill dir (two gateways on one data dir): appends and renames take a file lock, held for the write only, so
+no record is appended to a file another process has just renamed away. What
 SIGKILL does lose is the in-memory queue: at most `max_queue` records or `max_queue_bytes` of text, the requests of
 the last `flush_interval_s` under normal load (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,11 +38,16 @@ from typing import Any
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from tuneloop.processes import process_alive
 from tuneloop.redact import Redactor
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 
 log = logging.getLogger(__name__)
+
+LEGACY_REPLAYING = "traffic-spill.replaying"
+REPLAYING_PREFIX = LEGACY_REPLAYING + "."
+OWNER = f"{socket.gethostname()}-{os.getpid()}"
 
 
 class TrafficRecord(BaseModel):
@@ -89,7 +101,23 @@ class CaptureWriter:
 
     @property
     def replaying_path(self) -> Path:
-        return self.spill_dir / "traffic-spill.replaying"
+        """This process's replay in progress (named by host and pid: gateways may share the data dir)."""
+        return self.spill_dir / f"{REPLAYING_PREFIX}{OWNER}"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.spill_dir / "traffic-spill.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads and every other process using the spill dir, one at a time: held only to append
+        or to rename, never during a replay's database writes, since `submit` may spill from the event loop."""
+        with self._spill_lock, open(self.lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @property
     def corrupt_path(self) -> Path:
@@ -191,7 +219,7 @@ class CaptureWriter:
 
     def _spill(self, records: list[TrafficRecord], *, reason: str) -> None:
         try:
-            with self._spill_lock:
+            with self._locked():
                 _append_lines(self.spill_path, [record.model_dump_json().encode() for record in records])
             self.counts[f"spilled_{reason}"] += len(records)
         except OSError as exc:
@@ -202,9 +230,9 @@ class CaptureWriter:
         """Insert spilled records into the store, in batches; a record already stored (same request_id) is skipped.
         A batch the database refuses stops the replay and leaves the rest on disk for the next one."""
         replayed = 0
-        for _ in range(2):  # an interrupted earlier replay first, then what was spilled since
-            with self._spill_lock:
-                if not self.replaying_path.exists():
+        while True:
+            with self._locked():
+                if not self.replaying_path.exists() and not self._claim_abandoned():
                     if not self.spill_path.exists():
                         return replayed
                     os.replace(self.spill_path, self.replaying_path)
@@ -225,7 +253,20 @@ class CaptureWriter:
                 replayed += len(fresh)
                 self.counts["replayed"] += len(fresh)
             self.replaying_path.unlink()
-        return replayed
+
+    def _claim_abandoned(self) -> bool:
+        """Take over a replay left by a gateway that died on this host (or by an older tuneloop, which named it
+        without an owner), so what it had spilled is not stranded. Called under the spill lock."""
+        for path in sorted(self.spill_dir.glob(f"{LEGACY_REPLAYING}*")):
+            if path == self.replaying_path or path.name.endswith(".tidy"):
+                continue
+            host, _, pid = path.name.removeprefix(REPLAYING_PREFIX).rpartition("-")
+            legacy = path.name == LEGACY_REPLAYING
+            if legacy or (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))):
+                os.replace(path, self.replaying_path)
+                log.info("replaying %s, left by a gateway that is gone", path.name)
+                return True
+        return False
 
     def _readable_records(self, path: Path) -> list[TrafficRecord]:
         """The records of a spill file; lines that do not parse move to the corrupt file, counted and logged."""
@@ -241,7 +282,7 @@ class CaptureWriter:
                           str(exc).splitlines()[0], self.corrupt_path)
         if corrupt:
             _append_lines(self.corrupt_path, corrupt)
-            tidy = path.with_suffix(".tidy")
+            tidy = path.with_name(path.name + ".tidy")
             tidy.write_bytes(b"".join(r.model_dump_json().encode() + b"\n" for r in records))
             os.replace(tidy, path)
             self.counts["quarantined"] += len(corrupt)
@@ -269,7 +310,8 @@ def spilled_records(path: Path) -> list[dict[str, Any]]:
     """The records waiting in a spill file and in an interrupted replay (for `tuneloop status` and tests); lines
     that do not parse are not records and are left to the writer's quarantine."""
     found = []
-    for candidate in (path, path.with_suffix(".replaying")):
+    replays = [p for p in path.parent.glob(f"{LEGACY_REPLAYING}*") if not p.name.endswith(".tidy")]
+    for candidate in (path, *sorted(replays)):
         if not candidate.exists():
             continue
         for line in candidate.read_bytes().split(b"\n"):

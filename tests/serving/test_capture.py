@@ -133,3 +133,54 @@ def test_the_writer_redacts_before_anything_reaches_the_disk_and_bounds_queued_b
     assert row.pii == {"email": 1, "phone": 1} and writer.redactor.counts == {"email": 1, "phone": 1}
     writer._spill([writer._redacted(secret)], reason="database_error")
     assert "jane@example.com" not in writer.spill_path.read_text()
+
+
+SPILLER = """
+import sys
+from pathlib import Path
+from tests.serving.test_capture import _record
+from tuneloop.serving.capture import CaptureWriter
+from tuneloop.store import Store
+
+writer = CaptureWriter(Store(sys.argv[1]), Path(sys.argv[2]))
+for i in range(int(sys.argv[3]), int(sys.argv[4])):
+    writer._spill([_record(i)], reason="database_error")
+"""
+
+
+def test_two_gateways_sharing_a_spill_dir_lose_nothing_while_one_replays(store: Store, tmp_path: Path) -> None:
+    """Another process (a second gateway on the same data dir) spills record after record while this one replays
+    over and over: every append lands in a file that will still be replayed, never in one just renamed away."""
+    import subprocess
+    import sys
+
+    spill = tmp_path / "spill"
+    writer = CaptureWriter(store, spill)
+    other = subprocess.Popen([sys.executable, "-c", SPILLER, store.url, str(spill), "0", "1000"],
+                             cwd=Path(__file__).parents[2])
+    while other.poll() is None:
+        writer.replay_spill()
+    assert other.returncode == 0
+    writer.replay_spill()
+    assert _stored(store) == sorted(f"r{i}" for i in range(1000))
+    assert list(spill.glob("traffic-spill.replaying*")) == []
+
+
+def test_a_replay_left_by_a_dead_gateway_on_this_host_is_taken_over_and_a_live_ones_is_not(store: Store,
+                                                                                          tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    spill = tmp_path / "spill"
+    writer = CaptureWriter(store, spill)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    for owner, ids in ((f"{host}-{dead.stdout.strip()}", (1, 2)), (f"{host}-{os.getppid()}", (3,)), ("", (4,))):
+        name = f"traffic-spill.replaying.{owner}" if owner else "traffic-spill.replaying"  # "": an older tuneloop's
+        (spill / name).write_bytes(b"".join(_record(i).model_dump_json().encode() + b"\n" for i in ids))
+    assert sorted(r["request_id"] for r in spilled_records(writer.spill_path)) == ["r1", "r2", "r3", "r4"]
+    assert writer.replay_spill() == 3
+    assert _stored(store) == ["r1", "r2", "r4"], "the live gateway's replay is its own to finish"
+    assert [p.name for p in spill.glob("traffic-spill.replaying*")] == [f"traffic-spill.replaying.{host}-{os.getppid()}"]
