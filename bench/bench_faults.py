@@ -1,12 +1,15 @@
-"""Faults under load: `tuneloop serve` as its own process (a real vLLM, a real SQLite store), 8 clients sending
+"""Faults under load: `tuneloop serve` as its own process (a real vLLM; SQLite, or Postgres 15), 8 clients sending
 requests one after another through the gateway with an inference key, and one fault injected mid-load:
 
 - vLLM's API server SIGKILLed: the supervisor ends the dead engine's whole process group and restarts it; clients
   get 503 (Retry-After) meanwhile. Measured: seconds until /healthz is ready again, processes of the dead engine
   still alive afterwards.
 - the SQLite database locked for 30 s (quick: 10 s) by another connection holding an exclusive transaction: the
-  capture writer cannot insert, spills to disk, and replays once the lock is gone. Measured: whether answering
-  went on, and that every answered request is stored once the lock is released.
+  capture writer's inserts wait (SQLite's busy timeout is 30 s) and, if refused, spill to disk and are replayed.
+  Measured: requests answered while the lock was held, what capture spilled and replayed (the gateway's own
+  counters), and that every answered request is stored afterwards.
+- Postgres stopped for 30 s (quick: 10 s) and started again: connections fail within seconds (connect timeout),
+  capture spills and replays, and keys seen in the last 5 minutes keep working (serving/auth.py).
 - the gateway SIGKILLed: what it had answered but not yet stored (its in-memory capture queue) is lost, within
   the bound `serving.capture_queue_size` / `capture_queue_mib`; vLLM gets SIGTERM from the kernel (PDEATHSIG) and
   exits with it. The gateway is started again, replays its spill file, and the store is read back.
@@ -32,13 +35,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_reliability import TWEETS, _captured
-from bench.load import free_port
-from bench.setup import base_model_path, sentiment_sets
+from bench.bench_reliability import CONFIG_FILE, TWEETS, _captured, prepared
 from bench.tables import Table, emit
-from tuneloop.challenger_sets.catalog import add_dataset
-from tuneloop.config import parse_config
-from tuneloop.keys import create_key
+from tuneloop.config import Config
 from tuneloop.serving.engine import process_group_members
 from tuneloop.store import Store
 
@@ -49,10 +48,14 @@ CLIENTS = 8
 class LoadRecord:
     statuses: Counter[str] = field(default_factory=Counter)
     ids: list[str] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # time.monotonic() of each 200
 
     @property
     def sent(self) -> int:
         return sum(self.statuses.values())
+
+    def answered_between(self, start: float, end: float) -> int:
+        return sum(1 for t in self.answered_at if start <= t < end)
 
 
 class Load:
@@ -90,6 +93,7 @@ class Load:
                     self.record.statuses[str(response.status_code)] += 1
                     if response.status_code == 200:
                         self.record.ids.append(response.headers["x-request-id"])
+                        self.record.answered_at.append(time.monotonic())
                     elif response.status_code == 503:
                         await asyncio.sleep(0.5)
 
@@ -162,10 +166,20 @@ def _stored(store: Store, record: LoadRecord, *, wait_s: float = 30) -> tuple[in
     return once, len(set(record.ids)) - len(found), sum(1 for n in found.values() if n > 1)
 
 
-def _row(fault: str, record: LoadRecord, stored: tuple[int, int, int], after: str) -> list[object]:
+def _row(backend: str, fault: str, record: LoadRecord, stored: tuple[int, int, int], after: str) -> list[object]:
     answered = record.statuses.get("200", 0)
     refused = sum(n for s, n in record.statuses.items() if s.isdigit() and s != "200" and (int(s) < 500 or s == "503"))
-    return [fault, record.sent, answered, refused, record.sent - answered - refused, *stored, after]
+    return [backend, fault, record.sent, answered, refused, record.sent - answered - refused, *stored, after]
+
+
+def _capture_counts(url: str) -> Counter[str]:
+    """The gateway's capture outcomes (tuneloop_capture_records_total by outcome), from its /metrics."""
+    counts: Counter[str] = Counter()
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("tuneloop_capture_records_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 def _hold_exclusive_lock(database: Path, seconds: float) -> None:
@@ -178,75 +192,103 @@ def _hold_exclusive_lock(database: Path, seconds: float) -> None:
         connection.close()
 
 
-def run(*, quick: bool = False) -> list[Table]:
-    from tuneloop.retrain.finetune import finetune
+def _serve(root: Path, config: Config) -> ServeProcess:
+    url = f"http://{config.serving.gateway_host}:{config.serving.gateway_port}"
+    return ServeProcess(root / CONFIG_FILE, url, root / "serve.log")
 
-    steady_s, lock_s = (5, 10) if quick else (15, 30)
+
+def _sqlite_faults(root: Path, steady_s: float, lock_s: float) -> list[list[object]]:
+    config, store, key = prepared(root)
+    serve = _serve(root, config)
+    url = serve.url
+    database = Path(config.resolved_database_url.removeprefix("sqlite:///"))
     rows: list[list[object]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        port = free_port()
-        config_text = (f"data_dir: data\nbase_model:\n  path: {base_model_path()}\nserving:\n  gateway_port: {port}\n"
-                       f"  vllm_port: {free_port()}\n  max_model_len: 512\n  kv_cache_gib: 2\n  admin_token: bench\n"
-                       "  require_api_key: true\n"
-                       "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n")
-        config_path = root / "tuneloop.yaml"
-        config_path.write_text(config_text)
-        config = parse_config(config_text, config_dir=root)
-        store = Store(config.resolved_database_url)
-        add_dataset(store, config.data_path, sentiment_sets()["train"][:64], task="sentiment", name="bench",
-                    kind="train", source="bench", check_leakage=False)
-        finetune(config, store, "sentiment", max_steps=2, dataset="sentiment/bench", progress=False)
-        _, key = create_key(store, "bench", ["inference"])
-        url = f"http://127.0.0.1:{port}"
-        serve = ServeProcess(config_path, url, root / "serve.log")
-        database = Path(config.resolved_database_url.removeprefix("sqlite:///"))
+    try:
+        serve.start()
+        # vLLM SIGKILLed under load
+        with Load(url, key) as load:
+            time.sleep(steady_s)
+            dead = serve.vllm_pid()
+            os.kill(dead, signal.SIGKILL)
+            killed_at = time.monotonic()
+            time.sleep(2)
+            ready = wait_ready(url, 900)
+            back_s = time.monotonic() - killed_at
+            time.sleep(steady_s)
+        left = process_group_members(dead)
+        rows.append(_row("SQLite", "vLLM API server SIGKILLed", load.record, _stored(store, load.record),
+                         f"ready again after {back_s:.0f} s" if ready else "not ready after 900 s") + [len(left)])
+        # the database locked
+        before = _capture_counts(url)
+        with Load(url, key) as load:
+            time.sleep(steady_s)
+            locked_at = time.monotonic()
+            locker = threading.Thread(target=_hold_exclusive_lock, args=(database, lock_s))
+            locker.start()
+            locker.join()
+            unlocked_at = time.monotonic()
+            time.sleep(steady_s)
+        stored = _stored(store, load.record, wait_s=60)
+        moved = _capture_counts(url) - before
+        rows.append(_row("SQLite", f"database locked for {lock_s:.0f} s", load.record, stored,
+                         f"{load.record.answered_between(locked_at, unlocked_at)} answered while locked; capture: "
+                         f"{moved['spilled_database_error']} spilled, {moved['replayed']} replayed") + ["-"])
+        # the gateway SIGKILLed
+        engine = serve.vllm_pid()
+        with Load(url, key) as load:
+            time.sleep(steady_s)
+            serve.signal(signal.SIGKILL)
+            time.sleep(2)
+        time.sleep(10)  # vLLM's orderly exit after PDEATHSIG's SIGTERM
+        orphans = process_group_members(engine)
+        restart_s = serve.start()
+        once, missing, twice = _stored(store, load.record)
+        rows.append(_row("SQLite", "gateway SIGKILLed", load.record, (once, missing, twice),
+                         f"restarted in {restart_s:.0f} s; {missing} answered requests lost "
+                         f"(bound: {config.serving.capture_queue_size} records)") + [len(orphans)])
+    finally:
+        serve.stop()
+        store.close()
+    return rows
+
+
+def _postgres_faults(root: Path, steady_s: float, down_s: float) -> list[list[object]]:
+    from bench.postgres import throwaway_postgres
+
+    with throwaway_postgres() as postgres:
+        config, store, key = prepared(root, database_url=postgres.url)
+        serve = _serve(root, config)
         try:
             serve.start()
-            # 1. vLLM SIGKILLed under load
-            with Load(url, key) as load:
+            before = _capture_counts(serve.url)
+            with Load(serve.url, key) as load:
                 time.sleep(steady_s)
-                dead = serve.vllm_pid()
-                os.kill(dead, signal.SIGKILL)
-                killed_at = time.monotonic()
-                time.sleep(2)
-                ready = wait_ready(url, 900)
-                back_s = time.monotonic() - killed_at
+                stopped_at = time.monotonic()
+                postgres.stop()
+                time.sleep(down_s)
+                postgres.start()
+                started_at = time.monotonic()
                 time.sleep(steady_s)
-            left = process_group_members(dead)
-            rows.append(_row("vLLM API server SIGKILLed", load.record, _stored(store, load.record),
-                             f"ready again after {back_s:.0f} s" if ready else "not ready after 900 s")
-                        + [len(left)])
-            # 2. SQLite locked
-            with Load(url, key) as load:
-                time.sleep(steady_s)
-                locker = threading.Thread(target=_hold_exclusive_lock, args=(database, lock_s))
-                locker.start()
-                locker.join()
-                time.sleep(steady_s)
-            answered_during = load.record.statuses.get("200", 0)
-            rows.append(_row(f"SQLite locked for {lock_s} s", load.record, _stored(store, load.record, wait_s=60),
-                             f"{answered_during} answered in all; the spill was replayed") + ["-"])
-            # 3. the gateway SIGKILLed
-            engine = serve.vllm_pid()
-            with Load(url, key) as load:
-                time.sleep(steady_s)
-                serve.signal(signal.SIGKILL)
-                time.sleep(2)
-            time.sleep(10)  # vLLM's orderly exit after PDEATHSIG's SIGTERM
-            orphans = process_group_members(engine)
-            restart_s = serve.start()
-            once, missing, twice = _stored(store, load.record)
-            rows.append(_row("gateway SIGKILLed", load.record, (once, missing, twice),
-                             f"restarted in {restart_s:.0f} s; {missing} answered requests lost "
-                             f"(bound: {config.serving.capture_queue_size} records)") + [len(orphans)])
+            stored = _stored(store, load.record, wait_s=60)
+            moved = _capture_counts(serve.url) - before
+            return [_row("Postgres 15", f"database stopped for {down_s:.0f} s", load.record, stored,
+                         f"{load.record.answered_between(stopped_at, started_at)} answered while it was down; "
+                         f"capture: {moved['spilled_database_error']} spilled, {moved['replayed']} replayed")
+                    + ["-"]]
         finally:
             serve.stop()
             store.close()
-    return [emit(f"Faults under load: {CLIENTS} clients through `tuneloop serve` (SQLite, real vLLM)",
-                 ["fault", "sent", "answered", "refused (4xx/503)", "failed", "stored exactly once",
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    steady_s, fault_s = (5.0, 10.0) if quick else (15.0, 30.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _sqlite_faults(Path(tmp) / "sqlite", steady_s, fault_s)
+        rows += _postgres_faults(Path(tmp) / "postgres", steady_s, fault_s)
+    return [emit(f"Faults under load: {CLIENTS} clients through `tuneloop serve` (real vLLM)",
+                 ["store", "fault", "sent", "answered", "refused (4xx/503)", "failed", "stored exactly once",
                   "answered, not stored", "stored twice", "after", "engine processes left behind"], rows,
-                 notes=f"{steady_s} s of load before each fault and after it. A refused request got 503 with "
-                       "Retry-After (engine restarting) and may be retried; 'failed' is a request that got no HTTP "
-                       "answer (the gateway itself was killed) or a 5xx other than 503.",
-                 key="reliability-faults")]
+                 notes=f"{steady_s:.0f} s of load before each fault and after it. A refused request got 503 with "
+                       "Retry-After (engine restarting, database away for a key not seen before) and may be "
+                       "retried; 'failed' is a request that got no HTTP answer (the gateway itself was killed) or a "
+                       "5xx other than 503.", key="reliability-faults")]

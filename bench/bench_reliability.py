@@ -8,8 +8,7 @@
   the statuses the attack got, any 5xx other than 503, the slowest /healthz answer during it, and how many
   traffic rows the attack added (0 for every request refused before it reached vLLM).
 
-Not measured yet (docs/reliability.md lists them): Postgres, faults (vLLM killed under load, the database
-stopped or locked, a full spill disk, SIGKILL of the gateway or the worker), slow and non-reading clients.
+The load runs on SQLite and on a throwaway Postgres 15 (bench/postgres.py); faults under load are bench/bench_faults.py.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from bench.load import free_port
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
-from tuneloop.config import parse_config
+from tuneloop.config import Config, parse_config
 from tuneloop.keys import create_key
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
@@ -151,53 +150,79 @@ def _attack(url: str, headers: dict[str, str], body: bytes, store: Store) -> lis
             f"{max(health) * 1000:.0f}" if health else "-", _traffic_rows(store) - before]
 
 
-def run(*, quick: bool = False) -> list[Table]:
+def _load_rows(url: str, key: str, store: Store, backend: str, levels: list[int], each: int) -> list[list[object]]:
+    rows: list[list[object]] = []
+    asyncio.run(_clients(url, key, 2, 2))  # warm-up
+    for clients in levels:
+        result = asyncio.run(_clients(url, key, clients, each))
+        deadline = time.monotonic() + 30
+        found = _captured(store, result["ids"])
+        while len(found) < len(result["ids"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = _captured(store, result["ids"])
+        statuses: Counter[str] = result["statuses"]
+        answered = statuses.get("200", 0)
+        refused = sum(n for s, n in statuses.items() if s.isdigit() and s != "200" and (int(s) < 500 or s == "503"))
+        failed = clients * each - answered - refused
+        once = sum(1 for i in result["ids"] if found[i] == 1)
+        rows.append([backend, clients, clients * each, answered, refused, failed, once,
+                     len(result["ids"]) - len(found), sum(1 for n in found.values() if n > 1),
+                     f"{_percentile(result['latencies'], 0.5) * 1000:.0f}",
+                     f"{_percentile(result['latencies'], 0.99) * 1000:.0f}",
+                     f"{clients * each / result['seconds']:.1f}"])
+    return rows
+
+
+CONFIG_FILE = "tuneloop.yaml"
+
+
+def prepared(root: Path, *, database_url: str | None = None) -> tuple[Config, Store, str]:
+    """A config for a gateway that needs keys (also written to root/tuneloop.yaml), its store with a 2-step
+    sentiment champion, and an inference key."""
     from tuneloop.retrain.finetune import finetune
+
+    database = f"database_url: {database_url}\n" if database_url else ""
+    text = (f"data_dir: data\n{database}base_model:\n  path: {base_model_path()}\nserving:\n"
+            f"  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n  kv_cache_gib: 2\n"
+            "  admin_token: bench\n  require_api_key: true\n"
+            "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CONFIG_FILE).write_text(text)  # for a `tuneloop --config` process (bench/bench_faults.py)
+    config = parse_config(text, config_dir=root)
+    store = Store(config.resolved_database_url)
+    add_dataset(store, config.data_path, sentiment_sets()["train"][:64], task="sentiment", name="bench",
+                kind="train", source="bench", check_leakage=False)
+    finetune(config, store, "sentiment", max_steps=2, dataset="sentiment/bench", progress=False)
+    _, key = create_key(store, "bench", ["inference"])
+    return config, store, key
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    from bench.postgres import throwaway_postgres
     from tuneloop.serving.server import running_server
 
     levels, each = ([8, 32], 2) if quick else ([8, 32, 128], 4)
+    load_rows: list[list[object]] = []
+    attack_rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        config = parse_config(
-            f"data_dir: data\nbase_model:\n  path: {base_model_path()}\nserving:\n  gateway_port: {free_port()}\n"
-            f"  vllm_port: {free_port()}\n  max_model_len: 512\n  kv_cache_gib: 2\n  admin_token: bench\n"
-            "  require_api_key: true\n"
-            "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n",
-            config_dir=Path(tmp))
-        store = Store(config.resolved_database_url)
-        add_dataset(store, config.data_path, sentiment_sets()["train"][:64], task="sentiment", name="bench",
-                    kind="train", source="bench", check_leakage=False)
-        finetune(config, store, "sentiment", max_steps=2, dataset="sentiment/bench", progress=False)
-        _, key = create_key(store, "bench", ["inference"])
-        load_rows, attack_rows = [], []
+        config, store, key = prepared(Path(tmp) / "sqlite")
         with running_server(config, store, seed=0) as running:
-            asyncio.run(_clients(running.url, key, 2, 2))  # warm-up
-            for clients in levels:
-                result = asyncio.run(_clients(running.url, key, clients, each))
-                deadline = time.monotonic() + 30
-                found = _captured(store, result["ids"])
-                while len(found) < len(result["ids"]) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    found = _captured(store, result["ids"])
-                statuses: Counter[str] = result["statuses"]
-                answered = statuses.get("200", 0)
-                refused = sum(n for s, n in statuses.items() if s.isdigit() and s != "200" and
-                              (int(s) < 500 or s == "503"))
-                failed = clients * each - answered - refused
-                once = sum(1 for i in result["ids"] if found[i] == 1)
-                load_rows.append([clients, clients * each, answered, refused, failed, once,
-                                  len(result["ids"]) - len(found), sum(1 for n in found.values() if n > 1),
-                                  f"{_percentile(result['latencies'], 0.5) * 1000:.0f}",
-                                  f"{_percentile(result['latencies'], 0.99) * 1000:.0f}",
-                                  f"{clients * each / result['seconds']:.1f}"])
+            load_rows += _load_rows(running.url, key, store, "SQLite", levels, each)
             for name, (headers, body) in _attacks(key).items():
                 attack_rows.append([name, *_attack(running.url, headers, body, store)])
         store.close()
+        with throwaway_postgres() as postgres:
+            config, store, key = prepared(Path(tmp) / "postgres", database_url=postgres.url)
+            with running_server(config, store, seed=0) as running:
+                load_rows += _load_rows(running.url, key, store, "Postgres 15", levels, each)
+            store.close()
     return [
-        emit("Concurrent clients through the gateway (SQLite, real vLLM, 1-4 token answers)",
-             ["clients", "requests", "answered", "refused (4xx/503)", "failed", "captured exactly once",
+        emit("Concurrent clients through the gateway (SQLite and Postgres, real vLLM, 1-4 token answers)",
+             ["store", "clients", "requests", "answered", "refused (4xx/503)", "failed", "captured exactly once",
               "lost (answered, not captured)", "captured twice", "p50 ms", "p99 ms", "requests/s"], load_rows,
              notes=f"Each client sends {each} requests one after another with an inference key; the store is read "
-                   "back by the X-Request-Id each answer carried. 2 CPU cores run vLLM and the gateway together.",
+                   "back by the X-Request-Id each answer carried. 2 CPU cores run vLLM and the gateway together "
+                   "(and the Postgres server, on its rows).",
              key="reliability-load"),
         emit("Hostile input: 20 requests per attack, 4 in flight, /healthz polled every 50 ms",
              ["attack", "statuses", "5xx other than 503", "slowest /healthz ms", "traffic rows added"],

@@ -1,19 +1,14 @@
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 
+from bench.postgres import PostgresMissing, throwaway_postgres
 from tuneloop.events import list_events, record_event
 from tuneloop.store import Store, current_revision, head_revision
 from tuneloop.tables import Base
@@ -47,53 +42,14 @@ def test_events_round_trip(store: Store) -> None:
 
 # Postgres: the same code against a real server -----------------------------------------------------------
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    """A throwaway Postgres cluster on 127.0.0.1, run as the `postgres` user (the server refuses root).
-
-    Its folder is made outside pytest's private (0700) temp tree so that user can reach it.
-    """
-    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
-        pytest.fail("Postgres 15 server binaries are missing: install the Debian package postgresql-15")
-    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
-    data = root / "data"
-    os.chmod(root, 0o777)
-    user = "postgres" if os.geteuid() == 0 else None
-
-    def run(*args: str) -> None:
-        command = ["runuser", "-u", user, "--", *args] if user else list(args)
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-    run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "tuneloop", "--auth=trust", "-E", "UTF8")
-    port = _free_port()
-    run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-        f"-h 127.0.0.1 -p {port} -k {root}", "start")
+    """A throwaway Postgres cluster on 127.0.0.1 (bench/postgres.py)."""
     try:
-        url = f"postgresql+psycopg://tuneloop@127.0.0.1:{port}/postgres"
-        engine = create_engine(url)
-        deadline = time.time() + 30
-        while True:
-            try:
-                with engine.connect():
-                    break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        engine.dispose()
-        yield url
-    finally:
-        run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        with throwaway_postgres() as server:
+            yield server.url
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.mark.integration
