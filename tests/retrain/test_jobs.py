@@ -14,7 +14,8 @@ import pytest
 from tuneloop.config import RetrainConfig
 from tuneloop.evaluators.compare import MetricComparison
 from tuneloop.events import list_events
-from tuneloop.retrain.jobs import CorruptJobRecord, JobNotFound, JobStore, SubmitOutcome, process_alive, why_stale
+from tuneloop.processes import process_alive
+from tuneloop.retrain.jobs import CorruptJobRecord, JobNotFound, JobStore, SubmitOutcome, why_stale
 from tuneloop.retrain.records import (
     AlertTrigger,
     ErrorRateSignal,

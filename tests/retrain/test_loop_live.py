@@ -33,8 +33,9 @@ from tuneloop.challenger_sets.records import Example
 from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config
 from tuneloop.events import list_events
+from tuneloop.processes import process_alive
 from tuneloop.registry import find_alias, list_adapters
-from tuneloop.retrain.jobs import JobStore, process_alive
+from tuneloop.retrain.jobs import JobStore
 from tuneloop.retrain.records import AlertTrigger, IncidentTrigger, Job, ManualTrigger, WatchState
 from tuneloop.serving.engine import EngineSupervisor
 from tuneloop.store import Store
