@@ -185,3 +185,45 @@ def test_a_replay_left_by_a_dead_gateway_on_this_host_is_taken_over_and_a_live_o
     assert _stored(store) == ["r1", "r2", "r4"], "the live gateway's replay is its own to finish"
     left = [p.name for p in spill.glob("traffic-spill.replaying*")]
     assert left == [f"traffic-spill.replaying.{host}-{os.getppid()}"]
+
+
+FULL_DISK_SPILLER = """
+import json, resource, signal, sys
+from pathlib import Path
+from tests.serving.test_capture import _record
+from tuneloop.serving.capture import CaptureWriter
+from tuneloop.store import Store
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+writer = CaptureWriter(Store(sys.argv[1], migrate=False), Path(sys.argv[2]))
+for i in range(40):
+    writer._flush([_record(i)])  # the database refuses every insert: each record goes to the spill file
+print(json.dumps(dict(writer.counts)))
+"""
+
+
+def test_a_full_spill_disk_drops_records_counted_and_what_was_written_replays(store: Store, tmp_path: Path) -> None:
+    """A gateway whose database is away and whose spill disk fills up (the process's file-size limit stands in for
+    the disk: past it every write fails with EFBIG, the last one half-written): every record is either spilled or
+    counted as dropped, and a later replay stores every spilled one and quarantines the torn line."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nothing listens on: the database refuses connections
+        sock.bind(("127.0.0.1", 0))
+        away = f"postgresql+psycopg://tuneloop@127.0.0.1:{sock.getsockname()[1]}/gone"
+    spill = tmp_path / "spill"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_SPILLER, away, str(spill), "4000"],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    spilled, dropped = counts.get("spilled_database_error", 0), counts.get("dropped", 0)
+    assert spilled > 0 and dropped > 0 and spilled + dropped == 40, counts
+    assert (spill / "traffic-spill.jsonl").stat().st_size == 4000, "the disk filled up"
+    writer = CaptureWriter(store, spill)
+    assert writer.replay_spill() == spilled
+    assert _stored(store) == sorted(f"r{i}" for i in range(spilled))
+    assert writer.counts["quarantined"] == 1, "the half-written record is quarantined, not replayed"
