@@ -14,6 +14,9 @@ requests one after another through the gateway with an inference key, and one fa
   the bound `serving.capture_queue_size` / `capture_queue_mib`; vLLM gets SIGTERM from the kernel (PDEATHSIG) and
   exits with it. The gateway is started again, replays its spill file, and the store is read back.
 
+- two gateways, each with its own vLLM, on one Postgres and one data dir, both under load: each captures its own
+  requests exactly once, and a promotion through the first is polled for on the second until it routes to it.
+
 Each row: requests sent, answered (200), refused explicitly (503/4xx), failed (no HTTP answer or another 5xx),
 and of the answered ones how many are stored exactly once, missing, or stored twice, read back by X-Request-Id.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_reliability import CONFIG_FILE, TWEETS, _captured, prepared
+from bench.load import free_port
 from bench.tables import Table, emit
 from tuneloop.config import Config
 from tuneloop.serving.engine import process_group_members
@@ -280,12 +284,74 @@ def _postgres_faults(root: Path, steady_s: float, down_s: float) -> list[list[ob
             store.close()
 
 
+def _served_by(url: str, key: str) -> str | None:
+    """Which adapter a gateway routes the task to now (vLLM names it in the answer)."""
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                              json={"model": "sentiment", "max_tokens": 1, "messages": [
+                                  {"role": "user", "content": "which adapter?"}]})
+        return str(response.json().get("model")) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _two_gateways(root: Path, steady_s: float) -> tuple[list[list[object]], str]:
+    """Two `tuneloop serve` processes, each with its own vLLM, on one Postgres and one data dir, both under load;
+    sentiment@2 is promoted through the first, and the second is polled until it routes to it."""
+    from bench.postgres import throwaway_postgres
+    from tuneloop.retrain.finetune import finetune
+
+    with throwaway_postgres() as postgres:
+        config, store, key = prepared(root, database_url=postgres.url)
+        finetune(config, store, "sentiment", max_steps=2, dataset="sentiment/bench", progress=False)  # sentiment@2
+        first = _serve(root, config)
+        text = (root / CONFIG_FILE).read_text()
+        second_port = free_port()
+        text = text.replace(f"gateway_port: {config.serving.gateway_port}", f"gateway_port: {second_port}")
+        text = text.replace(f"vllm_port: {config.serving.vllm_port}", f"vllm_port: {free_port()}")
+        (root / "second.yaml").write_text(text)
+        second = ServeProcess(root / "second.yaml", f"http://127.0.0.1:{second_port}", root / "second.log")
+        try:
+            first.start()
+            second.start()
+            before = _served_by(second.url, key)
+            with Load(first.url, key) as on_first, Load(second.url, key) as on_second:
+                time.sleep(steady_s)
+                promoted_at = time.monotonic()
+                answer = httpx.post(f"{first.url}/admin/promote", json={"version": "sentiment@2"}, timeout=120,
+                                    headers={"Authorization": "Bearer bench"})
+                answer.raise_for_status()
+                first_s = time.monotonic() - promoted_at
+                while _served_by(second.url, key) != "sentiment@2" and time.monotonic() - promoted_at < 120:
+                    time.sleep(0.1)
+                second_s = time.monotonic() - promoted_at
+                time.sleep(steady_s)
+            rows = [_row("Postgres 15", name, load.record, _stored(store, load.record), after)
+                    for name, load, after in (
+                        ("gateway 1 of 2 (promotes)", on_first, f"routes sentiment@2 {first_s:.1f} s after the call"),
+                        ("gateway 2 of 2 (follows)", on_second,
+                         f"routed {before} before; routes sentiment@2 {second_s:.1f} s after the call"))]
+            return rows, f"{second_s:.1f}"
+        finally:
+            first.stop()
+            second.stop()
+            store.close()
+
+
 def run(*, quick: bool = False) -> list[Table]:
     steady_s, fault_s = (5.0, 10.0) if quick else (15.0, 30.0)
     with tempfile.TemporaryDirectory() as tmp:
         rows = _sqlite_faults(Path(tmp) / "sqlite", steady_s, fault_s)
         rows += _postgres_faults(Path(tmp) / "postgres", steady_s, fault_s)
-    return [emit(f"Faults under load: {CLIENTS} clients through `tuneloop serve` (real vLLM)",
+        pair, _ = _two_gateways(Path(tmp) / "pair", steady_s)
+    return [emit("Two gateways on one Postgres and one data dir, both under load, a promotion through the first",
+                 ["store", "gateway", "sent", "answered", "refused (4xx/503)", "failed", "stored exactly once",
+                  "answered, not stored", "stored twice", "after"], pair,
+                 notes=f"{CLIENTS} clients on each gateway, each gateway with a vLLM of its own on the same 2 cores. "
+                       "The second gateway learns of the promotion by polling the registry every "
+                       "serving.alias_poll_s (2 s) and loads the adapter into its engine before routing to it.",
+                 key="reliability-two-gateways"),
+            emit(f"Faults under load: {CLIENTS} clients through `tuneloop serve` (real vLLM)",
                  ["store", "fault", "sent", "answered", "refused (4xx/503)", "failed", "stored exactly once",
                   "answered, not stored", "stored twice", "after", "engine processes left behind"], rows,
                  notes=f"{steady_s:.0f} s of load before each fault and after it. A refused request got 503 with "
