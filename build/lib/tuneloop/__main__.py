@@ -1,3 +1,0 @@
-from tuneloop.cli import main
-
-main()

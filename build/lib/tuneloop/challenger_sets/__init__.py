@@ -1,1 +1,0 @@
-"""Versioned evaluation and training data: one JSONL record format, manifests, loaders and leakage checks."""

@@ -1,1 +1,0 @@
-"""Evaluation: metrics, statistics (bootstrap CIs, paired tests) and runners that score served adapters."""

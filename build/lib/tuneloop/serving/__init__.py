@@ -1,1 +1,0 @@
-"""Serving: the vLLM engine supervisor and the task gateway (next issue)."""
