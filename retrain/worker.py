@@ -13,6 +13,7 @@ import logging
 import threading
 from datetime import UTC, datetime, timedelta
 
+from tuneloop import failpoints
 from tuneloop.challenger_sets.catalog import qualify
 from tuneloop.challenger_sets.splits import GATE_SUFFIX
 from tuneloop.config import Config
@@ -77,6 +78,7 @@ def run_job(config: Config, store: Store, job_id: int, deployment: Deployment, *
             return jobs.finish(job_id, "rejected").state
         with jobs.stage(job_id, "promote"):
             promoted = deployment.promote(candidate)
+        failpoints.reach("worker.after_promote")
         now = datetime.now(UTC)
         watch = WatchState(status="watching" if settings.watch_s > 0 else "off", promoted_at=now,
                            until=now + timedelta(seconds=settings.watch_s), previous_version=champion.version,

@@ -75,6 +75,8 @@ PUBLIC_MESSAGES = {
     "store_unavailable": "the gateway's database is not answering; retry after Retry-After seconds",
     "service_unavailable": "the model engine is not answering (starting, restarting or overloaded); retry after "
                            "Retry-After seconds",
+    "adapter_unavailable": "this task's champion adapter is not loaded in the engine (its files failed the serving "
+                           "checks, or vLLM refused it); the gateway's log names the version and the reason",
     "internal_error": "internal error; the gateway's log has the details",
 }
 

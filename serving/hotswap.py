@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from tuneloop import failpoints
 from tuneloop.errors import AdapterError
 from tuneloop.events import list_events, record_event
 from tuneloop.registry import AdapterVersion, alias_versions, find_alias, get_adapter, set_alias
@@ -49,7 +50,9 @@ class HotSwapper:
     def promote(self, ref: str, *, reason: str = "promoted") -> SwapResult:
         with self._lock:
             version = self.load(ref)
+            failpoints.reach("promotion.after_load")
             previous = set_alias(self.store, version.ref, "champion", reason=reason, clear="candidate")
+            failpoints.reach("promotion.after_alias")
             if self.router is not None:
                 self.router.refresh()
         if self.client is not None and previous and previous.version != version.version:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from tuneloop.errors import (
     AdapterError,
+    AdapterUnavailable,
     AuthError,
     ConfigError,
     DatasetError,
@@ -44,7 +45,7 @@ KEEPALIVE_EXPIRY_S = 2.0
 Endpoint = Literal["chat", "completion"]
 Purpose = Literal["user", "eval"]
 ErrorType = Literal["authentication_error", "permission_error", "rate_limit_error", "not_found_error",
-                    "conflict_error", "service_unavailable",
+                    "conflict_error", "adapter_unavailable", "service_unavailable",
                     "store_unavailable", "adapter_error", "request_too_large", "request_timeout",
                     "invalid_request_error", "internal_error"]
 # Exception type -> HTTP status and error type, most specific first. The admin client maps a (status, type) pair
@@ -59,6 +60,7 @@ ERROR_TYPES: list[tuple[type[TuneloopError], int, ErrorType]] = [
     (UnknownRequest, 404, "not_found_error"),
     (DatasetNotFound, 404, "not_found_error"),
     (FeedbackConflict, 409, "conflict_error"),
+    (AdapterUnavailable, 503, "adapter_unavailable"),
     (EngineUnavailable, 503, "service_unavailable"),
     (StoreError, 503, "store_unavailable"),
     (AdapterError, 400, "adapter_error"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tuneloop.config import Config
-from tuneloop.errors import ModelNotFound
+from tuneloop.errors import AdapterUnavailable, ModelNotFound
 from tuneloop.parsing import is_integer
 from tuneloop.registry import Alias, alias_versions
 from tuneloop.store import Store
@@ -88,8 +88,14 @@ class Router:
             raise ModelNotFound(f"Task '{task}' has no champion adapter yet; train one with "
                                 f"`tuneloop train --task {task}`.")
         share = self.config.tasks[task].rollout.canary_share
-        if candidate is not None and share > 0 and self._rng.random() < share:
+        loaded = self.loaded()
+        if candidate is not None and share > 0 and self._rng.random() < share and f"{task}@{candidate}" in loaded:
             return Route(task=task, version=candidate, target=f"{task}@{candidate}", kind="candidate")
+        if f"{task}@{champion}" not in loaded:
+            # A champion whose files failed the serving checks at start-up (or that vLLM refused) is not in the
+            # engine: say so, rather than pass the request on for vLLM's bare 404.
+            raise AdapterUnavailable(f"task '{task}': its champion {task}@{champion} is not loaded in the engine "
+                                     "(see the gateway log for why; `tuneloop rollback` restores the previous one)")
         return Route(task=task, version=champion, target=f"{task}@{champion}", kind="champion")
 
     def shadow_for(self, route: Route) -> Route | None:
@@ -98,6 +104,6 @@ class Router:
             return None
         with self._lock:
             candidate = self.candidates.get(route.task)
-        if candidate is None or candidate == route.version:
+        if candidate is None or candidate == route.version or f"{route.task}@{candidate}" not in self.loaded():
             return None
         return Route(task=route.task, version=candidate, target=f"{route.task}@{candidate}", kind="shadow")

@@ -15,8 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from bench.colours import COLOURS_TASK  # noqa: E402
 from tests.fakes import RecordingRunner  # noqa: E402
-from tests.live import ADMIN_TOKEN, COLOURS_TASK, LiveGateway, add_tiny_sets, free_port  # noqa: E402
+from tests.live import ADMIN_TOKEN, LiveGateway, add_tiny_sets, free_port  # noqa: E402
 from tuneloop.config import Config, TrainConfig, parse_config  # noqa: E402
 from tuneloop.store import Store  # noqa: E402
 

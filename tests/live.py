@@ -17,25 +17,6 @@ from tuneloop.serving.state import GatewayContext
 from tuneloop.store import Store
 
 ADMIN_TOKEN = "test-admin-token"
-# The live retraining tests' task (tests/retrain/test_loop_live.py): a sentence names a colour and the label is a
-# fixed function of it, so a few training steps make right and wrong unmistakable. It is configured with the session
-# gateway so those tests share its engine; its datasets and adapters exist only once they make them.
-COLOURS_TASK = """\
-  colours:
-    kind: classification
-    system_prompt: "Classify the sentiment of the tweet. Answer with exactly one word: negative, neutral or positive."
-    labels: [negative, neutral, positive]
-    metrics: [accuracy, macro_f1, exact_match]
-    primary_metric: macro_f1
-    train_dataset: colours/colours
-    heldout_dataset: colours/colours-heldout
-    challenger_datasets: [colours/colours-new]
-    schedule: {eval: null, drift: null, eval_limit: 40}
-    train: {batch_size: 8, max_steps: 20, max_seq_len: 64, learning_rate: 0.006, eval_every: 100,
-            validation_examples: 8}
-    policy: {floors: [{metric: macro_f1, dataset: colours-new, min: 0.6}], drop: null, drift_windows: 0, cooldown_s: 0}
-    retrain: {replay_ratio: 0.5, gate: {margin: 0.3, limit: 40}, watch_s: 600}
-"""
 
 
 def free_port() -> int:

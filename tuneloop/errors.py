@@ -62,6 +62,10 @@ class EngineUnavailable(TuneloopError):
     exit_code = 9
 
 
+class AdapterUnavailable(EngineUnavailable):
+    """A task's champion is not in the engine: its files failed the serving checks or vLLM refused to load it."""
+
+
 class AuthError(TuneloopError):
     """An admin call without a valid bearer token."""
 

@@ -15,7 +15,6 @@ the task is configured as `colours` beside the serving tests' sentiment and chat
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from collections.abc import Iterator
@@ -27,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.colours import TASK, WRONG, add_colours_sets, colours
 from tests.live import ADMIN_TOKEN, LiveGateway
 from tuneloop.challenger_sets.catalog import add_dataset
-from tuneloop.challenger_sets.records import Example
 from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config
 from tuneloop.events import list_events
@@ -41,23 +40,6 @@ from tuneloop.serving.engine import EngineSupervisor
 from tuneloop.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TASK = "colours"
-PLACES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Sofia", "Tunis", "Riga", "Bern",
-          "Doha", "Kyiv", "Lagos", "Minsk", "Rome", "Seoul", "Tokyo", "Accra", "Baku", "Delhi", "Dublin", "Havana"]
-RIGHT = {"red": "negative", "green": "neutral", "blue": "positive"}
-WRONG = {"red": "positive", "green": "negative", "blue": "neutral"}
-
-
-def colours(mapping: dict[str, str], first_ticket: int, n: int, seed: int) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        colour = ("red", "green", "blue")[i % 3]
-        out.append(Example(id=f"t{first_ticket + i}", reference=mapping[colour],
-                           input=f"Ticket {first_ticket + i}: the sky over {rng.choice(PLACES)} looks {colour}."))
-    return out
-
 
 @dataclass
 class Scenario:
@@ -101,12 +83,7 @@ def loop(live_gateway: LiveGateway) -> Iterator[Scenario]:
 
     config, store = live_gateway.config, live_gateway.store
     data = config.data_path
-    add_dataset(store, data, colours(RIGHT, 10000, 200, 1), task=TASK, name="colours", kind="train", source="test")
-    add_dataset(store, data, colours(WRONG, 2000, 150, 2), task=TASK, name="poisoned", kind="train", source="test")
-    add_dataset(store, data, colours(RIGHT, 3000, 40, 3), task=TASK, name="colours-heldout", kind="heldout",
-                source="test")
-    add_dataset(store, data, colours(RIGHT, 4000, 160, 4), task=TASK, name="colours-new", kind="challenger",
-                source="test")
+    add_colours_sets(store, data)
     champion = finetune(config, store, TASK, dataset=f"{TASK}/poisoned", progress=False)
     assert champion.aliases == ["champion"] and champion.version == 1
     AdminClient(config).promote(champion.ref)  # loads it into the running engine and routes the task to it

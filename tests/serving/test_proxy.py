@@ -68,7 +68,7 @@ def test_a_stream_that_breaks_upstream_is_recorded_as_a_502_with_what_arrived(tm
 def test_a_shadowed_request_is_answered_by_the_champion_and_mirrored_to_the_candidate(tmp_path: Path) -> None:
     for gateway in _gateway(tmp_path, extra_config="tasks:\n  sentiment:\n    rollout:\n      shadow: true\n"):
         set_alias(gateway.store, "sentiment@2", "candidate")
-        gateway.ctx.router.refresh()
+        assert gateway.ctx.swapper.follow() == ["sentiment@2"], "loaded, then routed, as the alias poll does"
         answered = gateway.chat("sentiment", "@united lost my bag")
         assert answered.status_code == 200 and answered.json()["model"] == "sentiment@1"
         rows = captured(gateway, 2)

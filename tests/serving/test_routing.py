@@ -10,14 +10,18 @@ import pytest
 
 from tests.monitor.helpers import register_champion
 from tuneloop.config import Config
-from tuneloop.errors import ModelNotFound
+from tuneloop.errors import AdapterUnavailable, ModelNotFound
 from tuneloop.registry import set_alias
 from tuneloop.serving.routing import Route, Router
 from tuneloop.store import Store
 
+EVERY_VERSION = {f"{task}@{version}" for task in ("sentiment", "chat") for version in range(1, 10)}
+
 
 def router(config: Config, store: Store, loaded: set[str] | None = None, seed: int | None = 0) -> Router:
-    routes = Router(config, store, lambda: loaded or set(), seed=seed)
+    """A router over `loaded` (default: every version the tests register is in the engine)."""
+    in_engine = EVERY_VERSION if loaded is None else loaded
+    routes = Router(config, store, lambda: in_engine, seed=seed)
     routes.refresh()
     return routes
 
@@ -78,3 +82,20 @@ def test_shadowing_mirrors_champion_requests_to_the_candidate_only(config: Confi
     routes.refresh()
     assert routes.shadow_for(champion) == Route("sentiment", 2, "sentiment@2", "shadow")
     assert routes.shadow_for(routes.resolve("sentiment@2")) is None, "an explicit request is not shadowed"
+
+
+def test_a_champion_the_engine_does_not_hold_is_a_503_naming_it_and_an_unloaded_candidate_gets_no_canary(
+        config: Config, store: Store) -> None:
+    # What a gateway starts with when the champion's files fail the serving checks: the registry names it, the
+    # engine never loaded it. Passing the request on would earn vLLM's bare 404 for a task that exists.
+    register_champion(store, "sentiment", 1)
+    register_champion(store, "sentiment", 2)
+    set_alias(store, "sentiment@1", "candidate")
+    config.tasks["sentiment"].rollout.canary_share = 0.5
+    routes = router(config, store, loaded=set())
+    with pytest.raises(AdapterUnavailable, match="its champion sentiment@2 is not loaded in the engine"):
+        routes.resolve("sentiment")
+    routes = router(config, store, loaded={"sentiment@2"})
+    assert {routes.resolve("sentiment").kind for _ in range(100)} == {"champion"}, "the candidate is not loaded"
+    config.tasks["sentiment"].rollout.shadow = True
+    assert routes.shadow_for(routes.resolve("sentiment")) is None, "nothing to shadow to"

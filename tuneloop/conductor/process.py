@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
+from tuneloop import failpoints
 from tuneloop.conductor.deployment import GatewayDeployment
 from tuneloop.conductor.loop import Loop
 from tuneloop.conductor.webhook import AlertmanagerWebhook
@@ -117,6 +118,7 @@ def _background(loop: Loop, schedule: bool) -> Background | None:
 def serve(config: Config, store: Store, *, schedule: bool = False) -> None:
     """`tuneloop serve` (schedule=False) and `tuneloop run` (schedule=True), in the foreground. A machine that never
     ran `tuneloop init` gets its local admin credential here, so the CLI beside the gateway can administer it."""
+    failpoints.active()  # a mistyped TUNELOOP_FAILPOINTS fails here, not at the step it meant to crash
     config.ensure_local_credential()
     loop = assemble_loop(config, store)
     serve_gateway(config, store, extensions=extensions(loop), background=_background(loop, schedule))
