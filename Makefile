@@ -78,7 +78,7 @@ bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 reliability: install
-	$(BIN)/python -m bench reliability faults
+	$(BIN)/python -m bench reliability faults recovery
 
 bench-smoke: install
 	$(BIN)/python -m pytest -q tests/bench $(DURATIONS) $(PYTEST_ARGS)

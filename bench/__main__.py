@@ -25,6 +25,7 @@ BENCHMARKS = {
     "retrain": "bench.bench_retrain",
     "reliability": "bench.bench_reliability",
     "faults": "bench.bench_faults",
+    "recovery": "bench.bench_recovery",
 }
 
 

@@ -105,17 +105,20 @@ class Load:
 
 
 class ServeProcess:
-    """`python -m tuneloop --config C serve` in its own session, as an operator runs it."""
+    """`python -m tuneloop --config C serve` (or `run`: with the scheduler and the job reaper) in its own session,
+    as an operator runs it."""
 
-    def __init__(self, config_path: Path, url: str, log_path: Path) -> None:
-        self.config_path, self.url, self.log_path = config_path, url, log_path
+    def __init__(self, config_path: Path, url: str, log_path: Path, *, command: str = "serve") -> None:
+        self.config_path, self.url, self.log_path, self.command = config_path, url, log_path, command
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 900) -> float:
+    def start(self, timeout_s: float = 900, *, env: dict[str, str] | None = None) -> float:
+        """Start it (with `env` added to this process's environment) and wait until /healthz is ready."""
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "tuneloop", "--config", str(self.config_path),
-                                             "serve"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                             self.command], stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env={**os.environ, **(env or {})})
         if not wait_ready(self.url, timeout_s, process=self.process):
             raise RuntimeError(f"tuneloop serve did not become ready; see {self.log_path}")
         return time.monotonic() - started
@@ -284,11 +287,11 @@ def _postgres_faults(root: Path, steady_s: float, down_s: float) -> list[list[ob
             store.close()
 
 
-def _served_by(url: str, key: str) -> str | None:
-    """Which adapter a gateway routes the task to now (vLLM names it in the answer)."""
+def _served_by(url: str, key: str, model: str = "sentiment") -> str | None:
+    """Which adapter a gateway routes the task to now (vLLM names it in the answer); None if it did not answer."""
     try:
         response = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
-                              json={"model": "sentiment", "max_tokens": 1, "messages": [
+                              json={"model": model, "max_tokens": 1, "messages": [
                                   {"role": "user", "content": "which adapter?"}]})
         return str(response.json().get("model")) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):

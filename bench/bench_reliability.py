@@ -176,16 +176,20 @@ def _load_rows(url: str, key: str, store: Store, backend: str, levels: list[int]
 CONFIG_FILE = "tuneloop.yaml"
 
 
-def prepared(root: Path, *, database_url: str | None = None) -> tuple[Config, Store, str]:
+def prepared(root: Path, *, database_url: str | None = None, extra_tasks: str = "",
+             jobs: str = "") -> tuple[Config, Store, str]:
     """A config for a gateway that needs keys (also written to root/tuneloop.yaml), its store with a 2-step
-    sentiment champion, and an inference key."""
+    sentiment champion, and an inference key. `extra_tasks` are more entries under `tasks:`, `jobs` the `jobs:`
+    section's body; the sentiment task schedules nothing (a `tuneloop run` under load runs only what the bench
+    starts)."""
     from tuneloop.retrain.finetune import finetune
 
     database = f"database_url: {database_url}\n" if database_url else ""
     text = (f"data_dir: data\n{database}base_model:\n  path: {base_model_path()}\nserving:\n"
             f"  gateway_port: {free_port()}\n  vllm_port: {free_port()}\n  max_model_len: 512\n  kv_cache_gib: 2\n"
-            "  admin_token: bench\n  require_api_key: true\n"
-            "tasks:\n  sentiment:\n    train:\n      batch_size: 4\n      validation_examples: 2\n")
+            "  admin_token: bench\n  require_api_key: true\n" + (f"jobs:\n{jobs}" if jobs else "") +
+            "tasks:\n  sentiment:\n    schedule: {eval: null, drift: null}\n"
+            "    train:\n      batch_size: 4\n      validation_examples: 2\n" + extra_tasks)
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(text)  # for a `tuneloop --config` process (bench/bench_faults.py)
     config = parse_config(text, config_dir=root)
