@@ -45,7 +45,7 @@ endif
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@echo "== tuneloop (editable, with dev extras)"
-	@$(PIP) install -e '.[dev]'
+	@$(PIP) install -e '.[dev,ray]'
 	@touch $(STAMP)
 
 demo: install

@@ -63,10 +63,10 @@ class LoadRecord:
 
 
 class Load:
-    """CLIENTS clients sending one request after another until stopped, on a thread with its own event loop."""
+    """`clients` clients sending one request after another until stopped, on a thread with its own event loop."""
 
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
+    def __init__(self, url: str, key: str, clients: int = CLIENTS) -> None:
+        self.url, self.key, self.clients = url, key, clients
         self.record = LoadRecord()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -101,7 +101,7 @@ class Load:
                     elif response.status_code == 503:
                         await asyncio.sleep(0.5)
 
-            await asyncio.gather(*(client(n) for n in range(CLIENTS)))
+            await asyncio.gather(*(client(n) for n in range(self.clients)))
 
 
 class ServeProcess:

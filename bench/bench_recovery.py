@@ -38,7 +38,6 @@ from typing import Any
 import httpx
 
 from bench.bench_faults import (
-    CLIENTS,
     Load,
     ServeProcess,
     _capture_counts,
@@ -59,6 +58,10 @@ from tuneloop.serving.engine import process_group_members
 from tuneloop.store import Store
 
 ADMIN = {"Authorization": "Bearer bench"}
+# Two clients, not the faults bench's eight: on two cores a retraining job shares the CPU with vLLM, and under eight
+# clients' load 20 training steps took over 20 minutes (measured here), so each job fault would take an hour.
+CLIENTS = 2
+STEPS = 10
 JOBS = "  heartbeat_s: 1\n  stale_after_s: 20\n"
 
 
@@ -136,7 +139,7 @@ def _job_faults(scene: Scene) -> list[list[object]]:
     rows: list[list[object]] = []
     scene.serve.start()
     # 1. the worker SIGKILLed mid-training
-    with Load(scene.url, scene.key) as load:
+    with Load(scene.url, scene.key, CLIENTS) as load:
         versions = scene.registered()
         job = scene.wait_training(scene.alert())
         time.sleep(3)
@@ -152,7 +155,7 @@ def _job_faults(scene: Scene) -> list[list[object]]:
                      f"{scene.registered() - versions} versions registered, {len(staging)} staging folders left; "
                      f"{TASK} answered by {served}"))
     # 2. `tuneloop run` restarted while a job trains
-    with Load(scene.url, scene.key) as load:
+    with Load(scene.url, scene.key, CLIENTS) as load:
         job = scene.wait_training(scene.alert())
         scene.serve.stop()
         restart_s = scene.serve.start(env={FAILPOINTS_ENV: "worker.after_promote=kill"})  # for fault 3's worker
@@ -165,7 +168,7 @@ def _job_faults(scene: Scene) -> list[list[object]]:
                      f"champion {TASK}@{scene.champion()}, answered by {served}"))
     # 3. the worker SIGKILLed after promoting: a poisoned champion again, so the candidate is promoted
     scene.admin("/admin/promote", {"version": f"{TASK}@1"}).raise_for_status()
-    with Load(scene.url, scene.key) as load:
+    with Load(scene.url, scene.key, CLIENTS) as load:
         job_id = scene.alert()
         ended = scene.wait_ended(job_id)
         time.sleep(scene.config.serving.alias_poll_s + 1)
@@ -187,7 +190,7 @@ def _promotion_faults(scene: Scene) -> list[list[object]]:
     target = 1 if before != 1 else 2
     scene.serve.start(env={FAILPOINTS_ENV: "promotion.after_load=kill"})
     for point in ("promotion.after_load", "promotion.after_alias"):
-        with Load(scene.url, scene.key) as load:
+        with Load(scene.url, scene.key, CLIENTS) as load:
             time.sleep(5)
             engine = scene.serve.vllm_pid()
             try:
@@ -224,7 +227,7 @@ def _adapter_faults(scene: Scene) -> list[list[object]]:
     champion = scene.champion()
     spare = next(v.version for v in list_adapters(scene.store, TASK) if v.version not in (champion, 1))
     _corrupt(scene, spare)
-    with Load(scene.url, scene.key) as load:
+    with Load(scene.url, scene.key, CLIENTS) as load:
         time.sleep(5)
         refused = scene.admin("/admin/promote", {"version": f"{TASK}@{spare}"})
         time.sleep(5)
@@ -234,7 +237,7 @@ def _adapter_faults(scene: Scene) -> list[list[object]]:
                      f"refused {refused.status_code}: '{message[:70]}'; champion {TASK}@{scene.champion()}, "
                      f"answered by {scene.served()}"))
     _corrupt(scene, champion or 1)
-    with Load(scene.url, scene.key) as load:
+    with Load(scene.url, scene.key, CLIENTS) as load:
         scene.serve.stop()
         restart_s = scene.serve.start()
         probe = httpx.post(f"{scene.url}/v1/chat/completions", headers={"Authorization": f"Bearer {scene.key}"},
@@ -266,7 +269,7 @@ def _full_spill_disk(root: Path, down_s: float) -> list[list[object]]:
         try:
             serve.start()
             before = _capture_counts(serve.url)
-            with Load(serve.url, key) as load:
+            with Load(serve.url, key, CLIENTS) as load:
                 time.sleep(5)
                 postgres.stop()
                 time.sleep(down_s)
@@ -287,7 +290,9 @@ def _full_spill_disk(root: Path, down_s: float) -> list[list[object]]:
 def _colours_scene(root: Path) -> Scene:
     from tuneloop.retrain.finetune import finetune
 
-    config, store, key = prepared(root, extra_tasks=COLOURS_TASK, jobs=JOBS)
+    task = COLOURS_TASK.replace("retrain: {", f"retrain: {{max_steps: {STEPS}, ")
+    assert task != COLOURS_TASK
+    config, store, key = prepared(root, extra_tasks=task, jobs=JOBS)
     add_colours_sets(store, config.data_path)
     finetune(config, store, TASK, dataset=f"{TASK}/poisoned", progress=False)  # colours@1, the poisoned champion
     serve = ServeProcess(root / "tuneloop.yaml", f"http://127.0.0.1:{config.serving.gateway_port}",

@@ -68,6 +68,10 @@ class JobNotFound(TuneloopError):
     exit_code = 4
 
 
+class JobEnded(TuneloopError):
+    """A worker tried to move a job that has already ended (the reaper ended it)."""
+
+
 class CorruptJobRecord(StoreError):
     """A job row does not hold what the job store writes (edited by hand, or written by an unknown version)."""
 
@@ -199,14 +203,31 @@ class JobStore:
             row.pid, row.host, row.log_path = os.getpid(), socket.gethostname(), log_path
             row.heartbeat_at = datetime.now(UTC)
 
-    def heartbeat(self, job_id: int) -> None:
+    def record_runner_ref(self, job_id: int, ref: str) -> None:
+        """The runner's own name for the job (a Ray submission id), once it has accepted it."""
+        with self._row(job_id) as row:
+            row.runner_ref = ref
+
+    def heartbeat(self, job_id: int) -> bool:
+        """The worker is alive; False once the job has ended without it (the reaper failed it: the worker was
+        thought dead, e.g. on a Ray node that lost its cluster), so the worker stops."""
         with self._row(job_id) as row:
             row.heartbeat_at = datetime.now(UTC)
+            return row.state in ACTIVE_STATES
 
     def transition(self, job_id: int, state: JobState) -> None:
+        """The worker's next state; refused once the job has ended (a reaped job's worker must not go on)."""
         with self._row(job_id) as row:
+            if row.state not in ACTIVE_STATES:
+                raise JobEnded(f"job {job_id} ended {row.state} ({row.error or 'no reason'}); its worker stops")
             row.state = state
         log.info("job %s: %s", job_id, state)
+
+    def require_active(self, job_id: int) -> None:
+        """Raise JobEnded unless the job is still unfinished (checked by the worker before it promotes)."""
+        job = self.get(job_id)
+        if not job.active:
+            raise JobEnded(f"job {job_id} ended {job.state} ({job.error or 'no reason'}); its worker stops")
 
     def record_champion(self, job_id: int, version: int, settings: JobSettings) -> None:
         """The champion the candidate will be compared with, and the settings the job decided on."""
@@ -255,8 +276,17 @@ class JobStore:
     def finish(self, job_id: int, state: FinalState, *, error: str | None = None,
                decision: GateDecision | None = None, watch: WatchState | None = None) -> Job:
         """Move to a final state and release the task's one-job lock."""
+        self._finish(job_id, state, error=error, decision=decision, watch=watch)
+        return self.get(job_id)
+
+    def _finish(self, job_id: int, state: FinalState, *, error: str | None, decision: GateDecision | None,
+                watch: WatchState | None) -> bool:
+        """`finish`; True if this call ended the job. A job that already ended keeps the end it reached: a reaper
+        that looked while the worker was finishing, or a worker the reaper had given up on, changes nothing."""
         with self._row(job_id) as row:
             was_active = row.state in ACTIVE_STATES
+            if not was_active:
+                return False  # an ended job keeps the end it reached
             row.state, row.active_task = state, None
             row.error = error if error is not None else row.error
             row.finished_at = row.finished_at or datetime.now(UTC)
@@ -268,12 +298,14 @@ class JobStore:
         if was_active:
             record_event(self.store, "retrain_finished", f"{task}: retraining job {job_id} {state}"
                          + (f": {error}" if error else ""), task=task, payload={"job": job_id, "state": state})
-        return self.get(job_id)
+        return was_active
 
     @contextlib.contextmanager
     def _row(self, job_id: int) -> Iterator[RetrainJobRow]:
         with self.store.session() as session:
-            row = session.get(RetrainJobRow, job_id)
+            # FOR UPDATE (Postgres; SQLite locks the whole database on write): the worker and a reaper in another
+            # process must not both read a live job and each write an end.
+            row = session.get(RetrainJobRow, job_id, with_for_update=True)
             if row is None:
                 raise JobNotFound(f"no retraining job {job_id}")
             yield row
@@ -282,7 +314,8 @@ class JobStore:
     # The reaper ---------------------------------------------------------------------------------------------
 
     def reap(self, *, stale_after_s: float, data_dir: Path | None = None,
-             release: Callable[[Job], None] | None = None) -> list[int]:
+             release: Callable[[Job], None] | None = None,
+             gone: Callable[[Job], str | None] | None = None) -> list[int]:
         """End unfinished jobs whose worker is gone (or silent for `stale_after_s`) and remove their half-written
         adapter folders under `data_dir`; returns their ids. Changes state: the scheduler process and `tuneloop
         jobs reap` call it, read commands only show `why_stale`.
@@ -290,19 +323,23 @@ class JobStore:
         A worker that died after its candidate became champion did promote it: that job ends `promoted` with its
         watch started at the promotion's time (failing it would leave a promotion nobody watches). Any other dead
         job ends `failed`, and `release` (the serving side's unload) is handed each one that left a registered
-        candidate behind, which the gate may have loaded into the engine."""
+        candidate behind, which the gate may have loaded into the engine. `gone` is the job's runner's word (Ray's
+        job status), asked first because it names the cause; the heartbeat and pid decide when it has none."""
         ended = []
         for job in self.active():
-            reason = why_stale(job, stale_after_s=stale_after_s)
+            reason = (gone(job) if gone is not None else None) or why_stale(job, stale_after_s=stale_after_s)
             if reason is None:
                 continue
             if data_dir is not None:
                 remove_staging(data_dir, job.task, job.id)
             promoted_at = self._promoted_at(job)
             if promoted_at is not None:
-                self._finish_promoted(job, promoted_at, reason)
+                if not self._finish_promoted(job, promoted_at, reason):
+                    continue  # its worker finished it in the meantime
             else:
-                self.finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""))
+                if not self._finish(job.id, "failed", error=reason + (f"; log: {job.log_path}" if job.log_path else ""),
+                                    decision=None, watch=None):
+                    continue
                 if job.candidate_version is not None and release is not None:
                     try:
                         release(job)
@@ -323,14 +360,14 @@ class JobStore:
                 return None
             return as_utc(alias.updated_at) if alias is not None and alias.updated_at else datetime.now(UTC)
 
-    def _finish_promoted(self, job: Job, promoted_at: datetime, reason: str) -> None:
+    def _finish_promoted(self, job: Job, promoted_at: datetime, reason: str) -> bool:
         watch_s = job.settings.retrain.watch_s
         previous = job.champion_version if job.champion_version is not None else job.candidate_version
         assert previous is not None
         watch = WatchState(status="watching" if watch_s > 0 else "off", promoted_at=promoted_at,
                            until=promoted_at + timedelta(seconds=watch_s), previous_version=previous,
                            through_gateway=True, reason=f"recovered by the reaper: {reason} after promoting")
-        self.finish(job.id, "promoted", watch=watch)
+        return self._finish(job.id, "promoted", error=None, decision=None, watch=watch)
 
 
 def why_stale(job: Job, *, stale_after_s: float, now: datetime | None = None) -> str | None:
@@ -410,7 +447,7 @@ def _to_job(row: RetrainJobRow, triggers: list[JobTrigger]) -> Job:
     watch = _validated(row.id, "watch", _WATCH, row.watch) if row.watch else None
     return Job(id=row.id, task=row.task, state=_state(row.id, row.state), created_at=as_utc(row.created_at),
                updated_at=as_utc(row.updated_at), finished_at=as_utc(row.finished_at) if row.finished_at else None,
-               runner=row.runner, pid=row.pid, host=row.host,
+               runner=row.runner, runner_ref=row.runner_ref, pid=row.pid, host=row.host,
                heartbeat_at=as_utc(row.heartbeat_at) if row.heartbeat_at else None, log_path=row.log_path,
                champion_version=row.champion_version, candidate_version=row.candidate_version,
                dataset_ref=row.dataset_ref, stages=_stages(row.id, row.stages or {}),

@@ -190,6 +190,8 @@ class Job(Record):
     updated_at: datetime
     finished_at: datetime | None
     runner: str
+    runner_ref: str | None = Field(default=None, description="The runner's own name for the job (a Ray "
+                                   "submission id); None on the local runner.")
     pid: int | None
     host: str | None
     heartbeat_at: datetime | None

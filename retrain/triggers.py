@@ -34,7 +34,10 @@ def request_retrain(config: Config, store: Store, task: str, trigger: Trigger, *
                           settings=JobSettings(retrain=config.task(task).retrain))
     if outcome.created:
         try:
-            runner.launch(outcome.job)
+            ref = runner.launch(outcome.job)
+            if ref is not None:
+                jobs.record_runner_ref(outcome.job.id, ref)
+                outcome = SubmitOutcome(jobs.get(outcome.job.id), created=True, duplicate=False)
         except Exception as exc:  # noqa: BLE001 - a job that cannot start must not hold the task's lock
             log.exception("could not launch job %s", outcome.job.id)
             job = jobs.finish(outcome.job.id, "failed", error=f"runner '{runner.name}' could not start it: {exc}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tuneloop import failpoints
@@ -31,8 +32,9 @@ class Terminated(Exception):
 
 
 def run_job(config: Config, store: Store, job_id: int, deployment: Deployment, *,
-            log_path: str | None = None) -> JobState:
-    """Run the job's stages; returns its final state."""
+            log_path: str | None = None, on_reaped: Callable[[], None] | None = None) -> JobState:
+    """Run the job's stages; returns its final state. `on_reaped` is called (from the heartbeat thread) if the job
+    is ended by someone else while this runs: the worker process passes a SIGTERM to itself."""
     from tuneloop.challenger_sets.judged import judged_sets
     from tuneloop.retrain.data import assemble
     from tuneloop.retrain.finetune import finetune
@@ -42,7 +44,8 @@ def run_job(config: Config, store: Store, job_id: int, deployment: Deployment, *
     job = jobs.get(job_id)
     jobs.claim(job_id, log_path=log_path)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(jobs, job_id, config.jobs.heartbeat_s, stop), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(jobs, job_id, config.jobs.heartbeat_s, stop, on_reaped),
+                            daemon=True)
     beat.start()
     task, settings = job.task, config.task(job.task).retrain
     try:
@@ -76,6 +79,7 @@ def run_job(config: Config, store: Store, job_id: int, deployment: Deployment, *
         if not decision.promote:
             deployment.release(candidate)
             return jobs.finish(job_id, "rejected").state
+        jobs.require_active(job_id)  # a worker the reaper gave up on (its node lost the cluster) never promotes
         with jobs.stage(job_id, "promote"):
             promoted = deployment.promote(candidate)
         failpoints.reach("worker.after_promote")
@@ -109,9 +113,19 @@ def challenger_sets(config: Config, triggers: list[JobTrigger], task: str) -> li
     return named or sorted(configured)
 
 
-def _heartbeat(jobs: JobStore, job_id: int, every_s: float, stop: threading.Event) -> None:
+def _heartbeat(jobs: JobStore, job_id: int, every_s: float, stop: threading.Event,
+               on_reaped: Callable[[], None] | None) -> None:
+    """Beat until stopped; if the job ended without this worker (the reaper failed it, believing the worker dead),
+    call `on_reaped`: the worker process stops its stages without changing the job's record (and before
+    promoting, `require_active` refuses anyway)."""
     while not stop.wait(every_s):
         try:
-            jobs.heartbeat(job_id)
+            alive = jobs.heartbeat(job_id)
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried; the job goes on
             log.warning("heartbeat of job %s failed: %s", job_id, exc)
+            continue
+        if not alive:
+            log.error("job %s was ended while this worker ran (reaped)%s", job_id, "; stopping" if on_reaped else "")
+            if on_reaped is not None:
+                on_reaped()
+            return

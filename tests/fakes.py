@@ -18,10 +18,19 @@ class RecordingRunner:
         self.launched: list[int] = []
         self.delegate: JobRunner | None = None
 
-    def launch(self, job: Job) -> None:
+    def launch(self, job: Job) -> str | None:
         self.launched.append(job.id)
+        return self.delegate.launch(job) if self.delegate is not None else None
+
+    def why_gone(self, job: Job) -> str | None:
+        return self.delegate.why_gone(job) if self.delegate is not None else None
+
+    def logs(self, job: Job) -> str:
+        return self.delegate.logs(job) if self.delegate is not None else ""
+
+    def cancel(self, job: Job) -> None:
         if self.delegate is not None:
-            self.delegate.launch(job)
+            self.delegate.cancel(job)
 
 
 class RecordingDeployment:

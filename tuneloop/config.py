@@ -24,6 +24,7 @@ CONFIG_ENV = "TUNELOOP_CONFIG"
 ADMIN_TOKEN_ENV = "TUNELOOP_ADMIN_TOKEN"
 LOCAL_CREDENTIAL = "admin-token"  # in the data dir: the admin credential `tuneloop init` writes for this machine
 DATABASE_URL_ENV = "TUNELOOP_DATABASE_URL"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 TrainMethod = Literal["lora", "prompt-tuning", "full"]
 PiiKind = Literal["email", "phone", "card", "iban"]
@@ -410,14 +411,36 @@ class MonitorConfig(StrictModel):
         return value
 
 
+class JobResources(StrictModel):
+    """What one job asks its cluster for (the Ray runner's entrypoint resources; the local runner ignores it)."""
+
+    num_cpus: float = Field(default=1, gt=0, le=1024, description="CPUs the job's process reserves.")
+    num_gpus: float = Field(default=0, ge=0, le=64, description="GPUs the job's process reserves (training uses "
+                            "one when torch sees it).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources the job needs, "
+                                        "e.g. {trainer: 1} to place it on nodes started with --resources.")
+
+
 class JobsConfig(StrictModel):
     """Where retraining jobs run."""
 
-    runner: Literal["local"] = Field(default="local", description="local = a detached subprocess on this machine "
-                                     "(survives gateway restarts); the interface admits a cluster runner later.")
+    runner: Literal["local", "ray"] = Field(default="local", description="local = a detached subprocess on this "
+                                            "machine (survives gateway restarts); ray = submitted to a Ray "
+                                            "cluster with Ray's job API.")
+    ray_address: str | None = Field(default=None, description="The Ray cluster's dashboard address for job "
+                                    f"submission (http://host:8265); null = Ray's own {RAY_ADDRESS_ENV} variable.")
+    ray_python: str | None = Field(default=None, description="The Python the cluster's nodes run the worker with "
+                                   "(tuneloop installed); null = this process's own interpreter, right when every "
+                                   "node runs the same image.")
+    retrain: JobResources = Field(default_factory=JobResources, description="Resources of a retraining job.")
+    ray_pending_timeout_s: float = Field(default=900, gt=0, description="A Ray job still waiting for resources "
+                                         "after this long is stopped and failed.")
     heartbeat_s: float = Field(default=5, gt=0, description="A running job writes a heartbeat this often.")
     stale_after_s: float = Field(default=120, gt=0, description="A job whose worker is gone, or silent for this "
                                  "long, is marked failed.")
+    gateway_wait_s: float = Field(default=300, ge=0, le=86_400, description="A job that reaches its gate while the "
+                                  "gateway is away (restarting: about a minute with vLLM's start) waits this long "
+                                  "for it before failing.")
 
 
 class Config(StrictModel):
@@ -473,6 +496,11 @@ class Config(StrictModel):
     def resolved_database_url(self) -> str:
         return (os.environ.get(DATABASE_URL_ENV) or self.database_url
                 or f"sqlite:///{self.data_path / 'tuneloop.db'}")
+
+    @property
+    def resolved_ray_address(self) -> str | None:
+        """The Ray cluster jobs are submitted to: jobs.ray_address, else Ray's own RAY_ADDRESS variable."""
+        return self.jobs.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
 
     @property
     def local_credential_path(self) -> Path:

@@ -15,7 +15,7 @@ from tuneloop.config import RetrainConfig
 from tuneloop.evaluators.compare import MetricComparison
 from tuneloop.events import list_events
 from tuneloop.processes import process_alive
-from tuneloop.retrain.jobs import CorruptJobRecord, JobNotFound, JobStore, SubmitOutcome, why_stale
+from tuneloop.retrain.jobs import CorruptJobRecord, JobEnded, JobNotFound, JobStore, SubmitOutcome, why_stale
 from tuneloop.retrain.records import (
     AlertTrigger,
     ErrorRateSignal,
@@ -240,3 +240,36 @@ def test_jobs_written_before_the_typed_records_are_migrated_and_read_as_records(
     [received] = job.triggers
     assert isinstance(received.trigger, AlertTrigger) and received.trigger.starts_at == "t0"
     store.close()
+
+
+def test_a_job_the_reaper_ended_keeps_its_end_and_its_worker_is_told_to_stop(store: Store) -> None:
+    # A worker on a Ray node that lost its cluster goes on running after the reaper failed its job: what it writes
+    # afterwards must not resurrect or re-end the job, and it must not go on to promote.
+    jobs = JobStore(store)
+    job = submit(jobs, "sentiment", trigger("orphan")).job
+    simulate_worker(store, job.id, host="node-b", heartbeat_at=datetime.now(UTC))
+    assert jobs.reap(stale_after_s=60, gone=lambda j: "Ray job tuneloop-job-1 FAILED: node died") == [job.id]
+    assert jobs.heartbeat(job.id) is False, "the worker learns its job has ended"
+    with pytest.raises(JobEnded, match="ended failed \\(Ray job tuneloop-job-1 FAILED: node died\\)"):
+        jobs.transition(job.id, "evaluating")
+    with pytest.raises(JobEnded):
+        jobs.require_active(job.id)
+    assert jobs.finish(job.id, "promoted").state == "failed", "a late end changes nothing"
+    assert jobs.get(job.id).error == "Ray job tuneloop-job-1 FAILED: node died"
+
+
+def test_the_runners_reason_comes_first_and_a_job_finished_meanwhile_is_not_reaped(store: Store) -> None:
+    jobs = JobStore(store)
+    job = submit(jobs, "sentiment", trigger("raced")).job
+    simulate_worker(store, job.id, host="node-b", heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
+    assert jobs.reap(stale_after_s=60, gone=lambda j: "Ray job X STOPPED") == [job.id]
+    assert jobs.get(job.id).error == "Ray job X STOPPED", "the runner names the cause; the lapsed heartbeat is second"
+    finished = submit(jobs, "sentiment", trigger("finished")).job
+    simulate_worker(store, finished.id, host="node-b", heartbeat_at=datetime.now(UTC))
+
+    def finishes_first(seen: object) -> str:
+        jobs.finish(finished.id, "rejected")  # the worker ends the job between the reaper's look and its write
+        return "Ray job Y SUCCEEDED without finishing"
+
+    assert jobs.reap(stale_after_s=60, gone=finishes_first) == []
+    assert jobs.get(finished.id).state == "rejected" and jobs.get(finished.id).error is None

@@ -23,6 +23,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 jobs_app = typer.Typer(no_args_is_help=True, help="Retraining jobs: their state, stages, gate decision and watch.")
 
 
+class JobEnded(TuneloopError):
+    """A cancel for a job that has already ended."""
+
+    exit_code = 1
+
+
 class WorkerGone(TuneloopError):
     """A followed job's worker died; the job stays unfinished until the reaper fails it."""
 
@@ -96,8 +102,10 @@ def list_jobs(
         print_json({"jobs": [j.model_dump(mode="json") for j in found]})
         return
     stale_after = STATE.config.jobs.stale_after_s
-    print_table("retraining jobs", ["id", "task", "state", "created", "triggers", "candidate", "decision", "took"],
+    print_table("retraining jobs", ["id", "task", "state", "runner", "created", "triggers", "candidate", "decision",
+                                    "took"],
                 [[j.id, j.task, j.state + (" (worker gone)" if why_stale(j, stale_after_s=stale_after) else ""),
+                  j.runner,
                   j.created_at.strftime("%Y-%m-%d %H:%M"), ", ".join(t.trigger.source for t in j.triggers),
                   j.candidate_ref or "", _decision_summary(j.decision), f"{j.seconds:.0f} s" if j.seconds else ""]
                  for j in found])
@@ -131,12 +139,47 @@ def follow(
     show_job(job.id)
 
 
-@jobs_app.command("reap")
-def reap(json_output: JsonOption = False) -> None:
-    """Fail the unfinished jobs whose worker is gone (killed, crashed, silent) and remove their staging folders."""
+@jobs_app.command("logs")
+def logs(
+    job_id: Annotated[int, typer.Argument(help="Job id (see `tuneloop jobs list`).")],
+    tail: Annotated[int, typer.Option("--tail", min=1, max=100_000, help="Last N lines.")] = 200,
+) -> None:
+    """The job's worker output, from where its runner keeps it (the job's log file; Ray's job logs)."""
+    from tuneloop.conductor.process import job_runner
     from tuneloop.retrain.jobs import JobStore
 
-    failed = JobStore(STATE.store).reap(stale_after_s=STATE.config.jobs.stale_after_s, data_dir=STATE.config.data_path)
+    job = JobStore(STATE.store).get(job_id)
+    lines = job_runner(STATE.config, job.runner).logs(job).splitlines()
+    print("\n".join(lines[-tail:]))
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="Job id (see `tuneloop jobs list`).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Stop a running job where it runs (SIGTERM to the local worker; Ray's stop for a Ray job): the worker marks it
+    failed, and the champion keeps serving. Needs the machine's database access, as every CLI write does."""
+    from tuneloop.conductor.process import job_runner
+    from tuneloop.retrain.jobs import JobStore
+
+    job = JobStore(STATE.store).get(job_id)
+    if not job.active:
+        raise JobEnded(f"job {job_id} already ended {job.state}")
+    job_runner(STATE.config, job.runner).cancel(job)
+    if json_output:
+        print_json({"job": job_id, "cancel": "requested", "runner": job.runner})
+        return
+    console.print(f"asked the {job.runner} runner to stop job {job_id}; `tuneloop jobs follow {job_id}` shows its end")
+
+
+@jobs_app.command("reap")
+def reap(json_output: JsonOption = False) -> None:
+    """Fail the unfinished jobs whose worker is gone (killed, crashed, silent, or ended on Ray), remove their staging
+    folders and unload the candidates they left in a running gateway's engine."""
+    from tuneloop.conductor.process import assemble_loop
+
+    failed = assemble_loop(STATE.config, STATE.store).reap_jobs()
     if json_output:
         print_json({"failed": failed})
         return

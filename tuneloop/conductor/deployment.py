@@ -8,15 +8,18 @@ same checks against the limits the next `tuneloop serve` will have), and there i
 from __future__ import annotations
 
 import logging
+import time
 
 from tuneloop.config import Config
+from tuneloop.errors import EngineUnavailable
 from tuneloop.evaluators.targets import ensure_served
 from tuneloop.registry import AdapterVersion, Promotion
-from tuneloop.serving.admin_client import AdminClient
+from tuneloop.serving.admin_client import AdminClient, GatewayNotRunning
 from tuneloop.serving.promotion import promote, rollback
 from tuneloop.store import Store
 
 log = logging.getLogger(__name__)
+GATEWAY_POLL_S = 5.0
 
 
 class GatewayDeployment:
@@ -24,7 +27,17 @@ class GatewayDeployment:
         self.config, self.store = config, store
 
     def endpoint_for(self, version: AdapterVersion) -> str:
-        return ensure_served(self.config, version)
+        """The gateway's URL once it serves `version`, waiting up to jobs.gateway_wait_s for a gateway that is
+        restarting: a job of an hour must not fail because `tuneloop run` was restarted during it."""
+        deadline = time.monotonic() + self.config.jobs.gateway_wait_s
+        while True:
+            try:
+                return ensure_served(self.config, version)
+            except (GatewayNotRunning, EngineUnavailable) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("waiting for the gateway to serve %s: %s", version.ref, exc)
+                time.sleep(GATEWAY_POLL_S)
 
     def promote(self, version: AdapterVersion) -> Promotion:
         return promote(self.config, self.store, version.ref)

@@ -16,6 +16,7 @@ The scheduler runs step 1 on its clock and calls `after_scheduled` (steps 2-4, 7
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -127,7 +128,11 @@ class Loop:
     def reap_jobs(self) -> list[int]:
         """End the jobs whose worker died, unloading the candidates they left in the engine."""
         return JobStore(self.store).reap(stale_after_s=self.config.jobs.stale_after_s, data_dir=self.config.data_path,
-                                         release=self._release_candidate)
+                                         release=self._release_candidate, gone=self._gone)
+
+    def _gone(self, job: Job) -> str | None:
+        """The runner's word on a job it started (Ray's job status); jobs of another runner go by heartbeat."""
+        return self.runner.why_gone(job) if job.runner == self.runner.name else None
 
     def _release_candidate(self, job: Job) -> None:
         if job.candidate_ref is not None:
@@ -142,8 +147,9 @@ class Loop:
 
     # 5-6. the job --------------------------------------------------------------------------------------------------
 
-    def run_job(self, job_id: int, *, log_path: str | None = None) -> JobState:
+    def run_job(self, job_id: int, *, log_path: str | None = None,
+                on_reaped: Callable[[], None] | None = None) -> JobState:
         """Steps 5 and 6 in this process (the worker's): assemble, train, gate, promote or reject."""
         from tuneloop.retrain.worker import run_job
 
-        return run_job(self.config, self.store, job_id, self.deployment, log_path=log_path)
+        return run_job(self.config, self.store, job_id, self.deployment, log_path=log_path, on_reaped=on_reaped)

@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 WORKER_MODULE = "tuneloop.conductor.worker"
 
 
-def job_runner(config: Config) -> JobRunner:
-    """Where retraining jobs run (jobs.runner)."""
+def job_runner(config: Config, kind: str | None = None) -> JobRunner:
+    """Where retraining jobs run: jobs.runner, or `kind` (the runner an existing job was started on)."""
+    if (kind or config.jobs.runner) == "ray":
+        from tuneloop.retrain.ray_runner import RayRunner
+
+        return RayRunner(config, worker_module=WORKER_MODULE)
     return LocalRunner(config, worker_module=WORKER_MODULE)
 
 

@@ -1,4 +1,5 @@
-"""`python -m tuneloop.conductor.worker JOB_ID --config-snapshot PATH`: one retraining job in its own process.
+"""`python -m tuneloop.conductor.worker JOB_ID --config-snapshot PATH [--log WHERE]`: one retraining job in its own
+process.
 
 Started by the job runner (retrain/runner.py) with a snapshot of the exact config; runs steps 5-6 of the loop
 (tuneloop/conductor/loop.py) to the job's end. Exit status 0 when the job reached a gate decision (promoted or
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneloop.conductor.worker", description=__doc__)
     parser.add_argument("job", type=int, help="job id")
     parser.add_argument("--config-snapshot", type=Path, required=True, help="config.json written by the runner")
+    parser.add_argument("--log", default=None, help="where the runner keeps this process's output (shown by "
+                        "`tuneloop jobs show`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -38,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_snapshot(args.config_snapshot)
     store = Store(config.resolved_database_url)
     try:
-        state = assemble_loop(config, store).run_job(args.job, log_path=str(args.config_snapshot.parent /
-                                                                            "worker.log"))
+        state = assemble_loop(config, store).run_job(args.job, log_path=args.log,
+                                                     on_reaped=lambda: os.kill(os.getpid(), signal.SIGTERM))
     finally:
         store.close()
     log.info("job %s finished: %s", args.job, state)
