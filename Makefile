@@ -17,7 +17,7 @@ DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertman
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-e2e test-fast bench bench-smoke reliability lint docs clean
+.PHONY: install demo demo-fast test test-e2e test-scale test-postgres test-fast bench bench-smoke reliability lint docs clean
 
 install: $(STAMP)
 
@@ -44,7 +44,7 @@ endif
 		else echo "missing Debian packages:$$missing (apt-get needs root)" >&2; exit 1; fi; \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@echo "== tuneloop (editable, with dev extras)"
+	@echo "== tuneloop (editable, with the dev and ray extras)"
 	@$(PIP) install -e '.[dev,ray]'
 	@touch $(STAMP)
 
@@ -60,7 +60,21 @@ demo-fast: install
 DURATIONS := --durations=15 --durations-min=1
 
 test: install
-	$(BIN)/python -m pytest -q -m "not long_bench and not end_to_end" $(DURATIONS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long_bench and not end_to_end and not ray" $(DURATIONS) $(PYTEST_ARGS)
+
+# Scale-out: retraining jobs on a throwaway Ray cluster (head + worker node on 127.0.0.1), then the store-backed
+# suites again on a throwaway Postgres 15 (every test a database of its own). .ci/run runs both after make test.
+test-scale: install
+	$(BIN)/python -m pytest -q -m ray $(DURATIONS) $(PYTEST_ARGS)
+
+POSTGRES_SUITES := tests/tuneloop/test_store.py tests/tuneloop/test_registry.py tests/serving/test_capture.py \
+	tests/serving/test_follow.py tests/serving/test_keys.py tests/serving/test_retention.py \
+	tests/monitor/test_scheduler.py tests/monitor/test_policy_and_output.py tests/retrain/test_jobs.py \
+	tests/retrain/test_triggers.py tests/retrain/test_watch.py tests/tuneloop/conductor tests/retrain/test_loop_live.py
+
+test-postgres: install
+	TUNELOOP_TEST_DATABASE=postgres $(BIN)/python -m pytest -q -m "not long_bench and not end_to_end and not ray" \
+		$(DURATIONS) $(PYTEST_ARGS) $(POSTGRES_SUITES)
 
 # The end-to-end runs (each starts its own vLLM, ~10 minutes together on 2 cores); CI runs them after make test.
 test-e2e: install

@@ -58,10 +58,8 @@ from tuneloop.serving.engine import process_group_members
 from tuneloop.store import Store
 
 ADMIN = {"Authorization": "Bearer bench"}
-# Two clients, not the faults bench's eight: on two cores a retraining job shares the CPU with vLLM, and under eight
-# clients' load 20 training steps took over 20 minutes (measured here), so each job fault would take an hour.
-CLIENTS = 2
-STEPS = 10
+CLIENTS = 8
+STEPS = 10  # a candidate trained 10 steps from the poisoned champion is certainly better on the right labels
 JOBS = "  heartbeat_s: 1\n  stale_after_s: 20\n"
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.config import RAY_ADDRESS_ENV, Config
 from tuneloop.errors import ConfigError, TuneloopError
 from tuneloop.retrain.records import Job
-from tuneloop.retrain.runner import job_dir, write_config_snapshot
+from tuneloop.retrain.runner import job_dir, thread_env, write_config_snapshot
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -74,7 +74,8 @@ class RayRunner:
             client.submit_job(entrypoint=self.entrypoint(job), submission_id=sid,
                               entrypoint_num_cpus=resources.num_cpus, entrypoint_num_gpus=resources.num_gpus,
                               entrypoint_resources=dict(resources.resources) or None,
-                              runtime_env={"env_vars": _worker_env()},
+                              runtime_env={"env_vars": {**_worker_env(),
+                                                        **thread_env(max(1, int(resources.num_cpus)))}},
                               metadata={"tuneloop_job": str(job.id), "task": job.task})
         except Exception as exc:  # noqa: BLE001 - every refusal becomes the job's failure reason
             raise RayUnavailable(f"Ray at {self.address} refused job {sid}: {_first_line(exc)}") from None

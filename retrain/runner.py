@@ -75,6 +75,11 @@ def load_config_snapshot(path: Path) -> Config:
     return parse_config(json.dumps(raw["config"]), source=str(path), config_dir=Path(raw["config_dir"]))
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The variables torch and its BLAS read for their thread count at start-up."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 class LocalRunner:
     name = "local"
 
@@ -90,7 +95,8 @@ class LocalRunner:
                 [sys.executable, "-m", self.worker_module, str(job.id), "--config-snapshot", str(snapshot),
                  "--log", str(log_path)],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                cwd=str(self.config.config_dir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                cwd=str(self.config.config_dir), env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                      **thread_env(self.config.jobs.local_threads)})
         # Reap the child when it ends so it never lingers as a zombie the job reaper would mistake for alive.
         threading.Thread(target=process.wait, name=f"job-{job.id}-wait", daemon=True).start()
 

@@ -6,8 +6,9 @@ so it is built once per fresh clone, as in CI, and reused by later local runs.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,48 @@ def small_train_config(**overrides: object) -> TrainConfig:
     return TrainConfig.model_validate(values)
 
 
+# `make test-postgres` runs the store-backed suites again with TEST_DATABASE_ENV=postgres: every test's store is
+# then a database of its own on one throwaway Postgres 15 server (bench/postgres.py), migrated by the same code.
+TEST_DATABASE_ENV = "TUNELOOP_TEST_DATABASE"
+ON_POSTGRES = os.environ.get(TEST_DATABASE_ENV, "sqlite") == "postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_databases() -> Iterator[Callable[[], str] | None]:
+    """On Postgres: a factory of fresh, empty databases on one server for the session; on SQLite: None."""
+    if not ON_POSTGRES:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+
+    from bench.postgres import throwaway_postgres
+
+    with throwaway_postgres() as server:
+        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+        made = itertools.count(1)
+
+        def fresh() -> str:
+            name = f"test_{next(made)}"
+            with admin.connect() as connection:
+                connection.execute(text(f"CREATE DATABASE {name}"))
+            return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+        try:
+            yield fresh
+        finally:
+            admin.dispose()
+
+
+def database_line(postgres_databases: Callable[[], str] | None) -> str:
+    """The `database_url:` line of a test's config: a fresh Postgres database, or nothing (SQLite in the data
+    dir)."""
+    return f"database_url: {postgres_databases()}\n" if postgres_databases is not None else ""
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, postgres_databases: Callable[[], str] | None) -> Config:
     """Default config in a temporary data dir whose base model is the shared cached conversion."""
-    text = "data_dir: data\n"
+    text = "data_dir: data\n" + database_line(postgres_databases)
     cfg = parse_config(text, config_dir=tmp_path)
     return cfg
 
@@ -77,7 +116,8 @@ def embedded_sets() -> dict[str, list]:
 
 
 @pytest.fixture(scope="session")
-def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Iterator[LiveGateway]:
+def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path,
+                 postgres_databases: Callable[[], str] | None) -> Iterator[LiveGateway]:
     """One real vLLM + gateway for the whole test session (serving, evaluators, monitor and the live retraining
     tests share it), with real adapters trained for two tasks; a third, `colours`, is the retraining tests' own.
     The engine and gateway run in this process (uvicorn on a thread, vLLM as the supervised child), so tests can
@@ -88,7 +128,7 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path)
     root = tmp_path_factory.mktemp("serving")
     gateway_port, vllm_port = free_port(), free_port()
     config = parse_config(
-        f"data_dir: data\nbase_model:\n  path: {base_model_dir}\n"
+        f"data_dir: data\n{database_line(postgres_databases)}base_model:\n  path: {base_model_dir}\n"
         f"serving:\n  gateway_port: {gateway_port}\n  vllm_port: {vllm_port}\n  max_model_len: 512\n"
         f"  kv_cache_gib: 1\n  admin_token: {ADMIN_TOKEN}\n  unload_grace_s: 1\n"
         "jobs:\n  heartbeat_s: 1\n  stale_after_s: 60\n"

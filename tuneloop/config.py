@@ -438,6 +438,11 @@ class JobsConfig(StrictModel):
     heartbeat_s: float = Field(default=5, gt=0, description="A running job writes a heartbeat this often.")
     stale_after_s: float = Field(default=120, gt=0, description="A job whose worker is gone, or silent for this "
                                  "long, is marked failed.")
+    local_threads: int = Field(default=1, ge=1, le=1024, description="CPU threads (OMP_NUM_THREADS) of a local "
+                               "job's worker. It shares the machine with vLLM, whose CPU threads spin on every core "
+                               "they are bound to: measured on 2 cores under load, 3 training steps took 270 s with "
+                               "torch's default 2 threads and 20 s with 1 "
+                               "(bench/results/experiments/train_beside_engine.*).")
     gateway_wait_s: float = Field(default=300, ge=0, le=86_400, description="A job that reaches its gate while the "
                                   "gateway is away (restarting: about a minute with vLLM's start) waits this long "
                                   "for it before failing.")

@@ -67,7 +67,8 @@ def test_lease_is_exclusive_and_lapses(store: Store) -> None:
 
 
 def test_lease_race_has_one_winner(store: Store) -> None:
-    leases = [Lease(Store(store.url, migrate=False), holder=f"h{i}", ttl_s=30) for i in range(6)]
+    stores = [Store(store.url, migrate=False) for _ in range(6)]
+    leases = [Lease(other, holder=f"h{i}", ttl_s=30) for i, other in enumerate(stores)]
     results: list[bool] = []
     barrier = threading.Barrier(len(leases))
 
@@ -80,6 +81,8 @@ def test_lease_race_has_one_winner(store: Store) -> None:
         t.start()
     for t in threads:
         t.join()
+    for other in stores:
+        other.close()
     assert sorted(results) == [False] * 5 + [True]
 
 
@@ -93,7 +96,8 @@ def test_two_schedulers_on_one_database_run_a_job_once(config: Config, store: St
         return DONE
 
     first = TuneloopScheduler(config, store, {"eval": eval_job}, holder="first")
-    second = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": eval_job}, holder="second")
+    other = Store(store.url, migrate=False)
+    second = TuneloopScheduler(config, other, {"eval": eval_job}, holder="second")
     first.start()
     second.start()
     try:
@@ -106,6 +110,7 @@ def test_two_schedulers_on_one_database_run_a_job_once(config: Config, store: St
     finally:
         first.stop()
         second.stop()
+        other.close()
 
 
 def test_standby_takes_over_when_the_holder_stops(config: Config, store: Store) -> None:
@@ -113,7 +118,8 @@ def test_standby_takes_over_when_the_holder_stops(config: Config, store: Store) 
     first = TuneloopScheduler(config, store, {"eval": lambda task: DONE}, holder="first")
     first.start()
     _wait(lambda: len(_runs(store)) >= 1)
-    second = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: DONE}, holder="second")
+    other = Store(store.url, migrate=False)
+    second = TuneloopScheduler(config, other, {"eval": lambda task: DONE}, holder="second")
     second.start()
     try:
         first.stop()  # releases the lease
@@ -123,6 +129,7 @@ def test_standby_takes_over_when_the_holder_stops(config: Config, store: Store) 
         assert set(holders[:switch]) == {"first"} and set(holders[switch:]) == {"second"}
     finally:
         second.stop()
+        other.close()
 
 
 def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
@@ -130,8 +137,8 @@ def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
     next_run = first.jobs()[0]["next_run"]
     first.stop()
 
-    restarted = TuneloopScheduler(config, Store(store.url, migrate=False), {"eval": lambda task: DONE},
-                                  holder="restarted")
+    other = Store(store.url, migrate=False)
+    restarted = TuneloopScheduler(config, other, {"eval": lambda task: DONE}, holder="restarted")
     restarted.start()
     try:
         assert [j["id"] for j in restarted.jobs()] == ["eval:sentiment"]
@@ -140,6 +147,7 @@ def test_job_persists_across_a_restart(config: Config, store: Store) -> None:
         assert len(_runs(store)) == 1  # not run again on restart
     finally:
         restarted.stop()
+        other.close()
 
 
 def test_changed_schedule_replaces_the_stored_job(config: Config, store: Store) -> None:

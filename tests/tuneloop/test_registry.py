@@ -57,8 +57,8 @@ def test_aliases_move_and_resolve(store: Store, config: Config, tmp_path: Path) 
 def test_an_alias_flip_its_event_and_the_cleared_candidate_commit_together(store: Store, config: Config,
                                                                            tmp_path: Path) -> None:
     """Rollback reads the previous champion from the flip's event: if the event cannot be written, the flip must
-    not happen either (a SQLite trigger makes the events table refuse the write, as a kill or a full disk would
-    end the transaction)."""
+    not happen either (a trigger makes the events table refuse the write, as a kill or a full disk would end the
+    transaction)."""
     from sqlalchemy import text
 
     from tuneloop.errors import StoreError
@@ -68,15 +68,22 @@ def test_an_alias_flip_its_event_and_the_cleared_candidate_commit_together(store
     register_adapter(store, config.data_path, _trained(tmp_path, "b", b"2"), _card())
     set_alias(store, "sentiment@2", "candidate")
     events_before = len(list_events(store))
+    postgres = store.engine.dialect.name == "postgresql"
     with store.session() as session:
-        session.execute(text("CREATE TRIGGER refuse_events BEFORE INSERT ON events "
-                             "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+        if postgres:
+            session.execute(text("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; "
+                                 "END $$ LANGUAGE plpgsql"))
+            session.execute(text("CREATE TRIGGER refuse_events BEFORE INSERT ON events FOR EACH ROW "
+                                 "EXECUTE FUNCTION refuse()"))
+        else:
+            session.execute(text("CREATE TRIGGER refuse_events BEFORE INSERT ON events "
+                                 "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
     with pytest.raises(StoreError, match="disk full"):
         set_alias(store, "sentiment@2", "champion", clear="candidate")
     assert get_adapter(store, "sentiment@champion").version == 1
     assert get_adapter(store, "sentiment@candidate").version == 2
     with store.session() as session:
-        session.execute(text("DROP TRIGGER refuse_events"))
+        session.execute(text("DROP TRIGGER refuse_events" + (" ON events" if postgres else "")))
     assert len(list_events(store)) == events_before
 
     previous = set_alias(store, "sentiment@2", "champion", reason="gate passed", clear="candidate")
