@@ -8,6 +8,7 @@ import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def _job(job_id: int) -> Job:
                settings=JobSettings(retrain=RetrainConfig()), error=None, triggers=[])
 
 
-def _launched_output(config: Config, job_id: int) -> dict[str, object]:
+def _launched_output(config: Config, job_id: int) -> dict[str, Any]:
     LocalRunner(config, worker_module=ENV_WORKER).launch(_job(job_id))
     log = job_dir(config, job_id) / "worker.log"
     deadline = time.monotonic() + 60
