@@ -28,6 +28,7 @@ was down, or another 5xx); of the answered, how many are stored once, missing or
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -198,7 +199,7 @@ def _promotion_faults(scene: Scene) -> list[list[object]]:
                 outcome = f"the promote call got no answer ({exc.__class__.__name__})"
             left = scene.wait_dead(engine)
             following = "promotion.after_alias" if point == "promotion.after_load" else None
-            restart_s = scene.serve.start(env={FAILPOINTS_ENV: following} if following else None)
+            restart_s = scene.serve.start(env={FAILPOINTS_ENV: f"{following}=kill"} if following else None)
             time.sleep(5)
         champion, served = scene.champion(), scene.served()
         after = (f"{outcome}; {left} engine processes left; restarted in {restart_s:.0f} s: champion "
@@ -298,19 +299,27 @@ def _colours_scene(root: Path) -> Scene:
     return Scene(root, config, store, key, serve)
 
 
-def run(*, quick: bool = False) -> list[Table]:
-    with tempfile.TemporaryDirectory() as tmp:
-        scene = _colours_scene(Path(tmp) / "sqlite")
-        try:
-            rows = _job_faults(scene)
-            rows += _promotion_faults(scene)
-            rows += _adapter_faults(scene)
-        finally:
-            scene.serve.stop()
-            scene.store.close()
-        rows += _full_spill_disk(Path(tmp) / "postgres", 10.0 if quick else 20.0)
+def _printed(rows: list[list[object]]) -> list[list[object]]:
     for row in rows:
         print(" | ".join(str(cell) for cell in row), flush=True)
+    return rows
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    scene = _colours_scene(tmp / "sqlite")
+    try:
+        rows = _printed(_job_faults(scene))
+        rows += _printed(_promotion_faults(scene))
+        rows += _printed(_adapter_faults(scene))
+    except BaseException:
+        print(f"recovery bench failed; its workspace (logs, database) is kept in {tmp}", flush=True)
+        raise
+    finally:
+        scene.serve.stop()
+        scene.store.close()
+    rows += _printed(_full_spill_disk(tmp / "postgres", 10.0 if quick else 20.0))
+    shutil.rmtree(tmp, ignore_errors=True)
     return [emit(f"Recovery: faults in jobs, promotion, adapters and the spill disk, under load ({CLIENTS} clients)",
                  ["store", "fault", "sent", "answered", "refused (4xx/503)", "failed", "stored exactly once",
                   "answered, not stored", "stored twice", "state afterwards"], rows,

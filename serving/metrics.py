@@ -40,8 +40,10 @@ class GatewayMetrics:
 class ServingStateCollector(Collector):
     """Engine state and restarts, capture outcomes and PII redactions, read from their owners at scrape time."""
 
-    def __init__(self, engine: Any, capture: Any, redactor: Any, retention: Any = None) -> None:
+    def __init__(self, engine: Any, capture: Any, redactor: Any, retention: Any = None,
+                 membership: Any = None) -> None:
         self.engine, self.capture, self.redactor, self.retention = engine, capture, redactor, retention
+        self.membership = membership
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("tuneloop_engine_up", "1 when vLLM answers its health check.")
@@ -67,6 +69,11 @@ class ServingStateCollector(Collector):
         yield pii
         if self.retention is not None:
             yield from self._retention()
+        if self.membership is not None:
+            gateways = GaugeMetricFamily("tuneloop_gateways_live", "Gateways on this database seen in the last three "
+                                         "alias polls (each enforces 1/N of every key's rate limit).")
+            gateways.add_metric([], float(self.membership.live))
+            yield gateways
 
     def _retention(self) -> Iterator[Any]:
         pruned = CounterMetricFamily("tuneloop_traffic_pruned_rows", "Captured requests deleted by this "

@@ -41,6 +41,7 @@ from tuneloop.serving.engine import EngineSpec, EngineSupervisor, ServingEngine
 from tuneloop.serving.engine_client import EngineLimits, check_servable
 from tuneloop.serving.gateway import GatewayContext, create_app
 from tuneloop.serving.hotswap import HotSwapper
+from tuneloop.serving.membership import GatewayMembership
 from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 from tuneloop.serving.openapi import openapi_document
 from tuneloop.serving.periodic import Periodic
@@ -141,12 +142,16 @@ def build_context(config: Config, store: Store, engine: ServingEngine, *,
     swapper = HotSwapper(store, engine.client.limits, client=engine.client, router=router,
                          grace_s=config.serving.unload_grace_s)
     retention = TrafficRetention(store, config.serving.retention)
-    registry.register(ServingStateCollector(engine, capture, redactor, retention))
+    membership = GatewayMembership(store, f"http://{config.serving.gateway_host}:{config.serving.gateway_port}",
+                                   poll_s=config.serving.alias_poll_s)
+    registry.register(ServingStateCollector(engine, capture, redactor, retention, membership))
     for collector in extensions.collectors:
         registry.register(collector)
     return GatewayContext(config=config, engine=engine, router=router, capture=capture, swapper=swapper,
                           redactor=redactor, registry=registry, metrics=GatewayMetrics(registry),
-                          auth=Authenticator(store, config.admin_token), limiter=RateLimiter(), retention=retention,
+                          auth=Authenticator(store, config.admin_token),
+                          limiter=RateLimiter(gateways=lambda: membership.live), retention=retention,
+                          membership=membership,
                           openapi=openapi_document(config.serving.limits, extensions.openapi_paths),
                           upstream_transport=upstream_transport)
 
@@ -198,6 +203,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
     server: uvicorn.Server | None = None
     thread: threading.Thread | None = None
     follower: Periodic | None = None
+    members: Periodic | None = None
     started_background = False
     try:
         engine.start()
@@ -207,6 +213,11 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx.retention.start()
         follower = Periodic("alias-follower", config.serving.alias_poll_s, ctx.swapper.follow)
         follower.start()
+        assert ctx.membership is not None
+        with contextlib.suppress(Exception):  # the database may be away at start; the next beat retries
+            ctx.membership.beat()
+        members = Periodic("gateway-membership", config.serving.alias_poll_s, ctx.membership.beat)
+        members.start()
         server = uvicorn.Server(server_config(config, create_app(ctx, routes=extensions.routes),
                                               log_level=log_level))
         thread = threading.Thread(target=server.run, name="gateway", daemon=True)
@@ -230,6 +241,10 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
             thread.join(15)
         if follower is not None:
             follower.stop()
+        if members is not None:
+            members.stop()
+        if ctx is not None and ctx.membership is not None:
+            ctx.membership.leave()
         if ctx is not None:
             ctx.retention.stop()
             ctx.capture.close()

@@ -16,6 +16,7 @@ from tuneloop.serving.auth import Authenticator
 from tuneloop.serving.capture import CaptureWriter
 from tuneloop.serving.engine import ServingEngine
 from tuneloop.serving.hotswap import HotSwapper
+from tuneloop.serving.membership import GatewayMembership
 from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.retention import TrafficRetention
@@ -35,6 +36,8 @@ class GatewayContext:
     auth: Authenticator
     limiter: RateLimiter
     retention: TrafficRetention
+    membership: GatewayMembership | None = field(default=None, metadata={
+        "help": "This gateway's entry among those sharing the database (rate-limit shares)."})
     openapi: dict[str, Any] = field(default_factory=dict, metadata={"help": "Served at /openapi.json."})
     upstream_transport: httpx.AsyncBaseTransport | None = field(
         default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})

@@ -123,6 +123,17 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class GatewayRow(Base):
+    """A running gateway on this database, seen every serving.alias_poll_s (serving/membership.py)."""
+
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(120), primary_key=True)
+    url: Mapped[str] = mapped_column(String(300))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class EvalRunRow(Base):
     """One evaluation of one model on one dataset version; `run_key` finds an interrupted run to resume."""
 
