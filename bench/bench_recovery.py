@@ -231,9 +231,10 @@ def _adapter_faults(scene: Scene) -> list[list[object]]:
         refused = scene.admin("/admin/promote", {"version": f"{TASK}@{spare}"})
         time.sleep(5)
     message = refused.json().get("error", {}).get("message", "") if refused.status_code != 200 else ""
+    message = message.replace(str(scene.config.data_path), "<data_dir>")
     rows.append(_row("SQLite", f"promote {TASK}@{spare}, its adapter file corrupted", load.record,
                      _stored(scene.store, load.record),
-                     f"refused {refused.status_code}: '{message[:70]}'; champion {TASK}@{scene.champion()}, "
+                     f"refused {refused.status_code}: '{message[:160]}'; champion {TASK}@{scene.champion()}, "
                      f"answered by {scene.served()}"))
     _corrupt(scene, champion or 1)
     with Load(scene.url, scene.key, CLIENTS) as load:
