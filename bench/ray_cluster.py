@@ -39,6 +39,7 @@ def free_port() -> int:
 class RayNode:
     name: str
     session: int  # the process session its `ray start` made: every process of the node but job entrypoints
+    agent_port: int  # its dashboard agent's HTTP port: Ray names it as a job's `driver_agent_http_address`
     resources: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,7 +75,8 @@ class ThrowawayRay:
                                        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
             if process.wait(180) != 0:
                 raise RuntimeError(f"ray start ({name}) failed: {log.read_text()[-2000:]}")
-        node = RayNode(name=name, session=process.pid, resources=dict(resources))
+        node = RayNode(name=name, session=process.pid, agent_port=ports["--dashboard-agent-listen-port"],
+                       resources=dict(resources))
         self.nodes.append(node)
         return node
 
@@ -85,6 +87,18 @@ class ThrowawayRay:
     def kill_node(self, node: RayNode) -> None:
         """SIGKILL every process of the node, as a machine dying would (the head notices within ~20 s)."""
         _signal_session(node.session, signal.SIGKILL)
+        self.nodes.remove(node)
+
+    def kill_raylet(self, node: RayNode) -> None:
+        """SIGKILL the node's raylet alone, the process that makes it a node: the head declares the node dead
+        (~20 s), its own processes follow, and a job entrypoint running there is orphaned but alive."""
+        for pid in session_members(node.session):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if command.endswith(b"/raylet"):
+                os.kill(pid, signal.SIGKILL)
         self.nodes.remove(node)
 
     def wait_ready(self, timeout_s: float = 60) -> None:

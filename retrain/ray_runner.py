@@ -96,7 +96,7 @@ class RayRunner:
         status = str(info.status.value if hasattr(info.status, "value") else info.status)
         if status in ("FAILED", "STOPPED"):
             detail = f"; exit code {info.driver_exit_code}" if info.driver_exit_code is not None else ""
-            return f"Ray job {sid} {status} during '{job.state}': {_first_line(info.message or '')}{detail}"
+            return f"Ray job {sid} {status} during '{job.state}': {_cause(info.message or '')}{detail}"
         if status == "SUCCEEDED":
             return f"Ray job {sid} exited during '{job.state}' without finishing the job"
         if status == "PENDING":
@@ -130,6 +130,14 @@ def _resources(config: Config) -> str:
     wanted: dict[str, Any] = {"CPU": config.jobs.retrain.num_cpus, "GPU": config.jobs.retrain.num_gpus,
                               **config.jobs.retrain.resources}
     return ", ".join(f"{k}={v:g}" for k, v in wanted.items() if v)
+
+
+def _cause(message: str) -> str:
+    """Ray's message on a failed job, shortened to what says why: its first line and any line that names a death's
+    cause ("The actor died because its node has died."), without the actor ids and addresses between them."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    kept = lines[:1] + [line for line in lines[1:] if "because" in line or "node" in line.lower() and "died" in line]
+    return " ".join(kept)[:500]
 
 
 def _first_line(exc: object) -> str:
