@@ -26,6 +26,7 @@ BENCHMARKS = {
     "reliability": "bench.bench_reliability",
     "faults": "bench.bench_faults",
     "recovery": "bench.bench_recovery",
+    "scale": "bench.bench_scale",
 }
 
 

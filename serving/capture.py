@@ -236,7 +236,7 @@ class CaptureWriter:
                     if not self.spill_path.exists():
                         return replayed
                     os.replace(self.spill_path, self.replaying_path)
-            records = self._readable_records(self.replaying_path)
+            records, corrupt = self._readable_records(self.replaying_path)
             for start in range(0, len(records), self.replay_batch_size):
                 chunk = records[start:start + self.replay_batch_size]
                 try:
@@ -252,6 +252,8 @@ class CaptureWriter:
                     return replayed
                 replayed += len(fresh)
                 self.counts["replayed"] += len(fresh)
+            if corrupt and not self._quarantine(corrupt):
+                return replayed
             self.replaying_path.unlink()
 
     def _claim_abandoned(self) -> bool:
@@ -268,8 +270,8 @@ class CaptureWriter:
                 return True
         return False
 
-    def _readable_records(self, path: Path) -> list[TrafficRecord]:
-        """The records of a spill file; lines that do not parse move to the corrupt file, counted and logged."""
+    def _readable_records(self, path: Path) -> tuple[list[TrafficRecord], list[bytes]]:
+        """The records of a spill file, and the lines that do not parse (a torn last line)."""
         records, corrupt = [], []
         for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
             if not line.strip():
@@ -278,15 +280,28 @@ class CaptureWriter:
                 records.append(TrafficRecord.model_validate_json(line))
             except ValueError as exc:
                 corrupt.append(line)
-                log.error("%s line %d is not a traffic record (%s); moved to %s", path, number,
+                log.error("%s line %d is not a traffic record (%s); it goes to %s", path, number,
                           str(exc).splitlines()[0], self.corrupt_path)
-        if corrupt:
+        return records, corrupt
+
+    def _quarantine(self, corrupt: list[bytes]) -> bool:
+        """Move unparseable lines to the corrupt file once the records around them are stored. On a full disk the
+        corrupt file cannot grow: the replaying file is then cut down, in place, to those lines alone (shrinking
+        needs no free space), so the space the stored records held is freed and the next replay tries again.
+        Without this, a full spill disk would keep every spilled record from replaying."""
+        try:
             _append_lines(self.corrupt_path, corrupt)
-            tidy = path.with_name(path.name + ".tidy")
-            tidy.write_bytes(b"".join(r.model_dump_json().encode() + b"\n" for r in records))
-            os.replace(tidy, path)
-            self.counts["quarantined"] += len(corrupt)
-        return records
+        except OSError as exc:
+            log.error("could not quarantine %d spill lines (%s); keeping only them in %s", len(corrupt), exc,
+                      self.replaying_path)
+            with open(self.replaying_path, "r+b") as handle:
+                handle.write(b"".join(line + b"\n" for line in corrupt))
+                handle.truncate()
+                handle.flush()
+                os.fsync(handle.fileno())
+            return False
+        self.counts["quarantined"] += len(corrupt)
+        return True
 
 
 def record_bytes(record: TrafficRecord) -> int:

@@ -46,6 +46,7 @@ from tuneloop.serving.metrics import GatewayMetrics, ServingStateCollector
 from tuneloop.serving.openapi import openapi_document
 from tuneloop.serving.periodic import Periodic
 from tuneloop.serving.ratelimit import RateLimiter
+from tuneloop.serving.replicated_engine import ReplicatedEngine
 from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
 from tuneloop.serving.slow_clients import ClientTimeouts, HeadTimeoutProtocol
@@ -112,7 +113,8 @@ def offline_limits(config: Config, base_sha256: str) -> EngineLimits:
     return EngineLimits(base_sha256, config.serving.max_lora_rank, ())
 
 
-def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
+def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor | ReplicatedEngine, str]:
+    """The engine `serving.replicas.engine` names: the supervised single vLLM, or replicas on Ray Serve."""
     base = ensure_base_model(config)
     plan = plan_adapters(config, store, base)
     spec = EngineSpec(model_path=base.path, served_name=config.base_model.name, host=config.serving.vllm_host,
@@ -123,6 +125,8 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor, str]:
                       lora_ops=config.serving.lora_ops, base_sha256=base.sha256,
                       prefix_caching=config.serving.prefix_caching,
                       cpu_reserved_cores=config.serving.cpu_reserved_cores)
+    if config.serving.replicas.engine == "ray-serve":
+        return ReplicatedEngine(config, spec, plan.adapters), base.sha256
     engine = EngineSupervisor(spec, config.data_path / "logs" / "vllm.log",
                               start_timeout_s=config.serving.start_timeout_s)
     return engine, base.sha256
@@ -186,7 +190,7 @@ class RunningServer:
     """An engine and gateway started by `running_server`; `url` is the gateway's base URL."""
 
     url: str
-    engine: EngineSupervisor
+    engine: EngineSupervisor | ReplicatedEngine
     ctx: GatewayContext
     thread: threading.Thread
 
@@ -259,7 +263,7 @@ def serve(config: Config, store: Store, *, extensions: GatewayExtensions = Gatew
     try:
         with running_server(config, store, extensions=extensions, background=background,
                             log_level="info") as running:
-            log.info("gateway on %s, vLLM on %s", running.url, running.engine.spec.base_url)
+            log.info("gateway on %s, vLLM on %s", running.url, running.engine.base_url)
             while running.thread.is_alive():
                 running.thread.join(0.5)
             log.error("the gateway stopped by itself; shutting down")

@@ -301,8 +301,32 @@ class RetentionConfig(StrictModel):
                             "long prune never holds SQLite's write lock for long.")
 
 
+class ReplicasConfig(StrictModel):
+    """Engine replicas on Ray Serve instead of the one supervised vLLM (docs/scaling.md)."""
+
+    engine: Literal["local", "ray-serve"] = Field(default="local", description="local = one vLLM, a child of "
+                                                  "`tuneloop serve`; ray-serve = `count` vLLM replicas placed, "
+                                                  "health-checked and restarted by Ray Serve.")
+    count: int = Field(default=2, ge=1, le=256, description="Replicas (ray-serve).")
+    ray_address: str | None = Field(default=None, description="The Ray cluster's dashboard address (Serve's REST "
+                                    "API); null = jobs.ray_address, else RAY_ADDRESS.")
+    http_host: str = Field(default="127.0.0.1", description="Where Serve's HTTP proxy listens on each node (keep it "
+                           "on loopback or the cluster's private network).")
+    http_port: int = Field(default=8402, ge=1, le=65535, description="Serve's HTTP proxy port.")
+    app_name: str = Field(default="tuneloop-engine", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The Serve "
+                          "application's name (and route prefix).")
+    num_cpus: float = Field(default=1, gt=0, le=1024, description="CPUs each replica reserves.")
+    num_gpus: float = Field(default=0, ge=0, le=64, description="GPUs each replica reserves.")
+    health_check_period_s: float = Field(default=5, gt=0, le=600, description="How often Serve checks each replica's "
+                                         "vLLM; a failed check replaces the replica.")
+    apply_timeout_s: float = Field(default=600, gt=0, le=7200, description="How long an adapter change (a load "
+                                   "before a promotion) may take to reach every replica before it is undone.")
+
+
 class ServingConfig(StrictModel):
     """Addresses and engine limits of the gateway and vLLM."""
+
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig, description="Engine replicas on Ray Serve.")
 
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How long captured traffic is "
                                        "kept (by age and by row count).")

@@ -76,6 +76,23 @@ def test_a_torn_spill_line_is_quarantined_and_the_records_around_it_replay(store
     assert not writer.spill_path.exists() and not writer.replaying_path.exists()
 
 
+def test_a_torn_line_on_a_full_disk_does_not_keep_the_records_around_it_from_replaying(store: Store,
+                                                                                      tmp_path: Path) -> None:
+    # Found by `bench recovery`: with the spill disk full, the torn line could not be written to the corrupt file,
+    # the replay gave up each time, and the records it had already read stayed on the full disk forever.
+    writer = CaptureWriter(store, tmp_path / "spill")
+    writer._spill([_record(1)], reason="database_error")
+    with open(writer.spill_path, "ab") as handle:
+        handle.write(_record(2).model_dump_json().encode()[:40])
+    writer.corrupt_path.mkdir()  # the corrupt file cannot be written, as on a full disk
+    assert writer.replay_spill() == 1 and _stored(store) == ["r1"], "the readable record is stored"
+    assert writer.replaying_path.read_bytes() == _record(2).model_dump_json().encode()[:40] + b"\n", \
+        "only the torn line is left on disk, waiting for room"
+    writer.corrupt_path.rmdir()
+    assert writer.replay_spill() == 0 and writer.counts["quarantined"] == 1
+    assert not writer.replaying_path.exists() and writer.corrupt_path.exists()
+
+
 def test_an_interrupted_replay_is_finished_first_and_never_overwritten(store: Store, tmp_path: Path) -> None:
     writer = CaptureWriter(store, tmp_path / "spill")
     writer._spill([_record(1), _record(2)], reason="database_error")

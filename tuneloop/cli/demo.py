@@ -53,7 +53,7 @@ def demo(
     _train_champions(config, sizes)
     with running(config, STATE.store) as stack:
         console.rule("3. serve: vLLM + gateway, one base model, two LoRA adapters")
-        console.print(f"gateway {stack.url}, vLLM {stack.server.engine.spec.base_url}; "
+        console.print(f"gateway {stack.url}, vLLM {stack.server.engine.base_url}; "
                       f"served: {', '.join(sorted(stack.server.engine.client.loaded))}")
         _multi_lora_requests(stack.url)
         _chat_vs_base(config, stack.url, sizes)
