@@ -127,7 +127,12 @@ class CaptureWriter:
         self._thread.start()
 
     def submit(self, record: TrafficRecord) -> None:
-        """Queue a record; never blocks the request. A queue full in records or bytes spills to disk instead."""
+        """Queue a record; never blocks the request. A queue full in records or bytes spills to disk instead, and so
+        does a record that arrives after `close` (a request that finished during the gateway's shutdown): no
+        thread is left to write it."""
+        if self._stop.is_set():
+            self._spill([self._redacted(record)], reason="after_close")
+            return
         size = record_bytes(record)
         with self._bytes_lock:
             fits = self.queued_bytes + size <= self.max_queue_bytes
@@ -222,6 +227,12 @@ class CaptureWriter:
             with self._locked():
                 _append_lines(self.spill_path, [record.model_dump_json().encode() for record in records])
             self.counts[f"spilled_{reason}"] += len(records)
+        except PartialAppend as exc:
+            # The lines written before the disk filled are whole and will be replayed; the rest are gone.
+            log.error("could not spill %d of %d traffic records to %s: %s", len(records) - exc.written,
+                      len(records), self.spill_path, exc.__cause__)
+            self.counts[f"spilled_{reason}"] += exc.written
+            self.counts["dropped"] += len(records) - exc.written
         except OSError as exc:
             log.error("could not spill %d traffic records to %s: %s", len(records), self.spill_path, exc)
             self.counts["dropped"] += len(records)
@@ -310,15 +321,35 @@ def record_bytes(record: TrafficRecord) -> int:
             + sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 0 for m in record.messages))
 
 
+class PartialAppend(OSError):
+    """An append that failed part-way (a full disk): `written` lines went in whole, the rest did not."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(f"{written} lines written before the failure")
+        self.written = written
+
+
 def _append_lines(path: Path, lines: list[bytes]) -> None:
     """Append whole lines, fsynced; a torn last line left by a crash is first closed off, so it stays one bad line
-    instead of corrupting the record appended after it."""
-    with open(path, "a+b") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        prefix = b"\n" if size and os.pread(handle.fileno(), 1, size - 1) != b"\n" else b""
-        handle.write(prefix + b"".join(line + b"\n" for line in lines))
-        handle.flush()
-        os.fsync(handle.fileno())
+    instead of corrupting the record appended after it. Each line is written with its own system call, so when the
+    disk fills part-way, PartialAppend says how many lines are whole on disk (they will be replayed)."""
+    written = 0
+    with open(path, "a+b", buffering=0) as handle:
+        fd = handle.fileno()
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            prefix = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+            for line in lines:
+                data = memoryview(prefix + line + b"\n")
+                prefix = b""
+                while data:
+                    data = data[os.write(fd, data):]
+                written += 1
+            os.fsync(fd)
+        except OSError as exc:
+            if written == 0:
+                raise
+            raise PartialAppend(written) from exc
 
 
 def spilled_records(path: Path) -> list[dict[str, Any]]:

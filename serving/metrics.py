@@ -56,8 +56,9 @@ class ServingStateCollector(Collector):
         loaded.add_metric([], float(len(self.engine.client.loaded)))
         yield loaded
         records = CounterMetricFamily("tuneloop_capture_records", "Captured traffic records by outcome "
-                                      "(captured, spilled_*, replayed, dropped).", labels=["outcome"])
-        for outcome in ("captured", "spilled_queue_full", "spilled_database_error", "replayed", "dropped"):
+                                      "(captured, spilled_*, replayed, quarantined, dropped).", labels=["outcome"])
+        for outcome in ("captured", "spilled_queue_full", "spilled_database_error", "spilled_after_close", "replayed",
+                        "quarantined", "dropped"):
             records.add_metric([outcome], float(self.capture.counts.get(outcome, 0)))
         yield records
         queue = GaugeMetricFamily("tuneloop_capture_queue_depth", "Records waiting to be written.")

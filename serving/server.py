@@ -242,7 +242,9 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
             background.stop()
         if server is not None and thread is not None:
             server.should_exit = True
-            thread.join(15)
+            # uvicorn lets requests in flight finish for shutdown_grace_s; the capture writer closes after them, so
+            # what they answered is written (a record that still comes later is spilled, serving/capture.py).
+            thread.join(config.serving.shutdown_grace_s + 5)
         if follower is not None:
             follower.stop()
         if members is not None:

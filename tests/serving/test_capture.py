@@ -214,8 +214,8 @@ from tuneloop.store import Store
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
 writer = CaptureWriter(Store(sys.argv[1], migrate=False), Path(sys.argv[2]))
-for i in range(40):
-    writer._flush([_record(i)])  # the database refuses every insert: each record goes to the spill file
+for i in range(0, 40, 4):  # the database refuses every insert: each batch of 4 goes to the spill file
+    writer._flush([_record(j) for j in range(i, i + 4)])
 print(json.dumps(dict(writer.counts)))
 """
 
@@ -223,7 +223,8 @@ print(json.dumps(dict(writer.counts)))
 def test_a_full_spill_disk_drops_records_counted_and_what_was_written_replays(store: Store, tmp_path: Path) -> None:
     """A gateway whose database is away and whose spill disk fills up (the process's file-size limit stands in for
     the disk: past it every write fails with EFBIG, the last one half-written): every record is either spilled or
-    counted as dropped, and a later replay stores every spilled one and quarantines the torn line."""
+    counted as dropped, exactly: the records of a batch that went in whole before the disk filled count as spilled,
+    and a later replay stores every spilled one and quarantines the torn line."""
     import json
     import socket
     import subprocess
@@ -244,3 +245,16 @@ def test_a_full_spill_disk_drops_records_counted_and_what_was_written_replays(st
     assert writer.replay_spill() == spilled
     assert _stored(store) == sorted(f"r{i}" for i in range(spilled))
     assert writer.counts["quarantined"] == 1, "the half-written record is quarantined, not replayed"
+
+
+def test_a_record_that_arrives_after_close_is_spilled_not_lost(store: Store, tmp_path: Path) -> None:
+    # A request that finishes during the gateway's shutdown, after the writer's thread has stopped.
+    writer = CaptureWriter(store, tmp_path / "spill")
+    writer.start()
+    writer.submit(_record(1))
+    writer.close()
+    writer.submit(_record(2))
+    assert _stored(store) == ["r1"] and writer.counts["spilled_after_close"] == 1
+    assert [r["request_id"] for r in spilled_records(writer.spill_path)] == ["r2"]
+    assert CaptureWriter(store, tmp_path / "spill").replay_spill() == 1, "the next gateway replays it"
+    assert _stored(store) == ["r1", "r2"]
