@@ -56,6 +56,7 @@ class ThrowawayRay:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: list[RayNode] = []
+        self.serve_port: int | None = None  # Serve's proxy port, fixed by the first deployment on this cluster
         self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
                              "--include-dashboard=true"], head_cpus, {})

@@ -161,25 +161,30 @@ def end_process_group(pgid: int, timeout_s: float, *, leader: subprocess.Popen[b
     The leader (vLLM's API server) gets `timeout_s` for its orderly shutdown, which stops its children; once it
     has exited, whatever of the group is left gets `after_leader_s` more (an orphaned EngineCore does not
     necessarily act on SIGTERM, and waiting the whole timeout for it would only delay every stop and restart)."""
-    if not process_group_members(pgid):
+    def members() -> list[int]:
+        return process_group_members(pgid)
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+
+    if not members():
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+    send(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     leader_gone_at: float | None = None
-    while process_group_members(pgid) and time.monotonic() < deadline:
+    while members() and time.monotonic() < deadline:
         if leader_gone_at is None and (leader is None or leader.poll() is not None):
             leader_gone_at = time.monotonic()
             deadline = min(deadline, leader_gone_at + after_leader_s)
         time.sleep(0.1)
-    if process_group_members(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+    if members():
+        send(signal.SIGKILL)
         deadline = time.monotonic() + 10.0
-        while process_group_members(pgid) and time.monotonic() < deadline:
+        while members() and time.monotonic() < deadline:
             time.sleep(0.1)
-    if process_group_members(pgid):
-        log.error("processes %s of the engine's group survived SIGKILL", process_group_members(pgid))
+    if members():
+        log.error("processes %s of the engine's group survived SIGKILL", members())
 
 
 def _die_with_parent() -> None:
@@ -206,8 +211,11 @@ class EngineSupervisor:
     """
 
     def __init__(self, spec: EngineSpec, log_path: Path, *, start_timeout_s: float = 600.0,
-                 restart: bool = True, max_backoff_s: float = 60.0) -> None:
+                 restart: bool = True, max_backoff_s: float = 60.0, guarded: bool = False) -> None:
+        """`guarded`: a detached serving/engine_guard.py ends vLLM's whole group when this process is gone, even
+        by SIGKILL (an engine replica: Ray kills dead actors' children with SIGKILL, orphaning vLLM's own)."""
         self.spec = spec
+        self.guarded = guarded
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.restart_enabled = restart
@@ -253,6 +261,10 @@ class EngineSupervisor:
             with open(self.log_path, "ab") as handle:
                 self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=True, preexec_fn=_die_with_parent)
+            if self.guarded:
+                # Detaches itself (serving/engine_guard.py); this wait is for its first fork, which returns at once.
+                subprocess.run([sys.executable, "-m", "tuneloop.serving.engine_guard", str(os.getpid()),
+                                str(self.process.pid)], check=True, timeout=60)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s

@@ -58,13 +58,13 @@ class EngineReplica:
                           cpu_reserved_cores=engine.get("cpu_reserved_cores"))
         self.key_sha256 = key_sha256
         log_dir = Path(tempfile.mkdtemp(prefix="tuneloop-replica-"))
-        self.engine = EngineSupervisor(spec, log_dir / "vllm.log", restart=False,
+        self.engine = EngineSupervisor(spec, log_dir / "vllm.log", restart=False, guarded=True,
                                        start_timeout_s=float(engine.get("start_timeout_s", 900)))
         self.engine.start()
         self.http = httpx.AsyncClient(base_url=spec.base_url, headers=spec.auth_headers,
                                       timeout=httpx.Timeout(600.0, connect=5.0))
         self.adapters: dict[str, str] = {}  # ref -> sha256 of what this replica's vLLM holds
-        self.revision = -1
+        self.revision = ""
         self._lock = asyncio.Lock()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
@@ -92,7 +92,7 @@ class EngineReplica:
                 if response.status_code != 200:
                     log.warning("vLLM refused to unload %s: %s", ref, response.text[:300])
                 self.adapters.pop(ref, None)
-            self.revision = int(config.get("revision", 0))
+            self.revision = str(config.get("revision", ""))
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose vLLM exited or stopped answering is replaced."""

@@ -19,12 +19,12 @@ only.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,13 @@ def engine_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-@dataclass(frozen=True)
-class AppliedSet:
-    """An adapter set and the revision it was put in the Serve config with."""
+Adapters = dict[str, dict[str, str]]  # ref -> {"path": ..., "sha256": ...}: what a replica is told to serve
 
-    adapters: dict[str, Path]
-    revision: int
+
+def revision_of(adapters: Adapters) -> str:
+    """The set's own name: the same set is the same revision whichever gateway puts it, so any gateway can tell
+    whether the replicas run exactly the set it asked for."""
+    return hashlib.sha256(json.dumps(adapters, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ServeApplication:
@@ -77,14 +78,13 @@ class ServeApplication:
     def _http(self) -> httpx.Client:
         return httpx.Client(base_url=self.address, timeout=30.0)
 
-    def body(self, applied: AppliedSet, hashes: dict[str, str]) -> dict[str, Any]:
+    def body(self, adapters: Adapters) -> dict[str, Any]:
         spec, settings = self.spec, self.settings
         engine = {"model_path": str(spec.model_path), "served_name": spec.served_name,
                   "max_model_len": spec.max_model_len, "max_lora_rank": spec.max_lora_rank,
                   "max_loras": spec.max_loras, "lora_target_modules": list(spec.lora_target_modules),
                   "kv_cache_gib": spec.kv_cache_gib, "lora_ops": spec.lora_ops, "base_sha256": spec.base_sha256,
                   "cpu_reserved_cores": spec.cpu_reserved_cores, "start_timeout_s": self.start_timeout_s}
-        adapters = {ref: {"path": str(path), "sha256": hashes[ref]} for ref, path in sorted(applied.adapters.items())}
         return {
             "http_options": {"host": settings.http_host, "port": settings.http_port},
             "applications": [{
@@ -94,7 +94,7 @@ class ServeApplication:
                 "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1"}},
                 "deployments": [{
                     "name": DEPLOYMENT, "num_replicas": settings.count,
-                    "user_config": {"adapters": adapters, "revision": applied.revision},
+                    "user_config": {"adapters": dict(sorted(adapters.items())), "revision": revision_of(adapters)},
                     "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
                     "health_check_period_s": settings.health_check_period_s, "health_check_timeout_s": 30,
                     "graceful_shutdown_timeout_s": 20, "max_ongoing_requests": 256}],
@@ -125,7 +125,13 @@ class ServeApplication:
         if response.status_code != 200:
             raise EngineUnavailable(f"Serve at {self.address} refused the engine's config: {response.text[:500]}")
 
-    def wait_applied(self, revision: int, timeout_s: float) -> None:
+    def deployed(self) -> Adapters:
+        """The adapter set in the deployment's config now (put by this gateway or another)."""
+        config = self.deployment().get("deployment_config", {}).get("user_config") or {}
+        adapters: Adapters = config.get("adapters", {})
+        return adapters
+
+    def wait_applied(self, revision: str, timeout_s: float) -> None:
         """Until every replica runs the config of `revision` (the deployment HEALTHY with it); raises AdapterError
         with Serve's message when the deployment fails or the time runs out."""
         deadline = time.monotonic() + timeout_s
@@ -138,40 +144,53 @@ class ServeApplication:
                 running = [r for r in last.get("replicas", []) if r.get("state") == "RUNNING"]
                 if status == "HEALTHY" and len(running) >= self.settings.count:
                     return
+                if status == "HEALTHY" and time.monotonic() > deadline - timeout_s / 2:
+                    log.info("waiting for %d replicas (%d running)", self.settings.count, len(running))
                 if status in ("DEPLOY_FAILED", "UNHEALTHY") and last.get("status_trigger") != "HEALTH_CHECK_FAILED":
                     raise AdapterError(f"the replicas could not apply adapter set {revision}: "
                                        f"{status}: {str(last.get('message', ''))[:500]}")
             time.sleep(POLL_S)
+        states = [r.get("state") for r in last.get("replicas", [])]
         raise AdapterError(f"the replicas did not all apply adapter set {revision} within {timeout_s:.0f} s (last: "
-                           f"{last.get('status')}: {str(last.get('message', ''))[:300]})")
+                           f"{last.get('status')}, replicas {states}: {str(last.get('message', ''))[:300]})")
 
 
 class ReplicatedEngineClient(EngineClient):
-    """Adapter changes for every replica at once: `loaded` is the set the replicas are configured with."""
+    """Adapter changes for every replica at once: `loaded` is the set the replicas are configured with.
+
+    Several gateways may share the replicas: a change reads the set Serve holds now and changes only its own
+    adapter in it, so one gateway's load does not undo another's (a change at the same instant as another's may
+    still have to be repeated: Serve's config is put whole)."""
 
     def __init__(self, app: ServeApplication, limits: EngineLimits, base_url: str, headers: dict[str, str],
                  apply_timeout_s: float) -> None:
         super().__init__(base_url, limits, headers=headers)
         self.app, self.apply_timeout_s = app, apply_timeout_s
-        self.revision = 0
-        self._hashes: dict[str, str] = {}
+        self._wanted: Adapters = {}
         self._change = threading.Lock()
+
+    @staticmethod
+    def _entry(version: AdapterVersion) -> dict[str, str]:
+        return {"path": str(version.path), "sha256": version.card.weights_sha256 or ""}
 
     def adopt_version(self, version: AdapterVersion) -> None:
         """An adapter the replicas start with (the registry's champions and candidates)."""
-        self.loaded[version.ref] = version.path
-        self._hashes[version.ref] = version.card.weights_sha256 or ""
+        self._wanted[version.ref] = self._entry(version)
 
     def deploy(self, timeout_s: float) -> None:
-        """Put the current set in Serve's config and wait until every replica serves it."""
+        """Put the registry's set (merged with what other gateways put) in Serve's config and wait until every
+        replica serves it."""
         with self._change:
-            self._apply(dict(self.loaded), timeout_s)
+            try:
+                current = self.app.deployed()
+            except EngineUnavailable:
+                current = {}
+            self._apply({**current, **self._wanted}, timeout_s)
 
-    def _apply(self, adapters: dict[str, Path], timeout_s: float) -> None:
-        self.revision += 1
-        self.app.put(self.app.body(AppliedSet(adapters, self.revision), self._hashes))
-        self.app.wait_applied(self.revision, timeout_s)
-        self.loaded = dict(adapters)
+    def _apply(self, adapters: Adapters, timeout_s: float) -> None:
+        self.app.put(self.app.body(adapters))
+        self.app.wait_applied(revision_of(adapters), timeout_s)
+        self.loaded = {ref: Path(entry["path"]) for ref, entry in adapters.items()}
 
     def served_models(self) -> set[str]:
         return {*self.loaded, self.app.spec.served_name}
@@ -180,12 +199,11 @@ class ReplicatedEngineClient(EngineClient):
         """Load `version` on every replica, or on none: a replica that cannot puts the previous set back."""
         check_servable(version, self.limits)
         with self._change:
-            if version.ref in self.loaded:
+            previous = self.app.deployed()
+            if version.ref in previous and version.ref in self.loaded:
                 return False
-            previous = dict(self.loaded)
-            self._hashes[version.ref] = version.card.weights_sha256 or ""
             try:
-                self._apply({**previous, version.ref: version.path}, self.apply_timeout_s)
+                self._apply({**previous, version.ref: self._entry(version)}, self.apply_timeout_s)
             except (AdapterError, EngineUnavailable) as exc:
                 log.error("loading %s on the replicas failed (%s); restoring the previous adapter set", version.ref,
                           exc)
@@ -198,9 +216,11 @@ class ReplicatedEngineClient(EngineClient):
 
     def unload(self, name: str) -> bool:
         with self._change:
-            if name not in self.loaded:
+            current = self.app.deployed()
+            if name not in current:
+                self.loaded.pop(name, None)
                 return False
-            self._apply({ref: path for ref, path in self.loaded.items() if ref != name}, self.apply_timeout_s)
+            self._apply({ref: entry for ref, entry in current.items() if ref != name}, self.apply_timeout_s)
             return True
 
 

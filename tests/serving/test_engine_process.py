@@ -68,3 +68,35 @@ def test_orphans_that_ignore_sigterm_do_not_hold_up_a_stop_for_the_whole_timeout
     ending.start()
     ending.join(timeout=60)  # a hang detector: the bug waited out all 600 s for a group whose leader was gone
     assert not ending.is_alive() and process_group_members(leader.pid) == []
+
+
+GUARDED_PARENT = """
+import os, subprocess, sys, time
+engine = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"], start_new_session=True)
+subprocess.run([sys.executable, "-m", "tuneloop.serving.engine_guard", str(os.getpid()), str(engine.pid)],
+               check=True, env={**os.environ, "TUNELOOP_ENGINE_GUARD_GRACE_S": "1"})
+print(engine.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_guarded_engine_is_ended_whole_when_its_parent_and_the_parents_children_are_sigkilled() -> None:
+    # What an engine replica needs: Ray SIGKILLs the actor that started vLLM and then the actor's children (vLLM's
+    # API server, here a leader that ignores SIGTERM); vLLM's own children must not outlive them.
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", GUARDED_PARENT], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    engine = int(parent.stdout.readline())
+    deadline = time.monotonic() + 20
+    while len(process_group_members(engine)) < 3 and time.monotonic() < deadline:  # bash and two sleeps
+        time.sleep(0.05)
+    assert len(process_group_members(engine)) == 3
+    parent.kill()
+    os.kill(engine, signal.SIGKILL)  # Ray's kill of the dead worker's child processes
+    parent.wait(5)
+    parent.stdout.close()
+    deadline = time.monotonic() + 30
+    while process_group_members(engine) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process_group_members(engine) == [], "the guard ended vLLM's whole group"

@@ -94,8 +94,22 @@ def test_a_promotion_returns_once_the_new_champion_is_on_every_replica(replicate
     assert {a.json()["model"] for a in answers} == {"sentiment@2"}
 
 
+def _engine_processes() -> int:
+    """vLLM processes on this machine (API servers, EngineCores, Workers)."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes()
+        except OSError:
+            continue
+        count += text.startswith(b"VLLM::") or b"vllm.entrypoints.openai.api_server" in text and \
+            b"engine_guard" not in text
+    return count
+
+
 def test_a_replica_killed_under_load_costs_its_requests_in_flight_and_comes_back_with_the_champion(
         replicated: Replicated) -> None:
+    engines_before = _engine_processes()
     statuses: Counter[str] = Counter()
     stop = asyncio.Event()
 
@@ -128,5 +142,9 @@ def test_a_replica_killed_under_load_costs_its_requests_in_flight_and_comes_back
         time.sleep(2)
     assert len(replicated.replicas()) == 2, "Serve replaced the dead replica"
     assert replicated.engine.restarts >= 1
+    deadline = time.monotonic() + 60  # the dead replica's engine guard ends its vLLM within its grace period
+    while _engine_processes() > engines_before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _engine_processes() == engines_before, "the dead replica's vLLM (API server, EngineCore, Worker) is gone"
     answers = [replicated.ask() for _ in range(16)]
     assert [a.status_code for a in answers] == [200] * 16 and {a.json()["model"] for a in answers} == {"sentiment@2"}

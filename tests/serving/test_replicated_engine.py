@@ -115,3 +115,22 @@ def test_replicas_need_a_ray_cluster_named(config: Config, store: Store, monkeyp
     spec = EngineSpec(model_path=Path("/models/base"), served_name="base", base_sha256=BASE)
     with pytest.raises(ConfigError, match="no Ray cluster is named"):
         ReplicatedEngine(config, spec, [])
+
+
+def test_two_gateways_sharing_the_replicas_do_not_undo_each_others_loads(
+        serve: tuple[FakeServe, str], config: Config, store: Store, tmp_path: Path) -> None:
+    fake, url = serve
+    one = _register(store, config, tmp_path, "one")
+    two = _register(store, config, tmp_path, "two")
+    three = _register(store, config, tmp_path, "three")
+    first, second = _engine(config, store, url, [one]), _engine(config, store, url, [one])
+    first.start()
+    second.start()
+    try:
+        assert first.client.load(get_adapter(store, two))
+        assert second.client.load(get_adapter(store, three)), "second's view had only one"
+        assert _adapters(fake.puts[-1]) == sorted([one, two, three]), "the second kept what the first loaded"
+        assert second.client.unload(two) and _adapters(fake.puts[-1]) == sorted([one, three])
+    finally:
+        first.stop()
+        second.stop()

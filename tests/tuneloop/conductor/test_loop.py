@@ -162,3 +162,35 @@ def test_a_job_killed_after_promoting_ends_promoted_with_its_watch_on(config: Co
     assert (ended.watch.until - ended.watch.promoted_at).total_seconds() == pytest.approx(600)
     assert "recovered by the reaper" in (ended.watch.reason or "")
     assert deployment.calls == [], "the champion is not unloaded"
+
+
+def test_alerts_reaching_two_gateways_at_once_start_one_job_for_the_task(config: Config, store: Store) -> None:
+    # Each gateway process's webhook hands its alerts to its own loop (tuneloop/conductor/webhook.py); two on one
+    # database, each with its own connection pool and runner, receive different alerts for one task at once.
+    import threading
+
+    register_champion(store, "sentiment", 1)
+    other_store = Store(store.url, migrate=False)
+    runners = [RecordingRunner(), RecordingRunner()]
+    loops = [Loop(config, s, runner=r, deployment=RecordingDeployment(s), endpoint="http://unused.test")
+             for s, r in zip((store, other_store), runners, strict=True)]
+    barrier = threading.Barrier(8)
+    outcomes: list[int] = []
+
+    def alert(n: int) -> None:
+        barrier.wait()
+        outcome = loops[n % 2].request_retrain("sentiment", ManualTrigger(key=f"alert:{n}", reason=f"alert {n}"))
+        outcomes.append(outcome.job.id)
+
+    threads = [threading.Thread(target=alert, args=(n,)) for n in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        other_store.close()
+    assert len(set(outcomes)) == 1 and len(outcomes) == 8, "every alert joined the one job"
+    assert sorted(len(r.launched) for r in runners) == [0, 1], "one gateway started it, once"
+    [job] = JobStore(store).recent(task="sentiment")
+    assert len(job.triggers) == 8
