@@ -37,6 +37,7 @@ class HotSwapper:
         self.store, self.limits, self.client, self.router = store, limits, client, router
         self.grace_s = grace_s
         self._lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
 
     def load(self, ref: str) -> AdapterVersion:
         """Check a version and, with an engine, load it (no routing change)."""
@@ -129,4 +130,13 @@ class HotSwapper:
 
         timer = threading.Timer(self.grace_s, unload)
         timer.daemon = True
+        self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         timer.start()
+
+    def close(self) -> None:
+        """Cancel the unloads still waiting out their grace period: this gateway is stopping, and with engine
+        replicas that other gateways share, an unload from a gateway that has gone would change what they
+        serve."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []

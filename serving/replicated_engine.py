@@ -25,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,27 +132,29 @@ class ServeApplication:
         adapters: Adapters = config.get("adapters", {})
         return adapters
 
-    def wait_applied(self, revision: str, timeout_s: float) -> None:
-        """Until every replica runs the config of `revision` (the deployment HEALTHY with it); raises AdapterError
-        with Serve's message when the deployment fails or the time runs out."""
+    def wait_applied(self, done: Callable[[Adapters], bool], what: str, timeout_s: float) -> None:
+        """Until the set in Serve's config is `done` (it holds what was loaded, lacks what was unloaded) and every
+        replica runs it (the deployment HEALTHY with all its replicas); raises AdapterError with Serve's message
+        when the deployment fails or the time runs out. The set is judged by what it holds, not by whose
+        change it is: another gateway may have put a later set that holds this one's change too."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
             last = self.deployment()
             config = last.get("deployment_config", {}).get("user_config") or {}
             status = last.get("status")
-            if config.get("revision") == revision:
+            if done(config.get("adapters", {})):
                 running = [r for r in last.get("replicas", []) if r.get("state") == "RUNNING"]
                 if status == "HEALTHY" and len(running) >= self.settings.count:
                     return
                 if status == "HEALTHY" and time.monotonic() > deadline - timeout_s / 2:
                     log.info("waiting for %d replicas (%d running)", self.settings.count, len(running))
                 if status in ("DEPLOY_FAILED", "UNHEALTHY") and last.get("status_trigger") != "HEALTH_CHECK_FAILED":
-                    raise AdapterError(f"the replicas could not apply adapter set {revision}: "
+                    raise AdapterError(f"the replicas could not apply {what}: "
                                        f"{status}: {str(last.get('message', ''))[:500]}")
             time.sleep(POLL_S)
         states = [r.get("state") for r in last.get("replicas", [])]
-        raise AdapterError(f"the replicas did not all apply adapter set {revision} within {timeout_s:.0f} s (last: "
+        raise AdapterError(f"the replicas did not all apply {what} within {timeout_s:.0f} s (last: "
                            f"{last.get('status')}, replicas {states}: {str(last.get('message', ''))[:300]})")
 
 
@@ -185,12 +188,14 @@ class ReplicatedEngineClient(EngineClient):
                 current = self.app.deployed()
             except EngineUnavailable:
                 current = {}
-            self._apply({**current, **self._wanted}, timeout_s)
+            wanted = dict(self._wanted)
+            self._apply({**current, **wanted}, lambda held: all(held.get(r) == e for r, e in wanted.items()),
+                        "the registry's adapters", timeout_s)
 
-    def _apply(self, adapters: Adapters, timeout_s: float) -> None:
+    def _apply(self, adapters: Adapters, done: Callable[[Adapters], bool], what: str, timeout_s: float) -> None:
         self.app.put(self.app.body(adapters))
-        self.app.wait_applied(revision_of(adapters), timeout_s)
-        self.loaded = {ref: Path(entry["path"]) for ref, entry in adapters.items()}
+        self.app.wait_applied(done, what, timeout_s)
+        self.loaded = {ref: Path(entry["path"]) for ref, entry in self.app.deployed().items()}
 
     def served_models(self) -> set[str]:
         return {*self.loaded, self.app.spec.served_name}
@@ -202,13 +207,16 @@ class ReplicatedEngineClient(EngineClient):
             previous = self.app.deployed()
             if version.ref in previous and version.ref in self.loaded:
                 return False
+            entry = self._entry(version)
             try:
-                self._apply({**previous, version.ref: self._entry(version)}, self.apply_timeout_s)
+                self._apply({**previous, version.ref: entry}, lambda held: held.get(version.ref) == entry,
+                            version.ref, self.apply_timeout_s)
             except (AdapterError, EngineUnavailable) as exc:
                 log.error("loading %s on the replicas failed (%s); restoring the previous adapter set", version.ref,
                           exc)
                 try:
-                    self._apply(previous, self.apply_timeout_s)
+                    self._apply(previous, lambda held: version.ref not in held, f"the set without {version.ref}",
+                                self.apply_timeout_s)
                 except (AdapterError, EngineUnavailable) as again:
                     log.error("restoring the previous adapter set failed too: %s", again)
                 raise AdapterError(f"{version.ref} could not be loaded on every replica: {exc}") from None
@@ -220,7 +228,8 @@ class ReplicatedEngineClient(EngineClient):
             if name not in current:
                 self.loaded.pop(name, None)
                 return False
-            self._apply({ref: entry for ref, entry in current.items() if ref != name}, self.apply_timeout_s)
+            self._apply({ref: entry for ref, entry in current.items() if ref != name}, lambda held: name not in held,
+                        f"the set without {name}", self.apply_timeout_s)
             return True
 
 

@@ -252,6 +252,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         if ctx is not None and ctx.membership is not None:
             ctx.membership.leave()
         if ctx is not None:
+            ctx.swapper.close()
             ctx.retention.stop()
             ctx.capture.close()
         engine.stop()

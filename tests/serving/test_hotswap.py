@@ -127,3 +127,8 @@ def test_a_rollback_inside_the_unload_grace_period_keeps_the_champion_loaded(sto
     champion = find_alias(store, "sentiment", "champion")
     assert champion is not None and champion.ref == "sentiment@1"
     assert "sentiment@1" in loaded, "the champion must be loaded in the engine after the rollback"
+    assert "sentiment@2" not in loaded, "the replaced champion was unloaded after its grace period"
+    swapper.promote("sentiment@2")
+    swapper.close()  # the gateway stops before sentiment@1's grace period ends
+    time.sleep(1.0)
+    assert "sentiment@1" in loaded, "a stopped gateway unloads nothing from an engine others may share"
