@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneloop.processes import live_members
+
 RAY = Path(sys.executable).parent / "ray"
 OBJECT_STORE_BYTES = 200 * 2**20  # Ray's floor is 75 MiB; the jobs here put nothing in it
 
@@ -129,17 +131,9 @@ class ThrowawayRay:
 
 
 def session_members(session: int) -> list[int]:
-    """Live processes of a process session, from /proc (Ray's workers take process groups of their own, so a
-    node is its session, not its group)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    """Live processes of a process session (Ray's workers take process groups of their own, so a node is its
+    session, not its group)."""
+    return live_members(session=session)
 
 
 def _signal_session(session: int, signum: int) -> None:

@@ -27,6 +27,7 @@ import httpx
 
 from tuneloop.errors import AdapterError, EngineUnavailable
 from tuneloop.hardware import cpu_has_fast_bf16, usable_cpu_cores
+from tuneloop.processes import live_members
 from tuneloop.serving.engine_client import EngineClient, EngineLimits
 
 log = logging.getLogger(__name__)
@@ -143,15 +144,7 @@ def build_command(spec: EngineSpec) -> list[str]:
 
 def process_group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    return live_members(group=pgid)
 
 
 def end_process_group(pgid: int, timeout_s: float, *, leader: subprocess.Popen[bytes] | None = None,

@@ -15,29 +15,15 @@ import os
 import sys
 import time
 
+from tuneloop.processes import process_alive
 from tuneloop.serving.engine import end_process_group, process_group_members
 
 GRACE_ENV = "TUNELOOP_ENGINE_GUARD_GRACE_S"  # how long vLLM gets for its orderly exit (default 20 s)
 POLL_S = 0.5
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = f"/proc/{pid}/stat"
-    try:
-        with open(stat) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def watch(watched: int, group: int) -> None:
-    while _alive(watched) and process_group_members(group):
+    while process_alive(watched) and process_group_members(group):
         time.sleep(POLL_S)
     if process_group_members(group):
         end_process_group(group, timeout_s=float(os.environ.get(GRACE_ENV, "20")))

@@ -1,9 +1,11 @@
-"""Whether a process on this machine is alive, for the job reaper and the capture spill's replay: both must tell
-a worker or gateway that died (SIGKILL, the OOM killer) from one that is merely busy."""
+"""Processes on this machine, read from /proc: whether one is alive (the job reaper and the capture spill's replay
+must tell a worker or gateway that died from one that is merely busy), and which belong to a process group or
+session (an engine is its group; a Ray node started by the tests is its session)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def process_alive(pid: int) -> bool:
@@ -21,3 +23,18 @@ def process_alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
+
+
+def live_members(*, group: int | None = None, session: int | None = None) -> list[int]:
+    """Live (not zombie) processes of a process group or of a session."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] in ("Z", "X"):
+            continue
+        if (group is not None and int(fields[2]) == group) or (session is not None and int(fields[3]) == session):
+            members.append(int(stat.parent.name))
+    return members
