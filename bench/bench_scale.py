@@ -99,7 +99,7 @@ def _jobs(root: Path) -> list[list[object]]:
 
 
 def _summary(rows: list[list[object]]) -> list[list[object]]:
-    out = []
+    out: list[list[object]] = []
     for runner in ("local", "ray"):
         mine = [r for r in rows if r[0] == runner]
         running_s = statistics.mean(float(str(r[2])) for r in mine)

@@ -66,6 +66,7 @@ def run(*, quick: bool = False) -> list[Table]:
         with running_server(config, store, seed=0) as running:
             cold_start = time.perf_counter() - started
             engine = running.engine
+            assert isinstance(engine, EngineSupervisor), "this bench runs the single supervised vLLM"
             direct_url = f"{engine.spec.base_url}/v1/chat/completions"
             gateway_url = f"{running.url}/v1/chat/completions"
             key = engine.spec.auth_headers  # direct requests carry vLLM's key, as the gateway's do

@@ -344,7 +344,9 @@ class ServingEngine(Protocol):
 
     state: EngineState
     restarts: int
-    client: EngineClient
+
+    @property
+    def client(self) -> EngineClient: ...
 
     @property
     def base_url(self) -> str: ...

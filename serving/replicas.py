@@ -135,5 +135,5 @@ class EngineReplica:
 
 def build(args: dict[str, Any]) -> Any:
     """Serve's application builder (`import_path: tuneloop.serving.replicas:build`, `args` from the gateway)."""
-    deployment = serve.deployment(EngineReplica, name="EngineReplica")
+    deployment = serve.deployment(name="EngineReplica")(EngineReplica)
     return deployment.bind(args["engine"], args["key_sha256"])

@@ -124,6 +124,7 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path,
     kill vLLM and watch the supervisor bring it back."""
     from tuneloop.conductor.process import running
     from tuneloop.retrain.finetune import finetune
+    from tuneloop.serving.engine import EngineSupervisor
 
     root = tmp_path_factory.mktemp("serving")
     gateway_port, vllm_port = free_port(), free_port()
@@ -141,6 +142,7 @@ def live_gateway(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path,
         finetune(config, store, task, max_steps=steps, dataset=f"{task}/tiny", progress=False)
     runner = RecordingRunner()
     with running(config, store, seed=0, runner=runner) as stack:
+        assert isinstance(stack.server.engine, EngineSupervisor), "the session's gateway runs one supervised vLLM"
         yield LiveGateway(url=stack.url, config=config, store=store, ctx=stack.server.ctx, engine=stack.server.engine,
                           loop=stack.loop, runner=runner)
     store.close()

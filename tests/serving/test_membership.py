@@ -4,6 +4,7 @@ its part back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -27,13 +28,17 @@ def _admitted(limiter: RateLimiter, caller: Caller, tries: int) -> int:
     return admitted
 
 
+def _live_count(membership: GatewayMembership) -> Callable[[], int]:
+    return lambda: membership.live
+
+
 def test_two_gateways_on_one_database_admit_a_keys_limit_in_total(store: Store) -> None:
     first = GatewayMembership(store, "http://127.0.0.1:1", poll_s=2)
     second = GatewayMembership(store, "http://127.0.0.1:2", poll_s=2)
     assert first.beat() == 1, "alone"
     assert second.beat() == 2 and first.beat() == 2
     caller = Caller("k1", "app", frozenset({"inference"}), rpm=10)
-    limiters = [RateLimiter(clock=lambda: 0.0, gateways=lambda m=m: m.live) for m in (first, second)]
+    limiters = [RateLimiter(clock=lambda: 0.0, gateways=_live_count(m)) for m in (first, second)]
     assert sum(_admitted(limiter, caller, 50) for limiter in limiters) == 10
     with pytest.raises(RateLimited, match="5 on this gateway: the limit shared by 2 gateways"):
         limiters[0].admit(caller)
