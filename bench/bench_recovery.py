@@ -150,7 +150,7 @@ def _job_faults(scene: Scene) -> list[list[object]]:
         served = scene.served()
     staging = list((scene.config.data_path / "adapters" / TASK).glob(".training-job*"))
     rows.append(_row("SQLite", "retrain worker SIGKILLed mid-training", load.record, _stored(scene.store, load.record),
-                     f"job {ended.state} by the reaper {reaped_s:.0f} s later ({(ended.error or '')[:60]}); "
+                     f"job {ended.state} by the reaper {reaped_s:.0f} s later ({(ended.error or '')[:120]}); "
                      f"{scene.registered() - versions} versions registered, {len(staging)} staging folders left; "
                      f"{TASK} answered by {served}"))
     # 2. `tuneloop run` restarted while a job trains
