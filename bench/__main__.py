@@ -19,6 +19,7 @@ BENCHMARKS = {
     "lora": "bench.bench_lora",
     "lora_quality": "bench.bench_lora:run_quality",
     "lora_profile": "bench.bench_lora:run_profile",
+    "lora_paths": "bench.bench_lora:run_paths",
     "eval": "bench.bench_eval",
     "drift": "bench.bench_drift",
     "drift_timing": "bench.bench_drift:run_timing",

@@ -45,6 +45,7 @@ from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.retrain.trainer import fit
 from tuneloop.serving.constraints import constrain_to_labels
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor
+from tuneloop.serving.lora_merge import MERGED_RAN_MESSAGE
 from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, INSTALLED_MESSAGE
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -133,6 +134,8 @@ def run(*, quick: bool = False) -> list[Table]:
                                 _spec(merged, dtype=dtype)))
             engines.append((f"{DEFAULT.label}, stock ops ({dtype})",
                             _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapters[DEFAULT], lora_ops="stock")))
+            engines.append((f"{DEFAULT.label}, merged steps ({dtype})",
+                            _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapters[DEFAULT], lora_ops="merged")))
             for shape in shapes if dtype == "float32" else [DEFAULT]:
                 engines.append((f"{shape.label}, grouped ops ({dtype})",
                                 _spec(base, dtype=dtype, shape=shape, adapter=adapters[shape])))
@@ -169,6 +172,63 @@ def run(*, quick: bool = False) -> list[Table]:
                                 "has no native bf16 (AVX512-BF16/AMX): its bf16 engines are emulated, several times "
                                 "slower, and ran one round of the small workloads; tuneloop serves float32 here.")))
     return tables
+
+
+PATHS_OPS = ("stock", "grouped", "merged")
+
+
+def run_paths(*, quick: bool = False) -> list[Table]:
+    """`bench lora_paths`: the r=8 q/k/v/o adapter under vLLM's stock ops, the grouped ops and merged single-adapter
+    steps, beside a LoRA-free engine, in float32 and (where the CPU multiplies it natively) bf16.
+
+    Smaller workloads than `bench lora` so that every path and precision fits one run; the LoRA engines run in
+    the order stock, grouped, merged for float32 and the reverse for bf16, each with base and adapter rounds
+    alternated inside it."""
+    task = Config().tasks["sentiment"]
+    sets = sentiment_sets()
+    tweets = [e.last_user_text() for e in random.Random(2).sample(sets["heldout"], 16 if quick else 64)]
+    chats = [e.last_user_text() for e in random.Random(3).sample(sets["train"], 4 if quick else 16)]
+    workloads = _workloads(task, chats, tweets, chat_tokens=8 if quick else 32)
+    rounds = 1 if quick else 2
+    base = base_model_path()
+    dtypes = ["float32"] if quick or not cpu_has_fast_bf16() else ["float32", "bfloat16"]
+    rows: list[list[Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = _random_adapter(base, DEFAULT, Path(tmp) / "adapter")
+        for index, dtype in enumerate(dtypes):
+            ops_order = PATHS_OPS if index % 2 == 0 else tuple(reversed(PATHS_OPS))
+            engines = [(f"vLLM without --enable-lora ({dtype})", _spec(base, dtype=dtype))]
+            engines += [(f"{DEFAULT.label}, {ops} ({dtype})",
+                         _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops))
+                        for ops in (ops_order if not quick else ("merged",))]
+            reference: dict[str, float] = {}
+            for label, spec in engines:
+                measured = _serve_and_measure(spec, Path(tmp), workloads, rounds)
+                for workload in workloads:
+                    got = measured["results"][workload.name]
+                    if not spec.enable_lora:
+                        reference[workload.name] = got["base"]
+                        rows.append([workload.name, label, "-", _rate(got["base"], workload), "-", "1.00x", "-",
+                                     measured["failures"]])
+                        continue
+                    free = reference[workload.name]
+                    rows.append([workload.name, label, _rate(got["base"], workload),
+                                 _rate(got["adapter"], workload), f"{got['adapter'] / got['base']:.2f}x",
+                                 f"{got['adapter'] / free:.2f}x", f"{got['base'] / free:.2f}x",
+                                 measured["failures"]])
+    bf16_note = ("This CPU multiplies bf16 natively." if cpu_has_fast_bf16() else
+                 "This CPU has no native bf16: bf16 was not measured (tuneloop serves float32 here).")
+    return [emit("LoRA paths served by vLLM: stock ops, grouped ops, merged single-adapter steps",
+                 ["workload", "engine", "base in this engine", "adapter", "adapter / base, same engine",
+                  "adapter / LoRA-free engine", "base / LoRA-free engine", "failed requests"], rows,
+                 key="lora-paths",
+                 notes=f"{rounds} round(s) per model per workload, alternated base, adapter, adapter, base. "
+                       "Throughput: completion tokens/s for chat replies, answered requests/s for classification "
+                       "(system prompt + tweet, the label constraint, 16 in flight). 'merged' = serving/"
+                       "lora_merge.py: a step whose tokens all use one adapter runs on that adapter merged into "
+                       "the weights, a step without adapters on the base layers alone, mixed steps on the grouped "
+                       "ops. Targets (issue 25): adapter >= 0.9x base for classification, >= 0.95x a LoRA-free "
+                       "engine for chat, base in a LoRA engine >= 0.97x a LoRA-free engine. " + bf16_note)]
 
 
 def run_profile(*, quick: bool = False) -> list[Table]:
@@ -308,11 +368,13 @@ def _served(spec: EngineSpec, tmp: Path) -> Iterator[tuple[EngineSupervisor, str
     finally:
         engine.stop()
     log = engine.log_path.read_text(errors="replace")
-    if spec.enable_lora and (INSTALLED_MESSAGE in log) != (spec.lora_ops == "grouped"):
+    if spec.enable_lora and (INSTALLED_MESSAGE in log) != (spec.lora_ops in ("grouped", "merged")):
         raise RuntimeError(f"lora_ops={spec.lora_ops} but the plugin {'did' if INSTALLED_MESSAGE in log else 'did not'}"
                            " install")
     if spec.enable_lora and spec.lora_ops == "grouped" and FELL_BACK_MESSAGE in log:
         raise RuntimeError(f"a grouped LoRA op fell back to vLLM's in {spec.resolved_dtype}; see {engine.log_path}")
+    if spec.enable_lora and spec.lora_ops == "merged" and MERGED_RAN_MESSAGE not in log:
+        raise RuntimeError(f"lora_ops=merged but no step ran on a merged weight; see {engine.log_path}")
 
 
 def _throughput(results: list[LoadResult], workload: Workload) -> float:

@@ -54,7 +54,7 @@ class EngineSpec:
     kv_cache_gib: float = 2.0
     cpu_reserved_cores: int | None = None  # None: engine_env decides
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    lora_ops: Literal["grouped", "stock"] = "grouped"
+    lora_ops: Literal["merged", "grouped", "stock"] = "grouped"
     enable_lora: bool = True
     prefix_caching: bool | None = field(default=None, metadata={"help": "None: vLLM's default."})
     base_sha256: str = field(default="", metadata={"help": "Checksum of the base model; adapters must match."})

@@ -210,8 +210,13 @@ def install() -> bool:
     """Swap the grouped ops into vLLM's CPU LoRA modules; True if installed. Idempotent."""
     from tuneloop.serving.engine import LORA_OPS_ENV
 
-    if os.environ.get(LORA_OPS_ENV, "grouped") == "stock":
+    mode = os.environ.get(LORA_OPS_ENV, "grouped")
+    if mode == "stock":
         return False
+    if mode == "merged":
+        from tuneloop.serving.lora_merge import install as install_merged
+
+        install_merged()
     try:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops

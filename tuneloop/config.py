@@ -353,9 +353,12 @@ class ServingConfig(StrictModel):
     max_lora_rank: int = Field(default=8, ge=1, le=256, description="Largest adapter rank vLLM is started for.")
     max_loras: int = Field(default=4, ge=1, le=64, description="Adapters vLLM keeps resident at once.")
     max_model_len: int = Field(default=1024, ge=64, description="Context length vLLM is started with.")
-    lora_ops: Literal["grouped", "stock"] = Field(
-        default="grouped", description="CPU LoRA kernels: 'grouped' = one GEMM per adapter (serving/lora_ops.py), "
-        "'stock' = vLLM's per-token gather. No effect on GPUs.")
+    lora_ops: Literal["merged", "grouped", "stock"] = Field(
+        default="grouped", description="CPU LoRA kernels: 'merged' = a step whose tokens all use one adapter runs "
+        "on that adapter merged into the weights, a step without adapters on the base layers alone, others as "
+        "'grouped' (serving/lora_merge.py; costs a kept copy of the wrapped weights plus one merged copy per "
+        "active adapter); 'grouped' = one GEMM per adapter (serving/lora_ops.py); 'stock' = vLLM's per-token "
+        "gather. No effect on GPUs.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
     cpu_reserved_cores: int | None = Field(
         default=None, ge=0, description="CPU cores vLLM's CPU backend keeps free of compute threads "
