@@ -241,7 +241,7 @@ def run_profile(*, quick: bool = False) -> list[Table]:
     tweets = [e.last_user_text() for e in random.Random(2).sample(sentiment_sets()["heldout"], 96)]
     base = base_model_path()
     variants = [("grouped", "float32")] if quick else [(ops, dtype) for dtype in ("float32", "bfloat16")
-                                                       for ops in ("stock", "grouped")]
+                                                       for ops in ("stock", "grouped", "merged")]
     rows: list[list[Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = _random_adapter(base, DEFAULT, Path(tmp) / "adapter")
@@ -389,7 +389,7 @@ PROFILE_CATEGORIES = ["LoRA ops", "LoRA bookkeeping", "base layers", "attention"
 # (category, substrings of a frame's file) checked from the innermost frame outwards
 _FRAME_RULES = [
     ("LoRA ops", ("serving/lora_ops.py", "lora/ops/torch_ops")),
-    ("LoRA bookkeeping", ("punica_wrapper", "vllm/lora/")),
+    ("LoRA bookkeeping", ("punica_wrapper", "vllm/lora/", "serving/lora_merge.py")),
     ("attention", ("attention", "attn")),
     ("sampling + structured output", ("sample", "logits_processor", "structured_output", "xgrammar", "guidance")),
     ("base layers", ("model_executor/layers", "model_executor/models", "custom_op")),

@@ -47,6 +47,17 @@ _installed = False
 _stashed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # base layers whose unpacked weight is kept
 _swept = False
 _announced: set[str] = set()
+_steps = {"one adapter": 0, "no adapter": 0, "mixed": 0, "layer calls not matching the plan": 0}
+STEPS_REPORT_EVERY = 500
+
+
+def _count_step(plan: StepPlan) -> None:
+    """Count steps by plan and log the tally every STEPS_REPORT_EVERY steps: how often the fast paths apply is
+    what decides whether they matter for a workload."""
+    kind = "mixed" if plan.slot == MIXED else "no adapter" if plan.slot == NO_ADAPTER else "one adapter"
+    _steps[kind] += 1
+    if (_steps["one adapter"] + _steps["no adapter"] + _steps["mixed"]) % STEPS_REPORT_EVERY == 0:
+        print(f"tuneloop: merged-ops steps so far: {_steps}", file=sys.stderr, flush=True)
 
 
 def _announce(path: str) -> None:
@@ -154,7 +165,7 @@ def install() -> bool:
 
     stock_process = UnquantizedLinearMethod.process_weights_after_loading
     stock_update = PunicaWrapperCPU.update_metadata
-    stock_create = BaseLinearLayerWithLoRA.create_lora_weights
+    stock_init = BaseLinearLayerWithLoRA.__init__
     stock_reset = BaseLinearLayerWithLoRA.reset_lora
     stock_apply = BaseLinearLayerWithLoRA._apply_sync
 
@@ -168,12 +179,14 @@ def install() -> bool:
     def update_metadata(self: Any, mapping: Any, *args: Any, **kwargs: Any) -> None:
         stock_update(self, mapping, *args, **kwargs)
         self._tuneloop_plan = plan_step(self.token_lora_indices)
+        _count_step(self._tuneloop_plan)
         if not _swept:
             _sweep_unwrapped()
 
-    def create_lora_weights(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self.base_layer._tuneloop_wrapped = True
-        return stock_create(self, *args, **kwargs)
+    def init(self: Any, base_layer: Any, *args: Any, **kwargs: Any) -> None:
+        # Every wrapper class calls this __init__ (several override create_lora_weights without calling it).
+        base_layer._tuneloop_wrapped = True
+        stock_init(self, base_layer, *args, **kwargs)
 
     def reset_lora(self: Any, index: int) -> None:
         self.__dict__.get("_tuneloop_merged", {}).pop(index, None)
@@ -183,6 +196,8 @@ def install() -> bool:
         plan: StepPlan | None = getattr(self.punica_wrapper, "_tuneloop_plan", None)
         rows = x.shape[0] if x.dim() == 2 else -1
         if plan is None or rows != plan.tokens or plan.slot == MIXED:
+            if plan is not None and rows != plan.tokens:
+                _steps["layer calls not matching the plan"] += 1
             _announce("mixed or unplanned (vLLM's LoRA path)")
             return stock_apply(self, x, bias)
         if plan.slot == NO_ADAPTER:
@@ -200,7 +215,7 @@ def install() -> bool:
 
     UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading  # type: ignore[method-assign]
     PunicaWrapperCPU.update_metadata = update_metadata  # type: ignore[method-assign]
-    BaseLinearLayerWithLoRA.create_lora_weights = create_lora_weights  # type: ignore[method-assign]
+    BaseLinearLayerWithLoRA.__init__ = init  # type: ignore[method-assign]
     BaseLinearLayerWithLoRA.reset_lora = reset_lora  # type: ignore[method-assign]
     BaseLinearLayerWithLoRA._apply_sync = apply_sync  # type: ignore[method-assign]
     print(INSTALLED_MESSAGE, file=sys.stderr, flush=True)

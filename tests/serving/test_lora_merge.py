@@ -161,3 +161,4 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
     assert "merged-ops step: single adapter (merged weight)" in log
     assert "merged-ops step: no adapter (base layer alone)" in log
     assert "merged-ops step: mixed or unplanned" in log
+    assert "base weight not kept" not in log, "a wrapped layer lost its weight: its single-adapter steps were slow"
