@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import torch
 
-from bench.load import free_port
 from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
@@ -23,6 +22,7 @@ from tuneloop.challenger_sets.records import Example
 from tuneloop.config import TaskConfig, parse_config
 from tuneloop.evaluators.client import request_body
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 
 

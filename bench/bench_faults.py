@@ -39,9 +39,9 @@ from pathlib import Path
 import httpx
 
 from bench.bench_reliability import CONFIG_FILE, TWEETS, _captured, prepared
-from bench.load import free_port
 from bench.tables import Table, emit
 from tuneloop.config import Config
+from tuneloop.ports import free_port
 from tuneloop.serving.engine import process_group_members
 from tuneloop.store import Store
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from bench.load import free_port
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
@@ -27,6 +26,7 @@ from tuneloop.evaluators.few_shot import prediction_counts
 from tuneloop.evaluators.label_likelihood import predict_labels
 from tuneloop.evaluators.scoring import score_examples
 from tuneloop.evaluators.statistics import paired_bootstrap, table_interval
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 from tuneloop.tables import EvalPredictionRow
 

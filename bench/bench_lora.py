@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.load import LoadResult, chat_bodies, free_port, run_load
+from bench.load import LoadResult, chat_bodies, run_load
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config, TaskConfig
@@ -42,6 +42,7 @@ from tuneloop.evaluators.label_likelihood import predict_labels
 from tuneloop.evaluators.scoring import score_examples
 from tuneloop.evaluators.statistics import table_interval
 from tuneloop.hardware import cpu_has_fast_bf16
+from tuneloop.ports import free_port
 from tuneloop.retrain.trainer import fit
 from tuneloop.serving.constraints import constrain_to_labels
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor

@@ -25,12 +25,12 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from bench.load import free_port
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.config import Config, parse_config
 from tuneloop.keys import create_key
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 from tuneloop.tables import TrafficRow
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bench.load import free_port
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.records import normalize_text
+from tuneloop.ports import free_port
 from tuneloop.timewindow import as_utc
 
 METRICS = ("accuracy", "macro_f1")

@@ -39,10 +39,11 @@ import httpx
 from bench.bench_faults import wait_ready
 from bench.bench_reliability import _traffic_rows, prepared
 from bench.colours import COLOURS_TASK, TASK, add_colours_sets
-from bench.ray_cluster import ThrowawayRay, free_port, throwaway_ray
+from bench.ray_cluster import ThrowawayRay, throwaway_ray
 from bench.tables import Table, emit
 from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config
+from tuneloop.ports import free_port
 from tuneloop.retrain.jobs import JobStore
 from tuneloop.retrain.records import Job, ManualTrigger
 from tuneloop.serving.replicated_engine import ReplicatedEngine

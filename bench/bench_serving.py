@@ -30,11 +30,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.load import LoadResult, chat_bodies, free_port, run_load
+from bench.load import LoadResult, chat_bodies, run_load
 from bench.setup import base_model_path, chat_sets, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.config import parse_config
+from tuneloop.ports import free_port
 from tuneloop.serving.admin_client import AdminClient
 from tuneloop.serving.engine import EngineSupervisor
 from tuneloop.store import Store

@@ -35,12 +35,6 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int, bool]:

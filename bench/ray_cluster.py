@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneloop.ports import free_port
 from tuneloop.processes import live_members
 
 RAY = Path(sys.executable).parent / "ray"
 OBJECT_STORE_BYTES = 200 * 2**20  # Ray's floor is 75 MiB; the jobs here put nothing in it
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

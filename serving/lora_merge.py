@@ -42,6 +42,15 @@ MERGED_RAN_MESSAGE = "tuneloop: merged-ops step: single adapter (merged weight)"
 NO_ADAPTER = -1
 MIXED = -2
 
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step's tokens need: `slot` is the one adapter slot they all use, NO_ADAPTER, or MIXED."""
+
+    tokens: int
+    slot: int
+
+
 _lock = threading.Lock()
 _installed = False
 _stashed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # base layers whose unpacked weight is kept
@@ -65,14 +74,6 @@ def _announce(path: str) -> None:
     if path not in _announced:
         _announced.add(path)
         print(f"tuneloop: merged-ops step: {path}", file=sys.stderr, flush=True)  # MERGED_RAN_MESSAGE is one
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one step's tokens need: `slot` is the one adapter slot they all use, NO_ADAPTER, or MIXED."""
-
-    tokens: int
-    slot: int
 
 
 def plan_step(token_slots: torch.Tensor) -> StepPlan:

@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from tuneloop.ports import free_port
 from tuneloop.registry import adapter_weights_sha256
 from tuneloop.serving.engine import EngineSpec, EngineSupervisor
 
@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 RELAYED_HEADERS = ("content-type",)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class EngineReplica:
@@ -51,7 +47,7 @@ class EngineReplica:
 
     def __init__(self, engine: dict[str, Any], key_sha256: str) -> None:
         spec = EngineSpec(model_path=Path(engine["model_path"]), served_name=engine["served_name"],
-                          port=_free_port(), max_model_len=engine["max_model_len"],
+                          port=free_port(), max_model_len=engine["max_model_len"],
                           max_lora_rank=engine["max_lora_rank"], max_loras=engine["max_loras"],
                           lora_target_modules=list(engine["lora_target_modules"]), kv_cache_gib=engine["kv_cache_gib"],
                           lora_ops=engine["lora_ops"], base_sha256=engine["base_sha256"],

@@ -132,21 +132,22 @@ class ServeApplication:
         adapters: Adapters = config.get("adapters", {})
         return adapters
 
-    def wait_applied(self, done: Callable[[Adapters], bool], what: str, timeout_s: float) -> None:
+    def wait_applied(self, done: Callable[[Adapters], bool], what: str, timeout_s: float) -> Adapters:
         """Until the set in Serve's config is `done` (it holds what was loaded, lacks what was unloaded) and every
-        replica runs it (the deployment HEALTHY with all its replicas); raises AdapterError with Serve's message
-        when the deployment fails or the time runs out. The set is judged by what it holds, not by whose
-        change it is: another gateway may have put a later set that holds this one's change too."""
+        replica runs it (the deployment HEALTHY with all its replicas), then that set; raises AdapterError with
+        Serve's message when the deployment fails or the time runs out. The set is judged by what it holds, not
+        by whose change it is: another gateway may have put a later set that holds this one's change too."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
             last = self.deployment()
             config = last.get("deployment_config", {}).get("user_config") or {}
             status = last.get("status")
-            if done(config.get("adapters", {})):
+            held: Adapters = config.get("adapters", {})
+            if done(held):
                 running = [r for r in last.get("replicas", []) if r.get("state") == "RUNNING"]
                 if status == "HEALTHY" and len(running) >= self.settings.count:
-                    return
+                    return held
                 if status == "HEALTHY" and time.monotonic() > deadline - timeout_s / 2:
                     log.info("waiting for %d replicas (%d running)", self.settings.count, len(running))
                 if status in ("DEPLOY_FAILED", "UNHEALTHY") and last.get("status_trigger") != "HEALTH_CHECK_FAILED":
@@ -194,8 +195,8 @@ class ReplicatedEngineClient(EngineClient):
 
     def _apply(self, adapters: Adapters, done: Callable[[Adapters], bool], what: str, timeout_s: float) -> None:
         self.app.put(self.app.body(adapters))
-        self.app.wait_applied(done, what, timeout_s)
-        self.loaded = {ref: Path(entry["path"]) for ref, entry in self.app.deployed().items()}
+        held = self.app.wait_applied(done, what, timeout_s)
+        self.loaded = {ref: Path(entry["path"]) for ref, entry in held.items()}
 
     def served_models(self) -> set[str]:
         return {*self.loaded, self.app.spec.served_name}

@@ -18,8 +18,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from bench.colours import COLOURS_TASK  # noqa: E402
 from tests.fakes import RecordingRunner  # noqa: E402
-from tests.live import ADMIN_TOKEN, LiveGateway, add_tiny_sets, free_port  # noqa: E402
+from tests.live import ADMIN_TOKEN, LiveGateway, add_tiny_sets  # noqa: E402
 from tuneloop.config import Config, TrainConfig, parse_config  # noqa: E402
+from tuneloop.ports import free_port  # noqa: E402
 from tuneloop.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tests.live import free_port
+from tuneloop.ports import free_port
 
 Answer = Callable[[str, str], str]
 

@@ -14,12 +14,12 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.live import free_port
 from tests.monitor.helpers import evaluate_champion, make_dataset, register_champion
 from tuneloop.config import Config, FloorRule
 from tuneloop.events import record_event
 from tuneloop.monitor.exporter import MonitorCollector
 from tuneloop.monitor.policy import Policy
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 from tuneloop.tables import DriftResultRow, DriftRunRow, JobRunRow
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.live import ADMIN_TOKEN, LiveGateway, free_port
+from tests.live import ADMIN_TOKEN, LiveGateway
 from tests.monitor.test_ops_pack import tool
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
@@ -32,6 +32,7 @@ from tuneloop.evaluators.compare import MetricComparison
 from tuneloop.evaluators.runner import EvalRunner, EvalTarget
 from tuneloop.monitor.ops.files import panel_queries
 from tuneloop.monitor.ops.rules import ALERT_RULES, grafana_alert_rules
+from tuneloop.ports import free_port
 from tuneloop.registry import find_alias
 from tuneloop.retrain.jobs import JobStore
 from tuneloop.retrain.records import AlertTrigger, GateCheck, GateDecision, Job, JobSettings, ManualTrigger

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.live import free_port
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import parse_config
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 from tuneloop.tables import EvalRunRow, JobRunRow, LeaseRow
 

@@ -19,10 +19,11 @@ import httpx
 import pytest
 
 from bench.colours import TASK, add_colours_sets
-from bench.ray_cluster import ThrowawayRay, free_port, throwaway_ray
+from bench.ray_cluster import ThrowawayRay, throwaway_ray
 from tests.live import LiveGateway
 from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config
+from tuneloop.ports import free_port
 from tuneloop.processes import process_alive
 from tuneloop.registry import find_alias
 from tuneloop.retrain.jobs import JobStore

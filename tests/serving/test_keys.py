@@ -170,6 +170,6 @@ def test_while_the_database_is_away_a_key_seen_recently_keeps_working(locked: Ga
 
 
 def _closed_port() -> int:
-    from tests.live import free_port
+    from tuneloop.ports import free_port
 
     return free_port()  # bound and released: nothing listens there

@@ -83,7 +83,7 @@ def _dtypes() -> list[Any]:
 @pytest.fixture(scope="module", params=_dtypes())
 def merged_engine(request: pytest.FixtureRequest, base_model_dir: Path, adapters: dict[str, Path],
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.live import free_port
+    from tuneloop.ports import free_port
     from tuneloop.serving.engine import EngineSpec, EngineSupervisor
 
     spec = EngineSpec(model_path=base_model_dir, served_name="base", port=free_port(), max_model_len=512,

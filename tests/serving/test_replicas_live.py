@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.ray_cluster import ThrowawayRay, free_port, throwaway_ray
+from bench.ray_cluster import ThrowawayRay, throwaway_ray
 from tests.live import ADMIN_TOKEN, add_tiny_sets
 from tuneloop.config import Config, parse_config
+from tuneloop.ports import free_port
 from tuneloop.serving.replicated_engine import ReplicatedEngine
 from tuneloop.store import Store
 

@@ -82,9 +82,7 @@ def _adapters(put: dict[str, Any]) -> list[str]:
 def test_a_load_reaches_every_replica_before_it_returns_and_a_refusal_restores_the_set(
         serve: tuple[FakeServe, str], config: Config, store: Store, tmp_path: Path) -> None:
     fake, url = serve
-    one = _register(store, config, tmp_path, "one")
-    two = _register(store, config, tmp_path, "two")
-    three = _register(store, config, tmp_path, "three")
+    one, two, three = (_register(store, config, tmp_path, name) for name in ("one", "two", "three"))
     engine = _engine(config, store, url, [one])
     engine.start()
     try:
@@ -120,9 +118,7 @@ def test_replicas_need_a_ray_cluster_named(config: Config, store: Store, monkeyp
 def test_two_gateways_sharing_the_replicas_do_not_undo_each_others_loads(
         serve: tuple[FakeServe, str], config: Config, store: Store, tmp_path: Path) -> None:
     fake, url = serve
-    one = _register(store, config, tmp_path, "one")
-    two = _register(store, config, tmp_path, "two")
-    three = _register(store, config, tmp_path, "three")
+    one, two, three = (_register(store, config, tmp_path, name) for name in ("one", "two", "three"))
     first, second = _engine(config, store, url, [one]), _engine(config, store, url, [one])
     first.start()
     second.start()

@@ -16,8 +16,8 @@ import httpx
 import uvicorn
 from sqlalchemy import select
 
-from tests.live import free_port
 from tests.serving.test_gateway import Gateway, _gateway
+from tuneloop.ports import free_port
 from tuneloop.serving.gateway import create_app
 from tuneloop.serving.server import server_config
 from tuneloop.tables import TrafficRow

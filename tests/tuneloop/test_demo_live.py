@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import free_port
 from tuneloop.config import load_config
 from tuneloop.evaluators.runs import RunStore
+from tuneloop.ports import free_port
 from tuneloop.store import Store
 from tuneloop.timewindow import as_utc
 

@@ -13,11 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.live import free_port
 from tests.monitor.helpers import register_champion
 from tuneloop.conductor import deployment as deployment_module
 from tuneloop.conductor.deployment import GatewayDeployment
 from tuneloop.config import Config
+from tuneloop.ports import free_port
 from tuneloop.registry import get_adapter
 from tuneloop.serving.admin_client import GatewayNotRunning
 from tuneloop.store import Store
