@@ -1,10 +1,10 @@
 """Single-adapter steps at the base model's speed: the adapter merged into each wrapped layer's weight.
 
 On vLLM's CPU backend a LoRA-enabled engine pays, per wrapped linear layer and per forward, several shrink/expand
-calls of Python and small ATen ops whatever the batch holds — 240 of them per forward for r=8 q/k/v/o adapters on
-the 30-layer base model. That fixed cost is small beside an AVX2 GEMM and dominant beside an AMX one (issue 25
-measured adapters at 0.35-0.84x of the base model's speed). The arithmetic of an adapter is under 3 % of the base
-model's, so the cost is the calls, not the work.
+calls of Python and small ATen ops whatever the batch holds (issue 25 counted 240 per forward for r=8 q/k/v/o
+adapters on the 30-layer base model, and measured adapters at 0.35-0.84x of the base model's speed: least beside
+an AVX2 GEMM, most beside an AMX one). The arithmetic of an adapter is under 3 % of the base model's, so the cost
+is the calls, not the work.
 
 A task's traffic mostly arrives one adapter at a time, so a step's tokens usually all use one adapter slot, or
 none. This module classifies each step once (in the punica wrapper's `update_metadata`, which vLLM calls every
@@ -18,8 +18,8 @@ step) and, per wrapped layer:
   `serving/lora_ops.py`.
 
 The cost is memory: the unpacked weight of each wrapped layer is kept (vLLM frees it once packed), plus one merged
-copy of each wrapped layer per adapter slot that has been active, made on the first step that uses it (a few
-tens of milliseconds per adapter on the base model here) and dropped when the slot is reset. Weights of layers
+copy of each wrapped layer per adapter slot that has been active, made on the first step that uses it (that
+step pays for the merge and the packing; not timed separately yet) and dropped when the slot is reset. Weights of layers
 that no adapter wraps are released after the first step. A merged weight rounds once in the model's dtype where
 the LoRA path rounds the delta separately: the answers agree with PEFT within the same tolerance
 (tests/serving/test_lora_merge.py).
