@@ -140,7 +140,8 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
     expected["base"] = _reference(base_model_dir, None, dtype, PROMPTS)
     alone = {model: [_first_token(merged_engine, model, p) for p in PROMPTS] for model in ("one", "two", "base")}
     for model, served in alone.items():
-        assert _agreeing(served, expected[model], tolerance) >= len(PROMPTS) - 1, (model, served, expected[model])
+        assert _agreeing(served, expected[model], tolerance) >= len(PROMPTS) - 1, \
+            ("one at a time", model, served, expected[model])
     assert alone["one"] != alone["base"] and alone["one"] != alone["two"], "the adapters change the answers"
 
     together: dict[str, list[tuple[str, float]]] = {m: [("", 0.0)] * len(PROMPTS) for m in ("one", "two", "base")}
@@ -155,7 +156,8 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
         for thread in threads:
             thread.join()
         for model, served in together.items():
-            assert _agreeing(served, expected[model], tolerance) >= len(PROMPTS) - 1, (model, served)
+            assert _agreeing(served, expected[model], tolerance) >= len(PROMPTS) - 1, \
+                ("in flight together", model, served, expected[model])
     log = merged_engine.log_path.read_text(errors="replace")
     assert "merged single-adapter steps installed" in log
     assert "merged-ops step: single adapter (merged weight)" in log
