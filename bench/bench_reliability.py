@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from bench.load import percentile
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.catalog import add_dataset
@@ -36,11 +37,6 @@ from tuneloop.tables import TrafficRow
 
 TWEETS = ["@united where is my bag", "@JetBlue great crew today", "@SouthwestAir delayed again",
           "@AmericanAir thanks for the upgrade"]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _clients(url: str, key: str, clients: int, each: int) -> dict[str, Any]:
@@ -167,8 +163,8 @@ def _load_rows(url: str, key: str, store: Store, backend: str, levels: list[int]
         once = sum(1 for i in result["ids"] if found[i] == 1)
         rows.append([backend, clients, clients * each, answered, refused, failed, once,
                      len(result["ids"]) - len(found), sum(1 for n in found.values() if n > 1),
-                     f"{_percentile(result['latencies'], 0.5) * 1000:.0f}",
-                     f"{_percentile(result['latencies'], 0.99) * 1000:.0f}",
+                     f"{percentile(result['latencies'], 0.5) * 1000:.0f}",
+                     f"{percentile(result['latencies'], 0.99) * 1000:.0f}",
                      f"{clients * each / result['seconds']:.1f}"])
     return rows
 

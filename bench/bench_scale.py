@@ -39,6 +39,7 @@ import httpx
 from bench.bench_faults import wait_ready
 from bench.bench_reliability import _traffic_rows, prepared
 from bench.colours import COLOURS_TASK, TASK, add_colours_sets
+from bench.load import percentile
 from bench.ray_cluster import ThrowawayRay, throwaway_ray
 from bench.tables import Table, emit
 from tuneloop.conductor.loop import Loop
@@ -118,12 +119,12 @@ LOAD_CLIENTS = 8
 
 def _load(url: str, key: str, each: int) -> tuple[float, float, float, int]:
     """(requests/s, p50 ms, p95 ms, non-200 answers) for LOAD_CLIENTS clients sending `each` requests apiece."""
-    from bench.bench_reliability import _clients, _percentile
+    from bench.bench_reliability import _clients
 
     result = asyncio.run(_clients(url, key, LOAD_CLIENTS, each))
     bad = sum(n for status, n in result["statuses"].items() if status != "200")
-    return (LOAD_CLIENTS * each / result["seconds"], _percentile(result["latencies"], 0.5) * 1000,
-            _percentile(result["latencies"], 0.95) * 1000, bad)
+    return (LOAD_CLIENTS * each / result["seconds"], percentile(result["latencies"], 0.5) * 1000,
+            percentile(result["latencies"], 0.95) * 1000, bad)
 
 
 def _promote_s(url: str, version: str) -> float:
@@ -257,9 +258,10 @@ def _capture(root: Path, seconds: float) -> list[list[object]]:
                 result = asyncio.run(_capture_load(urls, key, seconds))
                 time.sleep(3)  # the capture writers flush every 0.5 s
                 stored = _traffic_rows(store) - before
-                latencies = sorted(result["latencies"])
+                latencies = result["latencies"]
                 rows.append([gateways, CAPTURE_CLIENTS * gateways, result["answered"], stored,
-                             f"{stored / seconds:.0f}", f"{_pct(latencies, 0.5):.1f}", f"{_pct(latencies, 0.99):.1f}"])
+                             f"{stored / seconds:.0f}", f"{percentile(latencies, 0.5) * 1000:.1f}",
+                             f"{percentile(latencies, 0.99) * 1000:.1f}"])
                 print(rows[-1], flush=True)
             finally:
                 for process, log in processes:
@@ -268,10 +270,6 @@ def _capture(root: Path, seconds: float) -> list[list[object]]:
                     log.close()
         store.close()
     return rows
-
-
-def _pct(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
 async def _capture_load(urls: list[str], key: str, seconds: float) -> dict[str, Any]:

@@ -11,6 +11,12 @@ from typing import Any
 import httpx
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile `q` (nearest rank, no interpolation) of unsorted `values`; NaN for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 @dataclass
 class LoadResult:
     requests: int
