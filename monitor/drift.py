@@ -28,7 +28,7 @@ from tuneloop.monitor.calibration import (
     save_calibrations,
     threshold_from_null,
 )
-from tuneloop.monitor.embeddings import Embedder, EmbeddingCache
+from tuneloop.monitor.embeddings import Embedder, calibration_suffix, make_embedder
 from tuneloop.monitor.output_view import NULL_WINDOWS, OutputStatistic, heldout_answers
 from tuneloop.monitor.samples import (
     DriftError,
@@ -99,7 +99,7 @@ class DriftDetector:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = Embedder(EmbeddingCache(self.config.data_path / "cache" / "embeddings.sqlite"))
+            self._embedder = make_embedder(self.settings.embedding_backend, self.config.data_path)
         return self._embedder
 
     @property
@@ -170,7 +170,8 @@ class DriftDetector:
         """Stored calibrations for this reference and window size; the missing ones are computed and stored."""
         window = calibration_size(n, len(reference.pool))
         alpha = self.alpha_per_view
-        stored = load_calibrations(self.store, task, reference.key, window, alpha, self.settings.calibration_windows)
+        key = reference.key + calibration_suffix(self.settings.embedding_backend)
+        stored = load_calibrations(self.store, task, key, window, alpha, self.settings.calibration_windows)
         missing = [v for v in views if v.name not in stored]
         if missing:
             log.info("calibrating %s drift thresholds for %s at W=%d on %d no-drift windows (once)",
@@ -179,7 +180,7 @@ class DriftDetector:
                                       progress=self.progress)
             fresh = calibrate_views(views, pool, window, alpha, self.settings.calibration_windows,
                                     self.settings.seed, progress=self.progress)
-            save_calibrations(self.store, task, reference.key, alpha, fresh)
+            save_calibrations(self.store, task, key, alpha, fresh)
             stored = {c.view: c for c in fresh}
         return stored
 

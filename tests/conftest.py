@@ -73,11 +73,23 @@ def database_line(postgres_databases: Callable[[], str] | None) -> str:
     return f"database_url: {postgres_databases()}\n" if postgres_databases is not None else ""
 
 
+@pytest.fixture(scope="session")
+def embedding_model_dir() -> Path:
+    """The drift embedder's int8 ONNX model, built once into the test cache (≈10 s) instead of once per data dir."""
+    from tuneloop.monitor.embedding_onnx import int8_model
+    from tuneloop.monitor.embeddings import model_dir
+
+    return int8_model(model_dir(), CACHE / "models").parent
+
+
 @pytest.fixture
-def config(tmp_path: Path, postgres_databases: Callable[[], str] | None) -> Config:
-    """Default config in a temporary data dir whose base model is the shared cached conversion."""
+def config(tmp_path: Path, postgres_databases: Callable[[], str] | None, embedding_model_dir: Path) -> Config:
+    """Default config in a temporary data dir whose embedding model is the shared cached build (linked)."""
     text = "data_dir: data\n" + database_line(postgres_databases)
     cfg = parse_config(text, config_dir=tmp_path)
+    models = cfg.data_path / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / embedding_model_dir.name).symlink_to(embedding_model_dir, target_is_directory=True)
     return cfg
 
 

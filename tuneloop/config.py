@@ -411,6 +411,10 @@ class MonitorConfig(StrictModel):
         description=f"Drift views in the verdict, from {', '.join(DRIFT_VIEWS)}. embedding_model (Evidently's "
         "ModelDriftMethod) is off by default: on no-drift windows it needed the widest margin and added least "
         "power beside embedding_novelty (bench drift).")
+    embedding_backend: Literal["onnx-int8", "torch"] = Field(
+        default="onnx-int8", description="How MiniLM embeds prompts for the embedding views: onnx-int8 (built once "
+        "into the data dir's models/, ≈3× the texts/s of torch on 2 CPU cores; bench drift_timing) or torch (fp32; "
+        "on a GPU when torch sees one). Each has its own cache table and calibrations.")
     reference_size: int = Field(default=2000, ge=50, description="Training inputs in the reference sample "
                                 "(seeded shuffle: the embedded files are sorted).")
     calibration_pool_size: int = Field(default=3000, ge=50, description="Further training inputs, disjoint from the "

@@ -17,7 +17,7 @@ from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.challenger_sets.embedded import ensure_embedded_datasets
 from tuneloop.config import Config
 from tuneloop.monitor.drift import DriftDetector
-from tuneloop.monitor.embeddings import EmbeddingCache
+from tuneloop.monitor.embeddings import EmbeddingCache, space_of
 from tuneloop.monitor.samples import NotEnoughTraffic
 from tuneloop.store import Store
 from tuneloop.tables import DriftCalibrationRow, DriftResultRow, DriftRunRow
@@ -82,8 +82,11 @@ def test_other_topics_drift_and_held_out_airline_tweets_stay_quiet(small_monitor
         assert sorted(c.view for c in calibrations) == ["any", "descriptors", "domain_classifier",
                                                         "embedding_novelty"]
 
-    # embeddings are cached per text in the data dir: the second run embedded only the 150 new prompts
-    cache = EmbeddingCache(small_monitor.data_path / "cache" / "embeddings.sqlite")
+    # embeddings are cached per text in the data dir, in the configured backend's space (onnx-int8 by default):
+    # the second run embedded only the 150 new prompts
+    assert small_monitor.monitor.embedding_backend == "onnx-int8" and detector.embedder.backend == "onnx-int8"
+    cache = EmbeddingCache(small_monitor.data_path / "cache" / "embeddings.sqlite",
+                           space=space_of(small_monitor.monitor.embedding_backend))
     assert len(cache) >= 1100 + 600 + 300
     assert detector.embedder.embedded == 1100 + 600 + 150 + 150
 
