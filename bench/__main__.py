@@ -16,6 +16,7 @@ BENCHMARKS = {
     "budget": "bench.bench_budget",
     "labels": "bench.bench_labels",
     "serving": "bench.bench_serving",
+    "gateway": "bench.bench_gateway",
     "lora": "bench.bench_lora",
     "lora_quality": "bench.bench_lora:run_quality",
     "lora_profile": "bench.bench_lora:run_profile",

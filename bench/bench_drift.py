@@ -122,6 +122,7 @@ def run(*, quick: bool = False) -> list[Table]:
               f"{backend} (cached in {CACHE / 'drift'})", flush=True)
         features[backend] = [TextFeatures.build(texts, embedder, progress=True)
                              for texts in (reference_texts, pool_texts, live_airline, other)]
+    agreement = _agreement(features[DEFAULT_BACKEND], features["torch"])
     reference, pool, airline_main, off_topic_main = features[DEFAULT_BACKEND]
     torch_reference, torch_pool, airline_torch, off_topic_torch = features["torch"]
     airline, off_topic = Paired(airline_main, airline_torch), Paired(off_topic_main, off_topic_torch)
@@ -196,6 +197,7 @@ def run(*, quick: bool = False) -> list[Table]:
         notes=f"{trials} trials per window size: W airline requests, then a stream with 30 % other-topic tweets; "
               "the last W requests are checked every 50 requests after the onset (up to 500). Target: median <= "
               "100 requests. 'missed k/n': not flagged within 500 requests in k trials."))
+    tables.append(agreement)
     tables.append(emit("Calibration (stored per window size)", ["W", "view", "threshold", "measured false alarms",
                                                                "windows"], calibration_rows, key="drift_calibration",
                        notes="Threshold from the fit half of the pool; false alarms measured on as many windows "
@@ -205,6 +207,18 @@ def run(*, quick: bool = False) -> list[Table]:
 
 def run_timing(*, quick: bool = False) -> list[Table]:
     return [_timing(quick=quick)]
+
+
+def _agreement(main: list[TextFeatures], torch: list[TextFeatures]) -> Table:
+    """How close the default backend's vectors are to fp32 torch's, text by text, over every text of the bench."""
+    cosines = np.concatenate([(a.embeddings * b.embeddings).sum(axis=1)  # type: ignore[operator]
+                              for a, b in zip(main, torch, strict=True)])
+    return emit(f"{DEFAULT_BACKEND} vectors against torch fp32 vectors of the same texts",
+                ["texts", "mean cosine", "1st percentile", "minimum"],
+                [[f"{len(cosines):,}", f"{cosines.mean():.4f}", f"{np.quantile(cosines, 0.01):.4f}",
+                  f"{cosines.min():.4f}"]], key="drift_embedding_agreement",
+                notes="Both vectors L2-normalised, so the cosine is their dot product. The views are calibrated on "
+                      "each backend's own vectors; this says how far apart the two spaces are, not which is right.")
 
 
 def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

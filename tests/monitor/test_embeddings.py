@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneloop.config import ConfigError, parse_config
-from tuneloop.monitor.embedding_onnx import MANIFEST_FILE, MODEL_FILE, int8_model
+from tuneloop.config import parse_config
+from tuneloop.errors import ConfigError
+from tuneloop.monitor.embedding_onnx import MANIFEST_FILE, int8_model
 from tuneloop.monitor.embeddings import (
     Embedder,
     EmbeddingCache,

@@ -1,0 +1,175 @@
+"""What the gateway itself adds to a request, with the engine's time taken out of the way.
+
+`bench serving` compares the gateway with vLLM direct, where a 1-token reply takes ≈270 ms on 2 cores and the
+engine's own variance (tens of ms) hides a millisecond. Here the upstream answers at once (bench/stub_upstream.py:
+uvicorn + httptools + uvloop, parsing the body as an engine would), so the difference between a request sent to it
+directly and one sent through the real gateway (bench/stub_gateway.py with that upstream: keys, limits, routing,
+system prompt, label constraint, proxying over loopback HTTP, metrics, capture into SQLite) is the gateway's cost:
+
+- added latency at 1 in flight, per-pair differences with paths alternating first, for JSON answers and for the
+  time to the first streamed event;
+- the gateway process's CPU time per request at 1, 8 and 32 in flight (from /proc): on a CPU-served model every
+  gateway core-millisecond is one the engine does not get, which is what a throughput ratio against vLLM measures
+  under load.
+
+The client is aiohttp (lighter per request than httpx), in this process; it, the stub and the gateway share the
+machine's cores, as a gateway and vLLM do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.bench_faults import wait_ready
+from bench.bench_reliability import prepared
+from bench.load import percentile
+from bench.tables import Table, emit
+from tuneloop.ports import free_port
+from tuneloop.serving.constraints import constrain_to_labels
+
+USER_TEXT = "@united my bag never arrived and nobody at the desk would tell me where it went"
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    import aiohttp  # noqa: F401 - fail early when missing
+
+    pairs = 60 if quick else 400
+    per_level = 100 if quick else 1500
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config, store, key = prepared(root)
+        store.close()
+        task = config.tasks["sentiment"]
+        direct_body: dict[str, Any] = {"model": "sentiment@1", "max_tokens": 4, "messages": [
+            {"role": "system", "content": task.system_prompt}, {"role": "user", "content": USER_TEXT}]}
+        constrain_to_labels(direct_body, task)  # the body the gateway forwards: both paths send the same upstream
+        gateway_body = {"model": "sentiment", "max_tokens": 4, "messages": [{"role": "user", "content": USER_TEXT}]}
+        upstream_port = free_port()
+        upstream_url = f"http://127.0.0.1:{upstream_port}"
+        processes = [subprocess.Popen([sys.executable, "-m", "bench.stub_upstream", str(upstream_port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+        gateway_url = f"http://127.0.0.1:{config.serving.gateway_port}"
+        log = open(root / "gateway.log", "wb")  # noqa: SIM115 - closed in finally
+        processes.append(subprocess.Popen([sys.executable, "-m", "bench.stub_gateway", str(root / "tuneloop.yaml"),
+                                           upstream_url], stdout=log, stderr=subprocess.STDOUT))
+        try:
+            if not wait_ready(gateway_url, 120, process=processes[1]):
+                raise RuntimeError(f"the stub gateway did not start; see {root / 'gateway.log'}")
+            headers = {"Authorization": f"Bearer {key}"}
+            result = asyncio.run(_measure(upstream_url, gateway_url, direct_body, gateway_body, headers,
+                                          processes[1].pid, pairs, per_level))
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+            log.close()
+    return _tables(result, pairs)
+
+
+async def _measure(upstream: str, gateway: str, direct_body: dict[str, Any], gateway_body: dict[str, Any],
+                   headers: dict[str, str], gateway_pid: int, pairs: int, per_level: int) -> dict[str, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        sides = {"direct": (f"{upstream}/v1/chat/completions", direct_body, {}),
+                 "gateway": (f"{gateway}/v1/chat/completions", gateway_body, headers)}
+        for _ in range(50):  # warm connections, caches and the key lookup on both paths
+            for url, body, head in sides.values():
+                await _one(http, url, body, head, stream=False)
+        out: dict[str, Any] = {}
+        for stream in (False, True):
+            timings: dict[str, list[float]] = {"direct": [], "gateway": []}
+            for i in range(pairs):
+                order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+                for name in order:
+                    url, body, head = sides[name]
+                    timings[name].append(await _one(http, url, body, head, stream=stream))
+            out["stream" if stream else "json"] = timings
+        levels = []
+        for concurrency in (1, 8, 32):
+            rates: dict[str, float] = {}
+            cpu_ms = 0.0
+            for name in ("direct", "gateway", "gateway", "direct"):  # ABBA
+                url, body, head = sides[name]
+                cpu_before = _cpu_seconds(gateway_pid)
+                started = time.perf_counter()
+                await _load(http, url, body, head, concurrency, per_level // 2)
+                seconds = time.perf_counter() - started
+                rates[name] = rates.get(name, 0.0) + seconds
+                if name == "gateway":
+                    cpu_ms += (_cpu_seconds(gateway_pid) - cpu_before) * 1000
+            levels.append({"concurrency": concurrency, "direct_rps": per_level / rates["direct"],
+                           "gateway_rps": per_level / rates["gateway"], "gateway_cpu_ms": cpu_ms / per_level})
+        out["levels"] = levels
+    return out
+
+
+async def _one(http: Any, url: str, body: dict[str, Any], headers: dict[str, str], *, stream: bool) -> float:
+    """Milliseconds to the whole JSON answer, or to the first streamed event."""
+    payload = dict(body, stream=True, stream_options={"include_usage": True}) if stream else body
+    started = time.perf_counter()
+    async with http.post(url, json=payload, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}: {await response.text()}")
+        if stream:
+            first = await response.content.readuntil(b"\n\n")
+            elapsed = time.perf_counter() - started
+            assert first.startswith(b"data: "), first
+            await response.read()
+            return elapsed * 1000
+        await response.read()
+    return (time.perf_counter() - started) * 1000
+
+
+async def _load(http: Any, url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int,
+                total: int) -> None:
+    remaining = iter(range(total))
+
+    async def worker() -> None:
+        for _ in remaining:
+            await _one(http, url, body, headers, stream=False)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _tables(result: dict[str, Any], pairs: int) -> list[Table]:
+    rows = []
+    for kind, label in (("json", "JSON answer"), ("stream", "first streamed event")):
+        direct, via = np.array(result[kind]["direct"]), np.array(result[kind]["gateway"])
+        differences = via - direct
+        rng = np.random.default_rng(12345)
+        medians = np.median(differences[rng.integers(0, len(differences), (2000, len(differences)))], axis=1)
+        low, high = np.quantile(medians, [0.025, 0.975])
+        rows.append([label, pairs, f"{np.median(direct):.2f}", f"{np.median(via):.2f}",
+                     f"{percentile(list(direct), 0.9):.2f}", f"{percentile(list(via), 0.9):.2f}",
+                     f"{np.median(differences):+.2f} [{low:+.2f}, {high:+.2f}]"])
+    tables = [emit("Gateway latency over an instant upstream, 1 in flight (ms)",
+                   ["measured to", "pairs", "direct p50", "gateway p50", "direct p90", "gateway p90",
+                    "added: median of per-pair differences [95 % CI]"], rows, key="gateway-added",
+                   notes="Same upstream body on both paths; within a pair the path that goes first alternates. "
+                         "Target: at most 1 ms added at p50, and the first streamed event within 1 ms of direct.")]
+    level_rows = [[level["concurrency"], f"{level['direct_rps']:,.0f}", f"{level['gateway_rps']:,.0f}",
+                   f"{level['gateway_rps'] / level['direct_rps']:.2f}", f"{level['gateway_cpu_ms']:.2f}"]
+                  for level in result["levels"]]
+    tables.append(emit("Gateway CPU per request over an instant upstream", [
+        "in flight", "direct requests/s", "gateway requests/s", "gateway / direct", "gateway CPU ms per request"],
+        level_rows, key="gateway-cpu",
+        notes="ABBA rounds per level. With an upstream that answers at once the requests/s ratio is not the serving "
+              "target (the gateway doubles the HTTP work on shared cores); the CPU per request is what the gateway "
+              "takes from a CPU-served engine. bench serving has the ratio against vLLM."))
+    return tables
