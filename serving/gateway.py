@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-import httpx
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -23,9 +22,10 @@ from starlette.routing import BaseRoute, Route
 
 from tuneloop.errors import RateLimited, TuneloopError
 from tuneloop.serving import admin_api, feedback_api, openai_api, reports_api
-from tuneloop.serving.protocol import KEEPALIVE_EXPIRY_S, RETRY_AFTER_S, error_response, status_of
+from tuneloop.serving.protocol import RETRY_AFTER_S, error_response, status_of
 from tuneloop.serving.slow_clients import ClientStalled
 from tuneloop.serving.state import GatewayContext, context
+from tuneloop.serving.upstream import make_upstream
 
 __all__ = ["GatewayContext", "create_app"]
 log = logging.getLogger(__name__)
@@ -93,15 +93,12 @@ async def on_unexpected(_: Request, exc: Exception) -> Response:
 def create_app(ctx: GatewayContext, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        ctx.client = httpx.AsyncClient(base_url=ctx.engine.base_url, transport=ctx.upstream_transport,
-                                       headers=ctx.engine.auth_headers,
-                                       timeout=httpx.Timeout(ctx.config.serving.request_timeout_s, connect=2.0),
-                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
-                                                           keepalive_expiry=KEEPALIVE_EXPIRY_S))
+        ctx.client = make_upstream(ctx.engine.base_url, ctx.engine.auth_headers,
+                                   timeout_s=ctx.config.serving.request_timeout_s, transport=ctx.upstream_transport)
         try:
             yield
         finally:
-            await ctx.client.aclose()
+            await ctx.client.close()
 
     every = [*openai_api.routes(), *feedback_api.routes(), *admin_api.routes(), *reports_api.routes(), *routes,
              Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import httpx
 from starlette.responses import Response, StreamingResponse
 
 from tuneloop.errors import EngineUnavailable
@@ -24,6 +23,7 @@ from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
+from tuneloop.serving.upstream import UpstreamError, UpstreamResponse
 
 UPSTREAM_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
@@ -65,19 +65,28 @@ async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
     if request.purpose == "user":
         _start_shadow(ctx, request)
     try:
-        upstream = await ctx.client.send(ctx.client.build_request("POST", UPSTREAM_PATHS[request.endpoint],
-                                                                  json=request.body), stream=True)
-    except httpx.HTTPError as exc:
+        upstream = await ctx.client.open(UPSTREAM_PATHS[request.endpoint], encode(request.body))
+    except UpstreamError as exc:
         _count(ctx, request, 503)
-        raise EngineUnavailable(f"vLLM is not answering ({exc.__class__.__name__}); retry shortly") from None
+        raise EngineUnavailable(f"vLLM is not answering ({exc}); retry shortly") from None
     headers = {"X-Request-Id": request.request_id}
-    if not request.stream or upstream.status_code != 200:
-        raw = await upstream.aread()
-        await upstream.aclose()
+    if not request.stream or upstream.status != 200:
+        try:
+            raw = await upstream.read()
+        except UpstreamError as exc:
+            _count(ctx, request, 503)
+            raise EngineUnavailable(f"vLLM stopped answering mid-reply ({exc}); retry shortly") from None
+        finally:
+            await upstream.close()
         completion, usage = completion_of(json_or_none(raw), request.endpoint)
-        finish(ctx, request, Outcome(completion, usage, upstream.status_code))
-        return Response(raw, status_code=upstream.status_code, media_type="application/json", headers=headers)
+        finish(ctx, request, Outcome(completion, usage, upstream.status))
+        return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
     return RelayResponse(_relay(ctx, upstream, request), media_type="text/event-stream", headers=headers)
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """The upstream body, compact; non-ASCII text goes as UTF-8 rather than escapes (fewer bytes, same JSON)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class RelayResponse(StreamingResponse):
@@ -94,14 +103,14 @@ class RelayResponse(StreamingResponse):
                 await close()
 
 
-async def _relay(ctx: GatewayContext, upstream: httpx.Response, request: ProxiedRequest) -> AsyncIterator[bytes]:
+async def _relay(ctx: GatewayContext, upstream: UpstreamResponse, request: ProxiedRequest) -> AsyncIterator[bytes]:
     """Pass server-sent events through untouched while collecting the text and usage for capture."""
     parts: list[str] = []
     usage: dict[str, Any] = {}
     buffer = b""
     status = 200
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.chunks():
             yield chunk
             buffer += chunk
             while b"\n" in buffer:
@@ -117,10 +126,10 @@ async def _relay(ctx: GatewayContext, upstream: httpx.Response, request: Proxied
                              else choice.get("text"))
                     if delta:
                         parts.append(delta)
-    except httpx.HTTPError:
+    except UpstreamError:
         status = 502
     finally:
-        await upstream.aclose()
+        await upstream.close()
         finish(ctx, request, Outcome("".join(parts), usage, status))
 
 
@@ -138,10 +147,14 @@ def _start_shadow(ctx: GatewayContext, request: ProxiedRequest) -> None:
 async def _shadow(ctx: GatewayContext, request: ProxiedRequest) -> None:
     assert ctx.client is not None
     try:
-        response = await ctx.client.post(UPSTREAM_PATHS[request.endpoint], json=request.body)
-        completion, usage = completion_of(json_or_none(response.content), request.endpoint)
-        outcome = Outcome(completion, usage, response.status_code)
-    except httpx.HTTPError:
+        response = await ctx.client.open(UPSTREAM_PATHS[request.endpoint], encode(request.body))
+        try:
+            raw = await response.read()
+        finally:
+            await response.close()
+        completion, usage = completion_of(json_or_none(raw), request.endpoint)
+        outcome = Outcome(completion, usage, response.status)
+    except UpstreamError:
         outcome = Outcome(None, {}, 503)
     finish(ctx, request, outcome)
 

@@ -21,6 +21,7 @@ from tuneloop.serving.metrics import GatewayMetrics
 from tuneloop.serving.ratelimit import RateLimiter
 from tuneloop.serving.retention import TrafficRetention
 from tuneloop.serving.routing import Router
+from tuneloop.serving.upstream import Upstream
 
 
 @dataclass
@@ -41,7 +42,7 @@ class GatewayContext:
     openapi: dict[str, Any] = field(default_factory=dict, metadata={"help": "Served at /openapi.json."})
     upstream_transport: httpx.AsyncBaseTransport | None = field(
         default=None, metadata={"help": "Tests put a stub vLLM here; None = real HTTP to engine.base_url."})
-    client: httpx.AsyncClient | None = None
+    client: Upstream | None = field(default=None, metadata={"help": "Set while the app runs (its lifespan)."})
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
