@@ -17,6 +17,7 @@ BENCHMARKS = {
     "labels": "bench.bench_labels",
     "serving": "bench.bench_serving",
     "gateway": "bench.bench_gateway",
+    "adapters": "bench.bench_adapters",
     "lora": "bench.bench_lora",
     "lora_quality": "bench.bench_lora:run_quality",
     "lora_profile": "bench.bench_lora:run_profile",

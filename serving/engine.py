@@ -49,6 +49,8 @@ class EngineSpec:
     max_model_len: int = 1024
     max_lora_rank: int = 8
     max_loras: int = 4
+    max_cpu_loras: int | None = field(default=None, metadata={
+        "help": "Adapters vLLM keeps loaded in memory (LRU; at least max_loras); None: vLLM's default, max_loras."})
     lora_target_modules: list[str] = field(default_factory=list)
     lora_modules: dict[str, Path] = field(default_factory=dict)
     kv_cache_gib: float = 2.0
@@ -135,6 +137,8 @@ def build_command(spec: EngineSpec) -> list[str]:
         return command
     command += ["--enable-lora", "--max-lora-rank", str(vllm_rank(spec.max_lora_rank)),
                 "--max-loras", str(spec.max_loras)]
+    if spec.max_cpu_loras is not None:
+        command += ["--max-cpu-loras", str(max(spec.max_cpu_loras, spec.max_loras))]
     if spec.lora_target_modules:
         command += ["--lora-target-modules", *spec.lora_target_modules]
     if spec.lora_modules:

@@ -49,6 +49,7 @@ class EngineReplica:
         spec = EngineSpec(model_path=Path(engine["model_path"]), served_name=engine["served_name"],
                           port=free_port(), max_model_len=engine["max_model_len"],
                           max_lora_rank=engine["max_lora_rank"], max_loras=engine["max_loras"],
+                          max_cpu_loras=engine.get("max_cpu_loras"),
                           lora_target_modules=list(engine["lora_target_modules"]), kv_cache_gib=engine["kv_cache_gib"],
                           lora_ops=engine["lora_ops"], base_sha256=engine["base_sha256"],
                           cpu_reserved_cores=engine.get("cpu_reserved_cores"))

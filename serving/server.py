@@ -120,6 +120,7 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor | Repli
     spec = EngineSpec(model_path=base.path, served_name=config.base_model.name, host=config.serving.vllm_host,
                       port=config.serving.vllm_port, max_model_len=config.serving.max_model_len,
                       max_lora_rank=plan.max_rank, max_loras=config.serving.max_loras,
+                      max_cpu_loras=config.serving.max_cpu_loras,
                       lora_target_modules=plan.target_modules,
                       lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib,
                       lora_ops=config.serving.lora_ops, base_sha256=base.sha256,

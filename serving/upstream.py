@@ -2,8 +2,8 @@
 
 Why two: on the request path the client is most of what the gateway adds. In a py-spy profile of `bench gateway`
 httpx's `AsyncClient.send` and body read were the largest part of the event loop's busy time, and sending the same
-request to an instant upstream took ≈840 µs per request with httpx's AsyncClient against ≈240 µs with an aiohttp
-session (500 sequential requests, best of 6 alternated rounds, measured here). httpx stays for its transports:
+request to an instant upstream took about three times as long with httpx's AsyncClient as with an aiohttp session
+(`bench gateway`, table "The parts chosen by measurement"). httpx stays for its transports:
 tests and the in-process bench stub answer through `httpx.MockTransport` with no socket at all.
 
 Both speak the same small interface: open a POST, look at the status, then read the whole body or relay its chunks.

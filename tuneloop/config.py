@@ -352,6 +352,9 @@ class ServingConfig(StrictModel):
     vllm_port: int = Field(default=8401, ge=1, le=65535, description="vLLM port.")
     max_lora_rank: int = Field(default=8, ge=1, le=256, description="Largest adapter rank vLLM is started for.")
     max_loras: int = Field(default=4, ge=1, le=64, description="Adapters vLLM keeps resident at once.")
+    max_cpu_loras: int | None = Field(default=None, ge=1, le=1024, description="Adapters vLLM keeps loaded in "
+                                      "memory, least recently used evicted (at least max_loras); unset: max_loras. "
+                                      "Raise it when many tasks share one engine (bench adapters).")
     max_model_len: int = Field(default=1024, ge=64, description="Context length vLLM is started with.")
     lora_ops: Literal["merged", "grouped", "stock"] = Field(
         default="grouped", description="CPU LoRA kernels: 'merged' = a step whose tokens all use one adapter runs "
