@@ -11,6 +11,13 @@ dense GEMM against its unpadded-in-place weight slice: the same arithmetic, no p
 is negative (no adapter) get no LoRA delta. Stock vLLM would index slot -1, i.e. the *last* adapter slot, which is
 harmless only while that slot is empty (zeros).
 
+A step that mixes three or more adapters (many tasks' traffic on one engine) would pay one gather, GEMM and
+scatter per adapter per call; there the adapters' weights are stacked instead, so a call is two GEMMs whatever the
+number of adapters: shrink multiplies every token by all used A's at once (T x k*r, r = 8, so k*r stays small) and
+keeps each token's own r columns; expand places each token's r values in its adapter's block of a zero T x k*r
+matrix and multiplies it by the B's stacked (a block-diagonal product). The extra multiply-adds are (k - 1) times
+the adapter's own, which at r = 8 is still small beside the base layer.
+
 Mixed precision is handled, not refused: in a bf16 model vLLM's CPU wrapper multiplies bf16 activations by bf16
 weights into a float32 buffer and back; each GEMM here runs in `compute_dtype` (bf16 with float32 accumulation
 where the CPU has native bf16, float32 elsewhere) and writes into the caller's dtype. Anything outside the shapes
@@ -25,6 +32,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,6 +73,36 @@ def _adapter_groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | Non
     if low == high:
         return [(low, None)]
     return [(int(slot), (indices == slot).nonzero().squeeze(1)) for slot in torch.unique(indices).tolist()]
+
+
+STACK_FROM = 3  # adapters in one call from which the stacked two-GEMM path replaces the per-adapter loop
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """The adapters a call uses, and where each token's adapter sits among them (-1: none)."""
+
+    slots: torch.Tensor  # the used slots, ascending
+    position: torch.Tensor  # per token: index into `slots`, or -1
+    has_adapter: torch.Tensor  # per token: bool
+
+
+def _stacked(indices: torch.Tensor) -> _Stacked | None:
+    """The stacked plan when STACK_FROM or more adapters share this call, else None (the per-adapter loop)."""
+    if indices.numel() == 0:
+        return None
+    slots = torch.unique(indices)
+    slots = slots[slots >= 0]
+    if slots.numel() < STACK_FROM:
+        return None
+    has_adapter = indices >= 0
+    position = torch.where(has_adapter, torch.searchsorted(slots, indices.clamp(min=0)), -1)
+    return _Stacked(slots, position, has_adapter)
+
+
+def _stacked_weights(weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(k, rows, cols) of the used slots."""
+    return weights[slots, 0] if weights.dim() == 4 else weights[slots]
 
 
 def _slot_weight(weights: torch.Tensor, slot: int) -> torch.Tensor:
@@ -108,6 +146,16 @@ def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tenso
               output_tensor)
     rank = lora_a_weights.shape[-2]
     target = output_tensor[:, :rank]
+    plan = _stacked(lora_indices_tensor)
+    if plan is not None:
+        _announce("bgmv_shrink", f"stacked, computed in {str(dtype).removeprefix('torch.')}", inputs,
+                  lora_a_weights, output_tensor)
+        stacked = _stacked_weights(lora_a_weights, plan.slots).to(dtype)  # (k, r, in)
+        every = (inputs.to(dtype) @ stacked.reshape(-1, stacked.shape[-1]).t()).view(-1, stacked.shape[0], rank)
+        own = every[torch.arange(every.shape[0]), plan.position.clamp(min=0)]  # (T, r)
+        own = torch.where(plan.has_adapter.unsqueeze(1), own * scaling, torch.zeros((), dtype=own.dtype))
+        target.copy_(own)
+        return
     groups = _adapter_groups(lora_indices_tensor)
     if len(groups) != 1 or groups[0][0] < 0:
         target.zero_()
@@ -134,6 +182,18 @@ def _expand_into(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tens
     width = min(weights.shape[-2], target.shape[1])
     target = target[:, :width]
     dtype = compute_dtype(inputs, weights, target)
+    plan = _stacked(indices)
+    if plan is not None:
+        _announce("bgmv_expand", f"stacked, computed in {str(dtype).removeprefix('torch.')}", inputs, weights,
+                  target)
+        stacked = _stacked_weights(weights, plan.slots)[:, :width].to(dtype)  # (k, out, r)
+        k, rank = stacked.shape[0], stacked.shape[-1]
+        blocks = torch.zeros(inputs.shape[0], k, rank, dtype=dtype)
+        adapted = plan.has_adapter.nonzero().squeeze(1)
+        blocks[adapted, plan.position[adapted]] = inputs[adapted, :rank].to(dtype)
+        product = (blocks.view(-1, k * rank) @ stacked.permute(0, 2, 1).reshape(k * rank, -1)).to(target.dtype)
+        target.add_(product) if add_inputs else target.copy_(product)
+        return
     _announce("bgmv_expand", f"grouped, computed in {str(dtype).removeprefix('torch.')}", inputs, weights, target)
     groups = _adapter_groups(indices)
     if not add_inputs and (len(groups) != 1 or groups[0][0] < 0):

@@ -75,8 +75,10 @@ def _layer(ops, x, a, b, indices, precision: Precision, add_inputs: bool = True)
     return out
 
 
-INDICES = {"one-adapter": [2] * TOKENS, "interleaved": [0, 1, 2, 3] * 3,
+INDICES = {"one-adapter": [2] * TOKENS, "two-adapters": [1, 3] * 6, "interleaved": [0, 1, 2, 3] * 3,
            "runs": [3, 3, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3]}
+# Not compared with the stock op: vLLM's indexes slot -1, the last slot, for a token without an adapter.
+WITH_NO_ADAPTER = {"three-and-no-adapter": [0, -1, 1, 2, -1, 0] * 2}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=[p.name for p in PRECISIONS])
@@ -94,6 +96,29 @@ def test_shrink_then_expand_matches_vllm_and_the_exact_result(precision, pattern
     assert ours_error <= max(2 * stock_error, precision.tolerance / 10), (ours_error, stock_error)
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=precision.tolerance,
                                atol=precision.tolerance * scale)
+
+
+@pytest.mark.parametrize("pattern", ["interleaved", "three-and-no-adapter"])
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_three_or_more_adapters_in_a_call_take_the_stacked_two_gemm_path(pattern, add_inputs, no_fallback,
+                                                                         monkeypatch):
+    """Many tasks on one engine mix adapters in a step: such a call must not loop over its adapters (the loop's
+    grouping is refused here) and must still give every token its own adapter's delta, and none to a token
+    without one."""
+    def no_loop(indices):  # noqa: ANN001, ANN202
+        raise AssertionError("the per-adapter loop ran for a call with three or more adapters")
+
+    monkeypatch.setattr(lora_ops, "_adapter_groups", no_loop)
+    precision = PRECISIONS[0]
+    x, a, b = _tensors(precision, seed=3)
+    indices = {**INDICES, **WITH_NO_ADAPTER}[pattern]
+    index = torch.tensor(indices)
+    base = torch.ones(TOKENS, OUT) if add_inputs else torch.zeros(TOKENS, OUT)
+    exact = _reference(x, a, b, indices, 0.5, base)
+    ours = _layer(lora_ops, x, a, b, index, precision, add_inputs=add_inputs)
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    unadapted = [row for row, slot in enumerate(indices) if slot < 0]
+    assert all(torch.equal(ours[row], base[row]) for row in unadapted)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=[p.name for p in PRECISIONS])

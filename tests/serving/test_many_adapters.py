@@ -1,5 +1,6 @@
 """One vLLM serving a hundred adapters (issue 25, section 2): each answers as PEFT does with that adapter, one at a
-time and mixed sixteen in flight, while only 8 fit in a step and 32 in memory (least recently used evicted)."""
+time and mixed sixteen in flight (steps of several adapters: the stacked two-GEMM ops), while only 8 fit in a step
+and 32 in memory (least recently used evicted)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,6 @@ def test_a_hundred_adapters_on_one_engine_answer_as_peft(engine: Any, adapters: 
                             strict=True))
     assert len(agreeing(together)) >= COUNT - 3, [(n, together[n], expected[n]) for n in adapters
                                                    if n not in agreeing(together)]
+    log = engine.log_path.read_text(errors="replace")
+    assert "bgmv_shrink stacked" in log and "bgmv_expand stacked" in log, \
+        "steps mixing three or more adapters must take the stacked two-GEMM path (serving/lora_ops.py)"
