@@ -1,17 +1,21 @@
-"""What the live tests share: loopback ports, the admin token, and the handle of the session's real gateway (the
-`live_gateway` fixture in tests/conftest.py)."""
+"""What the live tests share: loopback ports, the admin token, the handle of the session's real gateway (the
+`live_gateway` fixture in tests/conftest.py), and a bare engine of a test's own with its first-token probe."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from tests.fakes import RecordingRunner
 from tuneloop.challenger_sets.catalog import add_dataset
 from tuneloop.challenger_sets.records import Example, Message
 from tuneloop.conductor.loop import Loop
 from tuneloop.config import Config
-from tuneloop.serving.engine import EngineSupervisor
+from tuneloop.serving.engine import EngineSpec, EngineSupervisor
 from tuneloop.serving.state import GatewayContext
 from tuneloop.store import Store
 
@@ -44,3 +48,23 @@ def add_tiny_sets(store: Store, data_dir: Path) -> None:
     chats = [Example(id=str(i), messages=[Message(role="user", content=f"hi, how was day {i}?")],
                      reference="pretty good, thanks! you?") for i in range(16)]
     add_dataset(store, data_dir, chats, task="chat", name="tiny", kind="train", source="test", check_leakage=False)
+
+
+@contextmanager
+def started_engine(spec: EngineSpec, log: Path) -> Iterator[EngineSupervisor]:
+    """A vLLM of the test's own (no restarts: a crash should fail the test), stopped however the test ends."""
+    engine = EngineSupervisor(spec, log, restart=False)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def first_token(engine: EngineSupervisor, model: str, prompt: str) -> tuple[str, float]:
+    """The engine's greedy first token for `prompt` on `model`, and its log-probability."""
+    response = httpx.post(f"{engine.spec.base_url}/v1/completions", headers=engine.spec.auth_headers, timeout=300,
+                          json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1})
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    return logprobs["tokens"][0], logprobs["token_logprobs"][0]

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 
+from tests.live import first_token, started_engine
 from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.serving.lora_merge import MIXED, NO_ADAPTER, merged_weight, plan_step
 
@@ -84,25 +84,14 @@ def _dtypes() -> list[Any]:
 def merged_engine(request: pytest.FixtureRequest, base_model_dir: Path, adapters: dict[str, Path],
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tuneloop.ports import free_port
-    from tuneloop.serving.engine import EngineSpec, EngineSupervisor
+    from tuneloop.serving.engine import EngineSpec
 
     spec = EngineSpec(model_path=base_model_dir, served_name="base", port=free_port(), max_model_len=512,
                       kv_cache_gib=1, max_lora_rank=8, max_loras=2, lora_target_modules=TARGETS,
                       lora_modules=dict(adapters), prefix_caching=False, lora_ops="merged", dtype=request.param)
-    engine = EngineSupervisor(spec, tmp_path_factory.mktemp("merge-engine") / "vllm.log", restart=False)
-    engine.start()
-    try:
+    with started_engine(spec, tmp_path_factory.mktemp("merge-engine") / "vllm.log") as engine:
         yield engine
-    finally:
-        engine.stop()
 
-
-def _first_token(engine: Any, model: str, prompt: str) -> tuple[str, float]:
-    response = httpx.post(f"{engine.spec.base_url}/v1/completions", headers=engine.spec.auth_headers, timeout=120,
-                          json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1})
-    assert response.status_code == 200, response.text
-    logprobs = response.json()["choices"][0]["logprobs"]
-    return logprobs["tokens"][0], logprobs["token_logprobs"][0]
 
 
 def _reference(base: Path, adapter: Path | None, dtype: torch.dtype, prompts: list[str]) -> list[tuple[str, float]]:
@@ -138,7 +127,7 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
     tolerance = 0.02 if dtype == torch.float32 else 0.15
     expected = {name: _reference(base_model_dir, path, dtype, PROMPTS) for name, path in adapters.items()}
     expected["base"] = _reference(base_model_dir, None, dtype, PROMPTS)
-    alone = {model: [_first_token(merged_engine, model, p) for p in PROMPTS] for model in ("one", "two", "base")}
+    alone = {model: [first_token(merged_engine, model, p) for p in PROMPTS] for model in ("one", "two", "base")}
     for model, served in alone.items():
         assert _agreeing(served, expected[model], tolerance) >= len(PROMPTS) - 1, \
             ("one at a time", model, served, expected[model])
@@ -147,7 +136,7 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
     together: dict[str, list[tuple[str, float]]] = {m: [("", 0.0)] * len(PROMPTS) for m in ("one", "two", "base")}
 
     def ask(model: str, i: int) -> None:
-        together[model][i] = _first_token(merged_engine, model, PROMPTS[i])
+        together[model][i] = first_token(merged_engine, model, PROMPTS[i])
 
     for _round in range(2):  # several requests in flight: steps that hold tokens of both adapters and the base
         threads = [threading.Thread(target=ask, args=(m, i)) for i in range(len(PROMPTS)) for m in together]

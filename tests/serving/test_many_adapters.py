@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from bench.many_adapters import TARGETS, peft_first_tokens, write_adapters
+from tests.live import first_token, started_engine
 
 COUNT = 100
 PROMPTS = ["hey! what did you do this weekend?", "I love pizza", "where are you from?", "tell me about your dog",
@@ -27,26 +27,15 @@ def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def engine(base_model_dir: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tuneloop.ports import free_port
-    from tuneloop.serving.engine import EngineSpec, EngineSupervisor
+    from tuneloop.serving.engine import EngineSpec
 
     spec = EngineSpec(model_path=base_model_dir, served_name="base", port=free_port(), max_model_len=256,
                       kv_cache_gib=1, max_lora_rank=8, max_loras=8, max_cpu_loras=32,
                       lora_target_modules=list(TARGETS), lora_modules=dict(adapters), prefix_caching=False,
                       dtype="float32")
-    supervisor = EngineSupervisor(spec, tmp_path_factory.mktemp("many-engine") / "vllm.log", restart=False)
-    supervisor.start()
-    try:
-        yield supervisor
-    finally:
-        supervisor.stop()
+    with started_engine(spec, tmp_path_factory.mktemp("many-engine") / "vllm.log") as engine:
+        yield engine
 
-
-def _first_token(engine: Any, model: str, prompt: str) -> tuple[str, float]:
-    response = httpx.post(f"{engine.spec.base_url}/v1/completions", headers=engine.spec.auth_headers, timeout=300,
-                          json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1})
-    assert response.status_code == 200, response.text
-    logprobs = response.json()["choices"][0]["logprobs"]
-    return logprobs["tokens"][0], logprobs["token_logprobs"][0]
 
 
 @pytest.mark.integration
@@ -54,19 +43,19 @@ def test_a_hundred_adapters_on_one_engine_answer_as_peft(engine: Any, adapters: 
                                                          base_model_dir: Path) -> None:
     prompts = {name: PROMPTS[i % len(PROMPTS)] for i, name in enumerate(adapters)}
     expected = peft_first_tokens(base_model_dir, adapters, prompts)
-    base = {p: _first_token(engine, "base", p) for p in PROMPTS}
+    base = {p: first_token(engine, "base", p) for p in PROMPTS}
 
     def agreeing(served: dict[str, tuple[str, float]]) -> list[str]:
         return [n for n in adapters if served[n][0] == expected[n][0] and abs(served[n][1] - expected[n][1]) < 0.02]
 
-    alone = {name: _first_token(engine, name, prompts[name]) for name in adapters}
+    alone = {name: first_token(engine, name, prompts[name]) for name in adapters}
     assert len(agreeing(alone)) >= COUNT - 3, [(n, alone[n], expected[n]) for n in adapters if n not in agreeing(alone)]
     differing = [n for n in adapters
                  if alone[n][0] != base[prompts[n]][0] or abs(alone[n][1] - base[prompts[n]][1]) > 0.1]
     assert len(differing) >= COUNT // 2, "the adapters change the answers; ignoring them would fail the test above"
 
     with ThreadPoolExecutor(16) as pool:  # mixed steps, and adapters evicted and reloaded (32 fit in memory)
-        together = dict(zip(adapters, pool.map(lambda n: _first_token(engine, n, prompts[n]), list(adapters)),
+        together = dict(zip(adapters, pool.map(lambda n: first_token(engine, n, prompts[n]), list(adapters)),
                             strict=True))
     assert len(agreeing(together)) >= COUNT - 3, [(n, together[n], expected[n]) for n in adapters
                                                    if n not in agreeing(together)]
