@@ -156,14 +156,13 @@ class Embedder:
 
         path = model_dir()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             if self.backend == "onnx-int8":
-                self._load_onnx(path)
+                self._tokenizer = self._load_onnx(path)
             else:
                 self._load_torch(path)
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise EmbeddingError(f"cannot load the embedding model from {path}: {exc}") from exc
-        self._tokenizer = tokenizer
 
     def _load_torch(self, path: Path) -> None:
         import torch
@@ -176,7 +175,8 @@ class Embedder:
         self._model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
         self._model.to(self._device)
 
-    def _load_onnx(self, path: Path) -> None:
+    def _load_onnx(self, path: Path) -> Any:
+        """Builds or finds the int8 model and opens a session and a tokenizer per worker; returns worker 0's."""
         import logging
 
         from tuneloop.monitor.embedding_onnx import OnnxBuildError, OnnxMiniLM, default_workers, int8_model
@@ -194,6 +194,7 @@ class Embedder:
                                  for _ in range(self._onnx.workers)]
         self._worker_tokenizers = [functools.partial(t, padding=True, truncation=True, max_length=MAX_TOKENS,
                                                      return_tensors="np") for t in tokenizers]
+        return tokenizers[0]
 
     def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """(len(texts), 384) float32, L2-normalised; identical texts share one vector."""
