@@ -30,6 +30,7 @@ BENCHMARKS = {
     "faults": "bench.bench_faults",
     "recovery": "bench.bench_recovery",
     "scale": "bench.bench_scale",
+    "scheduler": "bench.bench_scheduler",
 }
 
 

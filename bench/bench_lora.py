@@ -175,7 +175,7 @@ def run(*, quick: bool = False) -> list[Table]:
     return tables
 
 
-PATHS_OPS = ("stock", "grouped", "merged")
+PATHS_OPS = ("stock", "grouped", "merged", "merged, compiled")
 
 
 def run_paths(*, quick: bool = False) -> list[Table]:
@@ -200,8 +200,9 @@ def run_paths(*, quick: bool = False) -> list[Table]:
             ops_order = PATHS_OPS if index % 2 == 0 else tuple(reversed(PATHS_OPS))
             engines = [(f"vLLM without --enable-lora ({dtype})", _spec(base, dtype=dtype))]
             engines += [(f"{DEFAULT.label}, {ops} ({dtype})",
-                         _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops))
-                        for ops in (ops_order if not quick else ("merged",))]
+                         _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops.split(",")[0],
+                               lora_compile=ops.endswith("compiled")))
+                        for ops in (ops_order if not quick else ("merged, compiled",))]
             reference: dict[str, float] = {}
             for label, spec in engines:
                 measured = _serve_and_measure(spec, Path(tmp), workloads, rounds)
@@ -228,8 +229,11 @@ def run_paths(*, quick: bool = False) -> list[Table]:
                        "(system prompt + tweet, the label constraint, 16 in flight). 'merged' = serving/"
                        "lora_merge.py: a step whose tokens all use one adapter runs on that adapter merged into "
                        "the weights, a step without adapters on the base layers alone, mixed steps on the grouped "
-                       "ops. Targets (issue 25): adapter >= 0.9x base for classification, >= 0.95x a LoRA-free "
-                       "engine for chat, base in a LoRA engine >= 0.97x a LoRA-free engine. " + bf16_note)]
+                       "ops; 'compiled' = serving/lora_compile.py: vLLM's torch.compile kept on (vLLM turns it off "
+                       "for any LoRA engine on CPU), each LoRA layer one opaque op in the graph; the LoRA-free "
+                       "engine is compiled, as vLLM runs it by default. Targets (issue 25): adapter >= 0.9x "
+                       "base for classification, >= 0.95x a LoRA-free engine for chat, base in a LoRA engine "
+                       ">= 0.97x a LoRA-free engine. " + bf16_note)]
 
 
 def run_profile(*, quick: bool = False) -> list[Table]:
@@ -331,12 +335,12 @@ def _merge(base: Path, adapter: Path, out: Path) -> Path:
 
 
 def _spec(model: Path, *, dtype: str, shape: Shape | None = None, adapter: Path | None = None,
-          lora_ops: str = "grouped") -> EngineSpec:
+          lora_ops: str = "grouped", lora_compile: bool = False) -> EngineSpec:
     return EngineSpec(model_path=model, served_name="base", port=free_port(), max_model_len=512, kv_cache_gib=2,
                       enable_lora=shape is not None, max_lora_rank=shape.rank if shape else 8, max_loras=1,
                       lora_target_modules=list(shape.targets) if shape else [],
                       lora_modules={"adapter": adapter} if adapter else {}, prefix_caching=False,
-                      lora_ops=lora_ops, dtype=dtype)  # type: ignore[arg-type]
+                      lora_ops=lora_ops, lora_compile=lora_compile, dtype=dtype)  # type: ignore[arg-type]
 
 
 def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], rounds: int) -> dict[str, Any]:
@@ -376,6 +380,10 @@ def _served(spec: EngineSpec, tmp: Path) -> Iterator[tuple[EngineSupervisor, str
         raise RuntimeError(f"a grouped LoRA op fell back to vLLM's in {spec.resolved_dtype}; see {engine.log_path}")
     if spec.enable_lora and spec.lora_ops == "merged" and MERGED_RAN_MESSAGE not in log:
         raise RuntimeError(f"lora_ops=merged but no step ran on a merged weight; see {engine.log_path}")
+    compiled = "Warming up model for the compilation" in log
+    if compiled != (not spec.enable_lora or (spec.lora_compile and spec.lora_ops != "stock")):
+        raise RuntimeError(f"lora_compile={spec.lora_compile} but vLLM {'did' if compiled else 'did not'} compile; "
+                           f"see {engine.log_path}")
 
 
 def _throughput(results: list[LoadResult], workload: Workload) -> float:

@@ -27,6 +27,7 @@ import torch
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config, TrainConfig
+from tuneloop.hardware import cpu_has_fast_bf16
 from tuneloop.modelinfo import resolve_targets
 from tuneloop.retrain.batching import encode_example
 from tuneloop.retrain.trainer import fit, load_model_for_method, use_bf16
@@ -45,32 +46,43 @@ class Measured:
 
 
 RUNS = {
-    "tuneloop": "tuneloop loop, length-grouped batches (padded to the batch's longest)",
+    "tuneloop": "tuneloop loop: length-grouped batches, shared prompt prefix once per batch",
+    "tuneloop-unshared": "tuneloop loop, prefix computed per example (ablation; the loop before issue 25)",
     "trainer-grouped": "HF Trainer + PEFT, dynamic padding + group_by_length (baseline)",
-    "tuneloop-random": "tuneloop loop, random batches padded to the batch's longest (ablation)",
+    "tuneloop-random": "tuneloop loop, random batches padded to the batch's longest, prefix per example (ablation)",
     "trainer-max-length": "HF Trainer + PEFT, padding='max_length' (tutorial recipe)",
 }
 BASELINE = "trainer-grouped"
+BF16_RUNS = ("tuneloop", "tuneloop-unshared", "trainer-grouped")  # the ablations once, in float32
 
 
 def run(*, quick: bool = False) -> list[Table]:
+    """float32, then bf16 autocast where the CPU multiplies bf16 natively (else said in the table's note)."""
+    tables = [_throughput(quick=quick, bf16=False)]
+    if cpu_has_fast_bf16():
+        tables.append(_throughput(quick=quick, bf16=True))
+    return tables
+
+
+def _throughput(*, quick: bool, bf16: bool) -> Table:
     steps, repeats = (1, 1) if quick else (8, 2)
     config = Config()
     task = config.tasks["sentiment"]
     base = base_model_path()
-    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16,
+    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000, "batch_size": 16, "bf16": bf16,
                                            "target_modules": resolve_targets(base, task.train.target_modules,
                                                                              where="bench training")})
     examples = random.Random(0).sample(sentiment_sets()["train"], 16 * steps * 4)
-    measured = {name: Measured() for name in RUNS}
-    order = list(RUNS)
+    order = list(BF16_RUNS if bf16 else RUNS)
+    measured = {name: Measured() for name in order}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
             for name in order if repeat % 2 == 0 else list(reversed(order)):
                 out = Path(tmp) / f"{name}-{repeat}"
                 if name.startswith("tuneloop"):
                     result = fit(base, examples, [], system_prompt=task.system_prompt, output_dir=out, progress=False,
-                                 train=recipe.model_copy(update={"group_by_length": name == "tuneloop"}))
+                                 train=recipe.model_copy(update={"group_by_length": name != "tuneloop-random",
+                                                                 "share_prefix": name == "tuneloop"}))
                     measured[name].add(result.train_tokens, result.padded_tokens, result.train_seconds)
                 else:
                     measured[name].add(*_hf_trainer(base, examples, task.system_prompt, recipe, out,
@@ -80,15 +92,21 @@ def run(*, quick: bool = False) -> list[Table]:
              f"{m.real / m.seconds:.0f}", f"{(m.real / m.seconds) / baseline:.2f}x"] for name, m in measured.items()]
     precision = "bf16 autocast" if use_bf16(recipe) else "fp32"
     targets = "/".join(m[0] for m in recipe.target_modules or ())
-    return [emit(f"Training throughput, LoRA r={recipe.rank} {targets}, "
-                 f"batch 16, sentiment tweets, {precision}, {torch.get_num_threads()} threads",
-                 ["run", "steps", "real tokens", "tokens incl. padding", "real share", "fwd+bwd+step s",
-                  "real tok/s", "vs baseline"], rows, key="training",
-                 notes=f"{repeats} repetition(s) of {steps} steps per run, in mirrored order; seconds are forward + "
-                       "backward + clip + optimizer step summed over steps (data loading excluded for every run); "
-                       "real tokens are the non-padding tokens of batches actually trained on. tuneloop also "
-                       "computes vocabulary logits only at reply positions (a tweet's label is 2 of ~55 tokens); "
-                       "the Trainer computes them everywhere, as its causal-LM loss does.")]
+    no_bf16 = "" if bf16 or cpu_has_fast_bf16() else (" This CPU has no native bf16 (AVX512-BF16/AMX): bf16 was not "
+                                                      "measured; tuneloop trains float32 here.")
+    return emit(f"Training throughput, LoRA r={recipe.rank} {targets}, "
+                f"batch 16, sentiment tweets, {precision}, {torch.get_num_threads()} threads",
+                ["run", "steps", "real tokens", "tokens incl. padding", "real share", "fwd+bwd+step s",
+                 "real tok/s", "vs baseline"], rows, key="training-bf16" if bf16 else "training",
+                notes=f"{repeats} repetition(s) of {steps} steps per run, in mirrored order; seconds are forward + "
+                      "backward + clip + optimizer step summed over steps (data loading excluded for every run); "
+                      "real tokens are the non-padding tokens of batches actually trained on, each example's "
+                      "whole sequence (the shared prefix counts once per example, as every example is trained on "
+                      "it). tuneloop computes vocabulary logits only at reply positions (a tweet's label is 2 of "
+                      "~55 tokens) and, by default, the prompt prefix the batch shares (the templated system "
+                      "turn, 28 of ~65 tokens) once per batch, broadcasting its keys and values (same loss and "
+                      "gradients up to rounding, tests/retrain/test_shared_prefix.py); the Trainer computes "
+                      "everything per example, as its causal-LM loss does." + no_bf16)
 
 
 def _hf_trainer(base: Path, examples: list[Any], system_prompt: str, recipe: TrainConfig, out: Path, *,

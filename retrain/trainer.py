@@ -1,8 +1,9 @@
 """The training loop shared by LoRA, prompt tuning and full fine-tuning.
 
-A plain PyTorch loop rather than `transformers.Trainer`: batches grouped by length (see `batching.py`), bf16
-autocast on CPU, validation loss every `eval_every` steps with early stopping that restores the best weights, a
-progress bar, and exact counts of the real (non-padding) tokens processed.
+A plain PyTorch loop rather than `transformers.Trainer`: batches grouped by length (see `batching.py`), the
+batch's shared prompt prefix computed once (`split_shared_prefix`), bf16 autocast on CPU, validation loss every
+`eval_every` steps with early stopping that restores the best weights, a progress bar, and exact counts of the real
+(non-padding) tokens processed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from tuneloop.errors import TrainingError
 from tuneloop.hardware import Placement, torch_placement
 from tuneloop.modelinfo import resolve_targets
 from tuneloop.registry import CurvePoint
-from tuneloop.retrain.batching import EncodedExample, collate, encode_examples, length_grouped_batches
+from tuneloop.retrain.batching import (
+    IGNORE_INDEX,
+    EncodedExample,
+    collate,
+    encode_examples,
+    length_grouped_batches,
+)
+
+MIN_SHARED_PREFIX = 8  # tokens: below this the second forward costs more than the prefix saves
 
 
 @dataclass
@@ -179,7 +188,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
         batch = {k: v.to(where.device) for k, v in collate(batch_examples, pad_id).items()}
         started = time.perf_counter()
         with autocast:
-            loss = reply_loss(model, batch, train.method)
+            loss = reply_loss(model, batch, train.method, share_prefix=train.share_prefix)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {step + 1}; lower train.learning_rate "
                                 f"(now {train.learning_rate})")
@@ -198,7 +207,7 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
         point = CurvePoint(step=step, train_loss=round(value, 5))
         if val_encoded and (step % train.eval_every == 0 or step == steps):
             point.val_loss = round(validation_loss(model, val_encoded, pad_id, train.batch_size, where,
-                                                     train.method), 5)
+                                                     train.method, share_prefix=train.share_prefix), 5)
             if stopper.update(point.val_loss):
                 best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
         curve.append(point)
@@ -227,12 +236,14 @@ def fit(base_path: Path, train_examples: list[Example], val_examples: list[Examp
                      extra={"bf16": bf16}, device=where.device, precision=where.precision)
 
 
-def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str) -> torch.Tensor:
+def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str, *,
+               share_prefix: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the reply tokens, computing vocabulary logits only where a label is.
 
     A tweet's label is 2 of ~55 tokens; projecting every position onto the 49k-token vocabulary (and holding
-    those logits for the backward pass) was about a fifth of a step. Prompt tuning prepends virtual tokens
-    inside PEFT's own forward, so it keeps the standard path.
+    those logits for the backward pass) was about a fifth of a step. The batch's shared prompt prefix (the
+    chat template's system turn: 28 of ~65 tokens for a tweet) runs once, not once per example. Prompt tuning
+    prepends virtual tokens inside PEFT's own forward, so it keeps the standard path.
     """
     if method == "prompt-tuning":
         loss: torch.Tensor = model(**batch).loss
@@ -240,17 +251,60 @@ def reply_loss(model: Any, batch: dict[str, torch.Tensor], method: str) -> torch
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # `base_model` is the decoder stack under any architecture's prefix (Llama `model`, GPT-NeoX `gpt_neox`),
     # the output embeddings its vocabulary head (`lm_head`, `embed_out`).
-    hidden = causal_lm.base_model(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).last_hidden_state
+    split = split_shared_prefix(batch) if share_prefix else None
+    if split is None:
+        hidden = causal_lm.base_model(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).last_hidden_state
+    else:
+        prefix, batch = split
+        hidden = _hidden_after_prefix(causal_lm.base_model, prefix, batch)
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask])
     return torch.nn.functional.cross_entropy(logits.float(), targets[mask])
 
 
+def split_shared_prefix(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The prompt tokens every example of the batch starts with, and the batch without them; None when under
+    MIN_SHARED_PREFIX tokens are shared.
+
+    Every example of a task begins with the same templated system turn, and under a causal mask those positions
+    see nothing after them: their keys and values are the same for every example, so they are computed once and
+    broadcast, and autograd sums their gradients over the batch. The losses and gradients equal the unshared
+    ones up to float rounding (tests/retrain/test_shared_prefix.py). The prefix stops before the first label
+    and leaves at least one token of every example, so every loss position stays in the rest."""
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    if ids.shape[0] < 2:
+        return None
+    shared = (ids == ids[:1]).all(0) & (labels == IGNORE_INDEX).all(0) & mask.bool().all(0)
+    length = int(shared.long().cumprod(0).sum())
+    length = min(length, int(mask.sum(1).min()) - 1)
+    labelled = labels != IGNORE_INDEX
+    first_label = torch.where(labelled.any(1), labelled.long().argmax(1), labels.shape[1])
+    length = min(length, int(first_label.min()) - 1)  # the prefix's last position predicts no label
+    if length < MIN_SHARED_PREFIX:
+        return None
+    return ids[0, :length], {k: v[:, length:] for k, v in batch.items()}
+
+
+def _hidden_after_prefix(decoder: Any, prefix: torch.Tensor, rest: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states of `rest`, each row continuing the one shared `prefix`."""
+    from transformers import DynamicCache
+
+    rows = rest["input_ids"].shape[0]
+    cache = decoder(input_ids=prefix[None], use_cache=True).past_key_values
+    shared = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        shared.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+    mask = torch.cat([rest["attention_mask"].new_ones(rows, prefix.shape[0]), rest["attention_mask"]], dim=1)
+    out = decoder(input_ids=rest["input_ids"], attention_mask=mask, past_key_values=shared, use_cache=True)
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
+
+
 @torch.no_grad()
 def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, batch_size: int,
-                    where: Placement, method: str = "lora") -> float:
+                    where: Placement, method: str = "lora", *, share_prefix: bool = True) -> float:
     """Token-weighted mean loss over the reply tokens of `examples`."""
     was_training = model.training
     model.eval()
@@ -261,7 +315,7 @@ def validation_loss(model: Any, examples: list[EncodedExample], pad_id: int, bat
         batch = {k: v.to(where.device)
                  for k, v in collate([examples[i] for i in order[start:start + batch_size]], pad_id).items()}
         with torch.autocast(where.device, dtype=torch.bfloat16, enabled=where.bf16):
-            loss = reply_loss(model, batch, method)
+            loss = reply_loss(model, batch, method, share_prefix=share_prefix)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(loss) * n
         total_tokens += n

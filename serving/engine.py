@@ -33,6 +33,7 @@ from tuneloop.serving.engine_client import EngineClient, EngineLimits
 log = logging.getLogger(__name__)
 
 LORA_OPS_ENV = "TUNELOOP_LORA_OPS"  # read by serving/lora_ops.py inside vLLM's processes
+COMPILE_ENV = "TUNELOOP_LORA_COMPILE"  # read by serving/vllm_plugin.py: serving/lora_compile.py
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 EngineState = Literal["stopped", "starting", "ready", "restarting", "failed"]
@@ -57,6 +58,9 @@ class EngineSpec:
     cpu_reserved_cores: int | None = None  # None: engine_env decides
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora_ops: Literal["merged", "grouped", "stock"] = "grouped"
+    lora_compile: bool = field(default=False, metadata={
+        "help": "Keep vLLM's torch.compile on in a LoRA engine, each LoRA layer one opaque op "
+                "(serving/lora_compile.py)."})
     enable_lora: bool = True
     prefix_caching: bool | None = field(default=None, metadata={"help": "None: vLLM's default."})
     base_sha256: str = field(default="", metadata={"help": "Checksum of the base model; adapters must match."})
@@ -109,6 +113,8 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
     env = {**inherited_environment(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
            "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", LORA_OPS_ENV: spec.lora_ops}
+    if spec.enable_lora and spec.lora_compile and spec.lora_ops != "stock":
+        env[COMPILE_ENV] = "1"
     if spec.api_key:
         env["VLLM_API_KEY"] = spec.api_key  # the environment, not the command line, which every user can read
     if spec.cpu_reserved_cores is not None:

@@ -6,7 +6,7 @@ a collector, so there is one source of truth for each number.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -16,9 +16,16 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+ADAPTER_LABEL = "adapter"
+
+
 class GatewayMetrics:
+    """The gateway's own series. Those labelled by adapter (`task@N`, or `base`) are dropped once the adapter is
+    neither routed nor loaded in the engine (`retire`), so their number follows what is served now (tasks x
+    loaded versions), not every version a long-lived gateway has ever answered with."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ["task", "adapter", "route"]
+        labels = ["task", ADAPTER_LABEL, "route"]
         self.requests = Counter("tuneloop_gateway_requests", "Requests answered, by status code.",
                                 [*labels, "status"], registry=registry)
         self.errors = Counter("tuneloop_gateway_request_errors", "Requests that failed (status >= 400).",
@@ -35,6 +42,26 @@ class GatewayMetrics:
         self.refused = Counter("tuneloop_gateway_refused_requests", "Requests refused before they reached the "
                                "engine, by error type (authentication_error, permission_error, rate_limit_error, "
                                "invalid_request_error, ...).", ["type"], registry=registry)
+        self.per_adapter = (self.requests, self.errors, self.latency, self.prompt_tokens, self.completion_tokens)
+
+    def retire(self, kept: Iterable[str]) -> int:
+        """Remove every per-adapter series whose adapter is not in `kept`; returns how many label sets went.
+
+        Prometheus sees the series end, as it does for a restarted process; totals of a retired version stay in
+        the TSDB up to its last scrape."""
+        keep = set(kept) | {"base"}
+        removed = 0
+        for metric in self.per_adapter:
+            names = metric._labelnames  # the metric's own label names: prometheus_client has no public getter
+            where = names.index(ADAPTER_LABEL)
+            stale = {tuple(sample.labels[n] for n in names)
+                     for family in metric.collect() for sample in family.samples
+                     if sample.labels.get(ADAPTER_LABEL) not in keep}
+            for values in stale:
+                if values[where] not in keep:
+                    metric.remove(*values)
+                    removed += 1
+        return removed
 
 
 class ServingStateCollector(Collector):

@@ -51,7 +51,8 @@ class EngineReplica:
                           max_lora_rank=engine["max_lora_rank"], max_loras=engine["max_loras"],
                           max_cpu_loras=engine.get("max_cpu_loras"),
                           lora_target_modules=list(engine["lora_target_modules"]), kv_cache_gib=engine["kv_cache_gib"],
-                          lora_ops=engine["lora_ops"], base_sha256=engine["base_sha256"],
+                          lora_ops=engine["lora_ops"], lora_compile=bool(engine.get("lora_compile", False)),
+                          base_sha256=engine["base_sha256"],
                           cpu_reserved_cores=engine.get("cpu_reserved_cores"))
         self.key_sha256 = key_sha256
         log_dir = Path(tempfile.mkdtemp(prefix="tuneloop-replica-"))

@@ -85,7 +85,8 @@ class ServeApplication:
                   "max_model_len": spec.max_model_len, "max_lora_rank": spec.max_lora_rank,
                   "max_loras": spec.max_loras, "max_cpu_loras": spec.max_cpu_loras,
                   "lora_target_modules": list(spec.lora_target_modules),
-                  "kv_cache_gib": spec.kv_cache_gib, "lora_ops": spec.lora_ops, "base_sha256": spec.base_sha256,
+                  "kv_cache_gib": spec.kv_cache_gib, "lora_ops": spec.lora_ops,
+                  "lora_compile": spec.lora_compile, "base_sha256": spec.base_sha256,
                   "cpu_reserved_cores": spec.cpu_reserved_cores, "start_timeout_s": self.start_timeout_s}
         return {
             "http_options": {"host": settings.http_host, "port": settings.http_port},

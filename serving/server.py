@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import httpx
@@ -123,7 +124,8 @@ def build_engine(config: Config, store: Store) -> tuple[EngineSupervisor | Repli
                       max_cpu_loras=config.serving.max_cpu_loras,
                       lora_target_modules=plan.target_modules,
                       lora_modules={a.ref: a.path for a in plan.adapters}, kv_cache_gib=config.serving.kv_cache_gib,
-                      lora_ops=config.serving.lora_ops, base_sha256=base.sha256,
+                      lora_ops=config.serving.lora_ops, lora_compile=config.serving.lora_compile,
+                      base_sha256=base.sha256,
                       prefix_caching=config.serving.prefix_caching,
                       cpu_reserved_cores=config.serving.cpu_reserved_cores)
     if config.serving.replicas.engine == "ray-serve":
@@ -196,6 +198,16 @@ class RunningServer:
     thread: threading.Thread
 
 
+def follow_registry(ctx: GatewayContext) -> None:
+    """The gateway's periodic upkeep: route as the registry says now (a flip made elsewhere), then drop the
+    per-adapter series of adapters neither routed nor loaded, which bounds them by what is served."""
+    ctx.swapper.follow()
+    served = set(ctx.router.loaded()) | {f"{task}@{v}" for (task, _alias), v in ctx.router.current().items()}
+    removed = ctx.metrics.retire(served)
+    if removed:
+        log.info("metrics: dropped %d series of adapters no longer served", removed)
+
+
 @contextlib.contextmanager
 def running_server(config: Config, store: Store, *, extensions: GatewayExtensions = GatewayExtensions(),
                    background: Background | None = None, seed: int | None = None,
@@ -216,7 +228,7 @@ def running_server(config: Config, store: Store, *, extensions: GatewayExtension
         ctx.capture.start()
         ctx.capture.replay_spill()
         ctx.retention.start()
-        follower = Periodic("alias-follower", config.serving.alias_poll_s, ctx.swapper.follow)
+        follower = Periodic("alias-follower", config.serving.alias_poll_s, partial(follow_registry, ctx))
         follower.start()
         assert ctx.membership is not None
         with contextlib.suppress(Exception):  # the database may be away at start; the next beat retries

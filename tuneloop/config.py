@@ -73,6 +73,9 @@ class TrainConfig(StrictModel):
     patience: int = Field(default=3, ge=1, description="Validations without improvement before stopping early.")
     validation_examples: int = Field(default=200, ge=1, description="Training examples set aside for validation.")
     group_by_length: bool = Field(default=True, description="Batch examples of similar length to avoid padding.")
+    share_prefix: bool = Field(default=True, description="Compute the prompt prefix every example of a batch shares "
+                               "(the templated system turn) once per batch instead of once per example; same "
+                               "losses and gradients up to rounding (retrain/trainer.py). Off: the ablation.")
     bf16: bool | Literal["auto"] = Field(
         default="auto", description="bf16 autocast. auto = where the device multiplies bf16 natively: a GPU that "
         "supports it, or a CPU with AVX512-BF16/AMX (without them PyTorch's bf16 matmul was 135x slower than fp32 "
@@ -357,11 +360,16 @@ class ServingConfig(StrictModel):
                                       "Raise it when many tasks share one engine (bench adapters).")
     max_model_len: int = Field(default=1024, ge=64, description="Context length vLLM is started with.")
     lora_ops: Literal["merged", "grouped", "stock"] = Field(
-        default="grouped", description="CPU LoRA kernels: 'merged' = a step whose tokens all use one adapter runs "
+        default="merged", description="CPU LoRA kernels: 'merged' = a step whose tokens all use one adapter runs "
         "on that adapter merged into the weights, a step without adapters on the base layers alone, others as "
         "'grouped' (serving/lora_merge.py; costs a kept copy of the wrapped weights plus one merged copy per "
         "active adapter); 'grouped' = one GEMM per adapter (serving/lora_ops.py); 'stock' = vLLM's per-token "
         "gather. No effect on GPUs.")
+    lora_compile: bool = Field(
+        default=True, description="Keep vLLM's torch.compile on in LoRA engines on CPU (vLLM turns it off for any "
+        "LoRA engine there): each LoRA layer runs as one opaque op in the compiled graph (serving/lora_compile.py). "
+        "Costs compile time at the engine's first start (cached in ~/.cache/vllm after); off: the eager model. No "
+        "effect with lora_ops 'stock'.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB.")
     cpu_reserved_cores: int | None = Field(
         default=None, ge=0, description="CPU cores vLLM's CPU backend keeps free of compute threads "

@@ -74,13 +74,15 @@ def adapters(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {name: _random_adapter(base_model_dir, root / name, seed) for name, seed in (("one", 1), ("two", 2))}
 
 
-def _dtypes() -> list[Any]:
-    bf16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
+def _engines() -> list[Any]:
+    """(dtype, compiled): the served default (compiled) in both precisions, and the eager path in float32."""
+    bf16 = pytest.param(("bfloat16", True), id="bfloat16-compiled", marks=pytest.mark.skipif(
         not cpu_has_fast_bf16(), reason="this CPU has no native bf16: vLLM serves float32 here, bf16 not measured"))
-    return ["float32", bf16]
+    return [pytest.param(("float32", True), id="float32-compiled"), bf16,
+            pytest.param(("float32", False), id="float32-eager")]
 
 
-@pytest.fixture(scope="module", params=_dtypes())
+@pytest.fixture(scope="module", params=_engines())
 def merged_engine(request: pytest.FixtureRequest, base_model_dir: Path, adapters: dict[str, Path],
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tuneloop.ports import free_port
@@ -88,7 +90,8 @@ def merged_engine(request: pytest.FixtureRequest, base_model_dir: Path, adapters
 
     spec = EngineSpec(model_path=base_model_dir, served_name="base", port=free_port(), max_model_len=512,
                       kv_cache_gib=1, max_lora_rank=8, max_loras=2, lora_target_modules=TARGETS,
-                      lora_modules=dict(adapters), prefix_caching=False, lora_ops="merged", dtype=request.param)
+                      lora_modules=dict(adapters), prefix_caching=False, lora_ops="merged", dtype=request.param[0],
+                      lora_compile=request.param[1])
     with started_engine(spec, tmp_path_factory.mktemp("merge-engine") / "vllm.log") as engine:
         yield engine
 
@@ -153,3 +156,7 @@ def test_merged_steps_answer_as_peft_for_one_adapter_two_adapters_and_none(merge
     assert "merged-ops step: no adapter (base layer alone)" in log
     assert "merged-ops step: mixed or unplanned" in log
     assert "base weight not kept" not in log, "a wrapped layer lost its weight: its single-adapter steps were slow"
+    compiled = "LoRA layers as one compiled-graph op each" in log
+    assert compiled == merged_engine.spec.lora_compile, "the engine's compilation is not the one asked for"
+    # vLLM's own word that compilation ran (it skips this warm-up where compilation is off), not only the patch's
+    assert ("Warming up model for the compilation" in log) == compiled, log[-3000:]
