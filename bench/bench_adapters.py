@@ -43,7 +43,7 @@ def run(*, quick: bool = False) -> list[Table]:
     requests = 64 if quick else 200
     rounds = 1 if quick else 2
     probes = 4 if quick else 12
-    task = Config().tasks["sentiment"]
+    task, serving = Config().tasks["sentiment"], Config().serving
     tweets = [e.last_user_text() for e in random.Random(5).sample(sentiment_sets()["heldout"], requests)]
     base = base_model_path()
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +51,8 @@ def run(*, quick: bool = False) -> list[Table]:
         names = list(adapters)
         spec = EngineSpec(model_path=base, served_name="base", port=free_port(), max_model_len=512,
                           kv_cache_gib=2, max_lora_rank=8, max_loras=16, max_cpu_loras=count,
-                          lora_target_modules=list(TARGETS), prefix_caching=False, dtype="float32")
+                          lora_target_modules=list(TARGETS), prefix_caching=False, dtype="float32",
+                          lora_ops=serving.lora_ops, lora_compile=serving.lora_compile)  # the serving defaults
         engine = EngineSupervisor(spec, Path(tmp) / "vllm.log", restart=False)
         engine.start()
         try:
@@ -89,6 +90,7 @@ def run(*, quick: bool = False) -> list[Table]:
         key="adapters-throughput",
         notes=f"{rounds * 2} rounds in ABBA order; every adapter had been loaded and had answered once before "
               f"(--max-cpu-loras {count}); a step of 16 requests holds up to 16 different adapters (--max-loras 16). "
+              f"The serving defaults: lora_ops {spec.lora_ops}, compiled {spec.lora_compile}. "
               "Target: >= 0.9x the base model.")
     latency = emit("An adapter's load and first requests, one at a time (ms)", [
         "step", "probes", "median ms", "max ms"], [

@@ -239,19 +239,21 @@ def run_paths(*, quick: bool = False) -> list[Table]:
 def run_profile(*, quick: bool = False) -> list[Table]:
     """`bench lora_profile`: where a classification workload's engine time goes, base vs adapter in one engine.
 
-    The r=8 q/k/v/o adapter under vLLM's stock ops and tuneloop's grouped ops, in float32 and bf16 (on a CPU
-    without native bf16 the bf16 engines answer fewer tweets: they are several times slower).
+    The r=8 q/k/v/o adapter under vLLM's stock ops (before), tuneloop's grouped ops (its default before issue 25)
+    and the merged, compiled path (after), in float32 and bf16 (on a CPU without native bf16 the bf16 engines
+    answer fewer tweets: they are several times slower).
     """
     task = Config().tasks["sentiment"]
     tweets = [e.last_user_text() for e in random.Random(2).sample(sentiment_sets()["heldout"], 96)]
     base = base_model_path()
-    variants = [("grouped", "float32")] if quick else [(ops, dtype) for dtype in ("float32", "bfloat16")
-                                                       for ops in ("stock", "grouped", "merged")]
+    variants = [("merged, compiled", "float32")] if quick else [
+        (ops, dtype) for dtype in ("float32", "bfloat16") for ops in ("stock", "grouped", "merged, compiled")]
     rows: list[list[Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = _random_adapter(base, DEFAULT, Path(tmp) / "adapter")
         for ops, dtype in variants:
-            spec = _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops)
+            spec = _spec(base, dtype=dtype, shape=DEFAULT, adapter=adapter, lora_ops=ops.split(",")[0],
+                         lora_compile=ops.endswith("compiled"))
             emulated = spec.resolved_dtype == "bfloat16" and not cpu_has_fast_bf16()
             sample = tweets[:16] if quick else tweets[:32] if emulated else tweets
             label = f"{DEFAULT.label}, {ops} ops ({spec.resolved_dtype})"
@@ -267,7 +269,8 @@ def run_profile(*, quick: bool = False) -> list[Table]:
                        "core, worker) while 16 concurrent classification requests (system prompt + tweet, the label "
                        "constraint) were answered, attributed to the innermost matching frame: 'LoRA ops' = the "
                        "shrink/expand ops; 'LoRA bookkeeping' = punica metadata and LoRA layer wrappers around "
-                       "them; 'base layers' = the model's own linear layers, norms and activations; 'attention'; "
+                       "them; 'base layers' = the model's own linear layers, norms and activations (in a compiled "
+                       "engine: Inductor's generated code and vLLM's compiled-graph wrappers); 'attention'; "
                        "'sampling + structured output' = logits, sampler and grammar; 'scheduler + other' = the "
                        "rest (HTTP, tokenizing, scheduling, inputs). "
                        + ("This CPU multiplies bf16 natively." if cpu_has_fast_bf16() else
@@ -398,10 +401,11 @@ PROFILE_CATEGORIES = ["LoRA ops", "LoRA bookkeeping", "base layers", "attention"
 # (category, substrings of a frame's file) checked from the innermost frame outwards
 _FRAME_RULES = [
     ("LoRA ops", ("serving/lora_ops.py", "lora/ops/torch_ops")),
-    ("LoRA bookkeeping", ("punica_wrapper", "vllm/lora/", "serving/lora_merge.py")),
+    ("LoRA bookkeeping", ("punica_wrapper", "vllm/lora/", "serving/lora_merge.py", "serving/lora_compile.py")),
     ("attention", ("attention", "attn")),
     ("sampling + structured output", ("sample", "logits_processor", "structured_output", "xgrammar", "guidance")),
-    ("base layers", ("model_executor/layers", "model_executor/models", "custom_op")),
+    ("base layers", ("model_executor/layers", "model_executor/models", "custom_op", "torchinductor",
+                     "torch_compile_cache", "compilation/", "_inductor")),
 ]
 
 
