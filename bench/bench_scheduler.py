@@ -137,7 +137,8 @@ def _round(folder: Path, n: int, tweets: list[str], *, calibration_windows: int)
         if failed:
             raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0].job} {failed[0].task}: "
                                f"{failed[0].error}")
-        round_s = (max(r.finished_at for r in runs) - min(r.started_at for r in runs)).total_seconds()
+        finished = [r.finished_at for r in runs if r.finished_at is not None]  # all of them: the query asked so
+        round_s = (max(finished) - min(r.started_at for r in runs)).total_seconds()
         registry = CollectorRegistry()
         registry.register(MonitorCollector(config, store))
         generate_latest(registry)  # the first scrape warms SQLAlchemy's statement caches

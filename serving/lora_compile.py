@@ -31,6 +31,7 @@ INSTALLED_MESSAGE = "tuneloop: LoRA layers as one compiled-graph op each; compil
 
 _lock = threading.Lock()
 _installed = False
+_library: torch.library.Library | None = None  # held for the process's life: a Library unregisters when collected
 _layers: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
@@ -48,11 +49,11 @@ def _lora_linear_fake(layer_name: str, output_size: int, x: torch.Tensor,
 
 
 def _register_op() -> None:
-    library = torch.library.Library("tuneloop", "FRAGMENT")
-    library.define("lora_linear(str layer_name, int output_size, Tensor x, Tensor? bias) -> Tensor")
-    library.impl("lora_linear", _lora_linear, "CPU")
-    torch.library.register_fake("tuneloop::lora_linear", _lora_linear_fake, lib=library)
-    _register_op.library = library  # type: ignore[attr-defined]  # a Library unregisters itself when collected
+    global _library
+    _library = torch.library.Library("tuneloop", "FRAGMENT")
+    _library.define("lora_linear(str layer_name, int output_size, Tensor x, Tensor? bias) -> Tensor")
+    _library.impl("lora_linear", _lora_linear, "CPU")
+    torch.library.register_fake("tuneloop::lora_linear", _lora_linear_fake, lib=_library)
 
 
 def _keep_compilation_for_lora() -> None:

@@ -83,7 +83,8 @@ def test_the_shared_prefix_gives_the_same_loss_and_lora_gradients(base_model_dir
     assert split is not None and split[0].shape[0] >= 20, "the templated system turn is shared"
 
     widths: list[tuple[int, int]] = []  # (rows, tokens) of each decoder call
-    model.get_base_model().model.register_forward_pre_hook(
+    decoder: Any = model.get_base_model().model
+    decoder.register_forward_pre_hook(
         lambda _m, _a, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     shared_loss, shared_grads = _loss_and_grads(model, batch, share=True, dtype=dtype)
     prefix, rest = split
