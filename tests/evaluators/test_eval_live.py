@@ -195,14 +195,16 @@ def _random_lora(live_gateway: LiveGateway, tmp_path) -> str:
 
 def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_gateway: LiveGateway,
                                                                           tmp_path) -> None:
-    """End to end check of serving/lora_ops.py with real weights: the grouped ops run inside vLLM's engine in the
-    precision it serves (no fallback), the adapter changes the model's answers, and vLLM's next-token
-    log-probabilities match the PEFT model run by transformers in that same precision."""
+    """End to end check of the served LoRA path with real weights: the configured path (merged single-adapter
+    steps by default, serving/lora_merge.py; the grouped ops of serving/lora_ops.py otherwise) runs inside vLLM's
+    engine in the precision it serves (no fallback), the adapter changes the model's answers, and vLLM's
+    next-token log-probabilities match the PEFT model run by transformers in that same precision."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneloop.registry import get_adapter
+    from tuneloop.serving.lora_merge import MERGED_RAN_MESSAGE
     from tuneloop.serving.lora_ops import FELL_BACK_MESSAGE, GROUPED_RAN_MESSAGE, INSTALLED_MESSAGE
 
     engine = live_gateway.engine
@@ -245,7 +247,11 @@ def test_vllm_serves_an_adapter_as_peft_computes_it_in_the_same_precision(live_g
         under_adapter = via_adapter["top"].get(via_base["token"], min(via_adapter["top"].values()))
         shifts.append(abs(under_adapter - via_base["logprob"]))
     log = engine.log_path.read_text(errors="replace")
-    assert INSTALLED_MESSAGE in log and GROUPED_RAN_MESSAGE in log
+    assert INSTALLED_MESSAGE in log
+    if engine.spec.lora_ops == "merged":  # the default: one request at a time is a single-adapter step
+        assert MERGED_RAN_MESSAGE in log, "the adapter's steps did not run on its merged weight"
+    else:
+        assert GROUPED_RAN_MESSAGE in log
     assert FELL_BACK_MESSAGE not in log, f"a LoRA op fell back to vLLM's in {dtype_name}"
     if usable_cpu_cores() <= 2 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
         assert "reserve_cpu_num=0" in log, "on two cores vLLM's compute threads should use both"
