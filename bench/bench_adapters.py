@@ -2,7 +2,9 @@
 loading one into the running engine costs (as a promotion does) and its first requests against later ones, and the
 memory each loaded adapter costs.
 
-The adapters are random r=8 q/k/v/o LoRAs (bench/many_adapters.py; serving speed does not depend on their values).
+The adapters are random r=8 q/k/v/o LoRAs with trained-size deltas (bench/many_adapters.py: a full-size random
+delta spells labels in 3-5 tokens, so its requests would do more work than the base model's; the run fails if the
+answers' lengths differ by more than 10 %). Serving speed does not otherwise depend on their values.
 vLLM runs with `--max-loras 16` (a step of 16 requests can hold 16 different adapters) and `--max-cpu-loras 100`
 (all of them stay loaded once used, least recently used evicted beyond that), float32, prefix caching off. The
 traffic is the sentiment task's classification requests (system prompt, a tweet, ≤ 4 tokens constrained to the
@@ -29,7 +31,7 @@ import httpx
 
 from bench.bench_lora import _classification_bodies
 from bench.load import LoadResult, run_load
-from bench.many_adapters import TARGETS, WEIGHTS, write_adapters
+from bench.many_adapters import TARGETS, TRAINED_LIKE_B_SCALE, WEIGHTS, write_adapters
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config
@@ -47,7 +49,7 @@ def run(*, quick: bool = False) -> list[Table]:
     tweets = [e.last_user_text() for e in random.Random(5).sample(sentiment_sets()["heldout"], requests)]
     base = base_model_path()
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = write_adapters(base, Path(tmp) / "adapters", count)
+        adapters = write_adapters(base, Path(tmp) / "adapters", count, b_scale=TRAINED_LIKE_B_SCALE)
         names = list(adapters)
         spec = EngineSpec(model_path=base, served_name="base", port=free_port(), max_model_len=512,
                           kv_cache_gib=2, max_lora_rank=8, max_loras=16, max_cpu_loras=count,
@@ -81,12 +83,18 @@ def run(*, quick: bool = False) -> list[Table]:
             engine.stop()
         adapter_mib = (Path(adapters[names[0]]) / WEIGHTS).stat().st_size / 2**20
     rate = {kind: sum(r.requests - r.failures for r in rs) / sum(r.seconds for r in rs) for kind, rs in results.items()}
+    tokens = {kind: sum(r.completion_tokens for r in rs) / max(1, sum(r.requests - r.failures for r in rs))
+              for kind, rs in results.items()}
+    if abs(tokens["adapters"] / tokens["base"] - 1) > 0.1:  # see bench/many_adapters.py
+        raise RuntimeError(f"adapter answers average {tokens['adapters']:.2f} completion tokens, base answers "
+                           f"{tokens['base']:.2f}: requests/s would compare different work")
     failures = sum(r.failures for rs in results.values() for r in rs)
     throughput = emit(f"{count} adapters on one engine vs the base model, same requests (16 in flight)", [
-        "traffic", "requests", "requests/s", "vs base model", "failed"], [
+        "traffic", "requests", "requests/s", "vs base model", "failed", "tokens per answer"], [
         [f"spread over all {count} adapters", requests * rounds * 2, f"{rate['adapters']:.1f}",
-         f"{rate['adapters'] / rate['base']:.2f}x", failures],
-        ["base model (no adapter)", requests * rounds * 2, f"{rate['base']:.1f}", "1.00x", "-"]],
+         f"{rate['adapters'] / rate['base']:.2f}x", failures, f"{tokens['adapters']:.2f}"],
+        ["base model (no adapter)", requests * rounds * 2, f"{rate['base']:.1f}", "1.00x", "-",
+         f"{tokens['base']:.2f}"]],
         key="adapters-throughput",
         notes=f"{rounds * 2} rounds in ABBA order; every adapter had been loaded and had answered once before "
               f"(--max-cpu-loras {count}); a step of 16 requests holds up to 16 different adapters (--max-loras 16). "

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from bench.load import LoadResult, chat_bodies, run_load
+from bench.many_adapters import TRAINED_LIKE_B_SCALE, scale_lora_b
 from bench.setup import base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config, TaskConfig
@@ -211,18 +212,20 @@ def run_paths(*, quick: bool = False) -> list[Table]:
                     if not spec.enable_lora:
                         reference[workload.name] = got["base"]
                         rows.append([workload.name, label, "-", _rate(got["base"], workload), "-", "1.00x", "-",
-                                     measured["failures"]])
+                                     measured["failures"], f"{measured['tokens'][workload.name]['base']:.1f}"])
                         continue
                     free = reference[workload.name]
+                    answer = measured["tokens"][workload.name]
                     rows.append([workload.name, label, _rate(got["base"], workload),
                                  _rate(got["adapter"], workload), f"{got['adapter'] / got['base']:.2f}x",
                                  f"{got['adapter'] / free:.2f}x", f"{got['base'] / free:.2f}x",
-                                 measured["failures"]])
+                                 measured["failures"], f"{answer['base']:.1f} / {answer['adapter']:.1f}"])
     bf16_note = ("This CPU multiplies bf16 natively." if cpu_has_fast_bf16() else
                  "This CPU has no native bf16: bf16 was not measured (tuneloop serves float32 here).")
     return [emit("LoRA paths served by vLLM: stock ops, grouped ops, merged single-adapter steps",
                  ["workload", "engine", "base in this engine", "adapter", "adapter / base, same engine",
-                  "adapter / LoRA-free engine", "base / LoRA-free engine", "failed requests"], rows,
+                  "adapter / LoRA-free engine", "base / LoRA-free engine", "failed requests",
+                  "tokens per answer (base / adapter)"], rows,
                  key="lora-paths",
                  notes=f"{rounds} round(s) per model per workload, alternated base, adapter, adapter, base. "
                        "Throughput: completion tokens/s for chat replies, answered requests/s for classification "
@@ -231,7 +234,10 @@ def run_paths(*, quick: bool = False) -> list[Table]:
                        "the weights, a step without adapters on the base layers alone, mixed steps on the grouped "
                        "ops; 'compiled' = serving/lora_compile.py: vLLM's torch.compile kept on (vLLM turns it off "
                        "for any LoRA engine on CPU), each LoRA layer one opaque op in the graph; the LoRA-free "
-                       "engine is compiled, as vLLM runs it by default. Targets (issue 25): adapter >= 0.9x "
+                       "engine is compiled, as vLLM runs it by default. The adapter is random with a trained-size "
+                       f"delta (B scaled by {TRAINED_LIKE_B_SCALE}; a full-size random delta spelled labels in 3-5 "
+                       "tokens, see bench/many_adapters.py); the run fails if its classification answers are not "
+                       "as long as the base model's. Targets (issue 25): adapter >= 0.9x "
                        "base for classification, >= 0.95x a LoRA-free engine for chat, base in a LoRA engine "
                        ">= 0.97x a LoRA-free engine. " + bf16_note)]
 
@@ -321,6 +327,7 @@ def _random_adapter(base: Path, shape: Shape, out: Path) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(shape.targets),
                                       init_lora_weights=False))
+    scale_lora_b(model, TRAINED_LIKE_B_SCALE)  # full-size random deltas spell labels in 3-5 tokens: see many_adapters
     model.save_pretrained(str(out))
     return out
 
@@ -349,6 +356,7 @@ def _spec(model: Path, *, dtype: str, shape: Shape | None = None, adapter: Path 
 def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], rounds: int) -> dict[str, Any]:
     models = ["base", "adapter"] if spec.enable_lora else ["base"]
     results: dict[str, dict[str, float]] = {}
+    tokens: dict[str, dict[str, float]] = {}
     failures = 0
     with _served(spec, tmp) as (_, url):
         for workload in workloads:
@@ -360,7 +368,22 @@ def _serve_and_measure(spec: EngineSpec, tmp: Path, workloads: list[Workload], r
                     totals[model].append(result)
                     failures += result.failures
             results[workload.name] = {m: _throughput(r, workload) for m, r in totals.items()}
-    return {"results": results, "failures": failures}
+            tokens[workload.name] = {m: _tokens_per_answer(r) for m, r in totals.items()}
+            _check_same_work(workload, tokens[workload.name])
+    return {"results": results, "tokens": tokens, "failures": failures}
+
+
+def _tokens_per_answer(results: list[LoadResult]) -> float:
+    answered = sum(r.requests - r.failures for r in results)
+    return sum(r.completion_tokens for r in results) / answered if answered else float("nan")
+
+
+def _check_same_work(workload: Workload, tokens: dict[str, float]) -> None:
+    """Requests per second compare like with like only if adapter and base answers are as long: an adapter that
+    spells a label in more tokens does more decode steps per request (see bench/many_adapters.py)."""
+    if workload.unit == "req" and "adapter" in tokens and abs(tokens["adapter"] / tokens["base"] - 1) > 0.1:
+        raise RuntimeError(f"{workload.name}: adapter answers average {tokens['adapter']:.2f} completion tokens, "
+                           f"base answers {tokens['base']:.2f}; requests/s would compare different work")
 
 
 @contextmanager
