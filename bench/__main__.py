@@ -31,6 +31,7 @@ BENCHMARKS = {
     "recovery": "bench.bench_recovery",
     "scale": "bench.bench_scale",
     "scheduler": "bench.bench_scheduler",
+    "estimate": "bench.bench_estimate",
 }
 
 

@@ -37,6 +37,7 @@ from tuneloop.tables import (
     EventRow,
     JobRunRow,
     LeaseRow,
+    QualityEstimateRow,
 )
 from tuneloop.timewindow import as_utc
 
@@ -87,6 +88,7 @@ class MonitorCollector(Collector):
             yield from self._aliases(aliases)
             yield from self._evals(session, set(aliases.values()))
             yield from self._drift(session)
+            yield from self._estimates(session)
             yield from self._events(session)
             yield from self._jobs(session)
         yield from self._incidents()
@@ -219,6 +221,40 @@ class MonitorCollector(Collector):
                                             .where(DriftRunRow.report_path.is_not(None)).group_by(DriftRunRow.task)):
             report.add_metric([task], float(run_id))
         yield from (detected, view_detected, score, threshold, window, budget, last, checks, report)
+
+    def _estimates(self, session: Any) -> Iterator[Any]:
+        """The latest estimate of each (task, metric, method) on live traffic (monitor/estimate.py)."""
+        labels = ["task", "adapter", "metric", "method"]
+        value = GaugeMetricFamily("tuneloop_quality_estimate", "Latest estimate of a task's metric on its last "
+                                  "window of served answers: label_free (calibrated confidence only), "
+                                  "prediction_powered (corrected by the window's labels) or labels_only.",
+                                  labels=labels)
+        low = GaugeMetricFamily("tuneloop_quality_estimate_ci_lower", "Lower bound of the estimate's interval.",
+                                labels=labels)
+        high = GaugeMetricFamily("tuneloop_quality_estimate_ci_upper", "Upper bound of the estimate's interval.",
+                                 labels=labels)
+        labelled = GaugeMetricFamily("tuneloop_quality_estimate_labelled_answers", "Answers of the window with a "
+                                     "label (feedback) when the estimate was made.", labels=labels)
+        unlabelled = GaugeMetricFamily("tuneloop_quality_estimate_unlabelled_answers", "Answers of the window "
+                                       "without a label.", labels=labels)
+        stamp = GaugeMetricFamily("tuneloop_quality_estimate_timestamp_seconds", "When the estimate was made.",
+                                  labels=labels)
+        latest = select(func.max(QualityEstimateRow.id)).group_by(
+            QualityEstimateRow.task, QualityEstimateRow.metric, QualityEstimateRow.method)
+        for row in session.scalars(select(QualityEstimateRow).where(QualityEstimateRow.id.in_(latest))):
+            key = [row.task, "base" if row.adapter_version is None else f"{row.task}@{row.adapter_version}",
+                   row.metric, row.method]
+            labelled.add_metric(key, float(row.n_labelled))
+            unlabelled.add_metric(key, float(row.n_unlabelled))
+            when = _ts(row.created_at)
+            if when is not None:
+                stamp.add_metric(key, when)
+            if row.value is None or row.ci_lower is None or row.ci_upper is None:
+                continue  # no labels for this method: a missing series, not a made-up number
+            value.add_metric(key, row.value)
+            low.add_metric(key, row.ci_lower)
+            high.add_metric(key, row.ci_upper)
+        yield from (value, low, high, labelled, unlabelled, stamp)
 
     def _incidents(self) -> Iterator[Any]:
         per_rule = GaugeMetricFamily("tuneloop_incidents_open", "Open incidents by task and rule.",

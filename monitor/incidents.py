@@ -22,7 +22,7 @@ from tuneloop.timewindow import as_utc
 
 log = logging.getLogger(__name__)
 
-RuleKind = Literal["floor", "drop", "drift"]
+RuleKind = Literal["floor", "drop", "drift", "estimate"]
 IncidentStatus = Literal["open", "resolved"]
 Verdict = Literal["breach", "holds", "no_data"]
 
@@ -33,7 +33,8 @@ class CorruptIncident(StoreError):
 
 @dataclass(frozen=True, order=True)
 class RuleId:
-    """Which rule an incident is about: `floor:<metric>:<dataset>`, `drop:<metric>:<dataset>` or `drift`.
+    """Which rule an incident is about: `floor:<metric>:<dataset>`, `drop:<metric>:<dataset>`, `drift` or
+    `estimate:<metric>:live` (the live-traffic estimate under the floor, monitor/policy.py).
 
     `dataset` is the short name of the configured set (`other-topics`, not `sentiment/other-topics@2`), so the id
     stays the same across dataset versions and judge splits; its string form is the incidents table's `rule` and
@@ -56,6 +57,10 @@ class RuleId:
         return cls("drift")
 
     @classmethod
+    def estimate(cls, metric: str) -> RuleId:
+        return cls("estimate", metric, "live")
+
+    @classmethod
     def parse(cls, text: str) -> RuleId:
         kind, *rest = text.split(":")
         if kind == "drift" and not rest:
@@ -65,7 +70,10 @@ class RuleId:
                 return cls.floor(*rest)
             if kind == "drop":
                 return cls.drop(*rest)
-        raise ValueError(f"'{text}' is not a rule id (floor:<metric>:<dataset>, drop:<metric>:<dataset> or drift)")
+            if kind == "estimate" and rest[1] == "live":
+                return cls.estimate(rest[0])
+        raise ValueError(f"'{text}' is not a rule id (floor:<metric>:<dataset>, drop:<metric>:<dataset>, drift or "
+                         "estimate:<metric>:live)")
 
     def __str__(self) -> str:
         return self.kind if self.kind == "drift" else f"{self.kind}:{self.metric}:{self.dataset}"

@@ -6,7 +6,11 @@ Rules (tasks.<name>.policy):
            the drop lies wholly below -tolerance: paired bootstrap when both runs scored the same examples,
            independent bootstrap of the two runs when the dataset got a new version; a drop inside the noise is no
            breach;
-- drift:   the last N drift checks of the task were all flagged.
+- drift:   the last N drift checks of the task were all flagged;
+- estimate: the latest live-traffic estimate of a floored metric (monitor/estimate.py) is under the floor: the
+           whole prediction-powered interval, or the whole label-free interval while the latest drift check flagged
+           the traffic (without labels the label-free estimate is trusted only as far as its calibration, and drift
+           is when that is in doubt; it then takes both to breach).
 
 A rule with no data yet is left alone. A breach opens an incident (event `breach`) unless one is open already
 (then it is only refreshed) or the same rule resolved less than `cooldown_s` ago; when the rule holds again the
@@ -31,7 +35,7 @@ from tuneloop.events import record_event
 from tuneloop.monitor.incidents import IncidentChanges, IncidentStore, RuleCheck, RuleId
 from tuneloop.registry import AdapterVersion, find_alias
 from tuneloop.store import Store
-from tuneloop.tables import DriftRunRow, EvalRunRow, EvalScoreRow
+from tuneloop.tables import DriftRunRow, EvalRunRow, EvalScoreRow, QualityEstimateRow
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,56 @@ class Policy:
             checks.extend(self._drop_checks(task, task_config, champion))
         if task_config.policy.drift_windows > 0:
             checks.append(self._drift_check(task, task_config.policy.drift_windows))
+        if task_config.kind == "classification" and task_config.estimate.floor_rule:
+            checks.extend(self._estimate_checks(task, task_config))
         return checks
+
+    def _estimate_checks(self, task: str, task_config: TaskConfig) -> list[RuleCheck]:
+        floors: dict[str, float] = {}
+        for floor in task_config.policy.floors:
+            metric: str = "accuracy" if floor.metric == "exact_match" else floor.metric
+            if metric in ("accuracy", "macro_f1"):
+                floors[metric] = max(floors.get(metric, floor.min), floor.min)  # the strictest floor of a metric
+        checks = []
+        for metric, minimum in sorted(floors.items()):
+            rule = RuleId.estimate(metric)
+            latest = self._latest_estimates(task, metric)
+            ppi, free = latest.get("prediction_powered"), latest.get("label_free")
+            if free is None:
+                checks.append(RuleCheck(rule, "no_data", f"no live-traffic estimate of {metric} for '{task}' yet"))
+                continue
+            drifted = self._latest_drift_flag(task)
+            facts = {"floor": minimum, "drifted": drifted, "window": free.window,
+                     **{f"{row.method}_{part}": getattr(row, part) for row in latest.values()
+                        for part in ("value", "ci_lower", "ci_upper", "n_labelled")}}
+            if ppi is not None and ppi.ci_upper is not None and ppi.ci_upper < minimum:
+                checks.append(RuleCheck(rule, "breach", f"live {metric} of '{task}', prediction-powered from "
+                                        f"{ppi.n_labelled} labels: {ppi.value:.4f} [{ppi.ci_lower:.4f}, "
+                                        f"{ppi.ci_upper:.4f}], wholly under the floor {minimum}", facts))
+            elif drifted and free.ci_upper is not None and free.ci_upper < minimum:
+                checks.append(RuleCheck(rule, "breach", f"live {metric} of '{task}', label-free: {free.value:.4f} "
+                                        f"[{free.ci_lower:.4f}, {free.ci_upper:.4f}], wholly under the floor "
+                                        f"{minimum}, while drift is flagged", facts))
+            else:
+                checks.append(RuleCheck(rule, "holds", f"live {metric} of '{task}' is not shown to be under the "
+                                        f"floor {minimum}", facts))
+        return checks
+
+    def _latest_estimates(self, task: str, metric: str) -> dict[str, QualityEstimateRow]:
+        with self.store.session() as session:
+            newest = session.scalars(select(QualityEstimateRow).where(
+                QualityEstimateRow.task == task, QualityEstimateRow.metric == metric)
+                .order_by(QualityEstimateRow.id.desc()).limit(3)).all()
+            if not newest:
+                return {}
+            batch = newest[0].created_at
+            return {row.method: row for row in newest if row.created_at == batch}
+
+    def _latest_drift_flag(self, task: str) -> bool:
+        with self.store.session() as session:
+            latest = session.scalars(select(DriftRunRow).where(DriftRunRow.task == task)
+                                     .order_by(DriftRunRow.id.desc()).limit(1)).first()
+        return bool(latest is not None and latest.drifted)
 
     def _drop_checks(self, task: str, task_config: TaskConfig,
                      champion: AdapterVersion | None) -> list[RuleCheck]:

@@ -3,7 +3,8 @@ them to the scheduler; what follows a run (policy, retraining, watch) is the con
 
 `eval` runs the task's champion over its judged sets (challenger_sets/judged.py) through the gateway: the eval
 runner stores and resumes runs, and an unchanged champion on an unchanged dataset version reuses its finished run.
-`drift` runs the drift check of the task's captured traffic.
+`drift` runs the drift check of the task's captured traffic and then, for a classification task, the live-traffic
+quality estimate of the same traffic (monitor/estimate.py), so the policy sees both side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tuneloop.store import Store
 
 if TYPE_CHECKING:
     from tuneloop.monitor.drift import DriftDetector
+    from tuneloop.monitor.estimate import WindowEstimate
 
 
 def scheduled_eval(config: Config, store: Store, task: str, *, endpoint: str) -> EvalJobResult | Skipped:
@@ -49,3 +51,22 @@ def scheduled_drift(detector: DriftDetector, task: str) -> DriftJobResult | Skip
         return Skipped(str(exc))
     assert report.run_id is not None, "a saved drift check has a run id"
     return DriftJobResult(run_id=report.run_id, drifted=report.drifted)
+
+
+def scheduled_estimate(config: Config, store: Store, task: str, *, endpoint: str) -> WindowEstimate | Skipped:
+    """The champion's live-traffic estimate; nothing to estimate yet (no signals, no champion) is a quiet skip."""
+    from tuneloop.errors import EstimationError
+    from tuneloop.evaluators.targets import EvalTarget
+    from tuneloop.monitor.estimate import QualityEstimator
+
+    task_config = config.task(task)
+    if task_config.kind != "classification" or not task_config.estimate.signal:
+        return Skipped(f"task '{task}' has no live-traffic estimate (classification tasks with estimate.signal on)")
+    champion = find_alias(store, task, "champion")
+    if champion is None:
+        return Skipped(f"task '{task}' has no champion")
+    try:
+        return QualityEstimator(config, store).estimate(
+            task, target=EvalTarget(task, champion.ref, champion.version, endpoint))
+    except EstimationError as exc:
+        return Skipped(str(exc))

@@ -71,6 +71,8 @@ class TrafficRecord(BaseModel):
     shadow_of: str | None = None
     pii: dict[str, int] = Field(default_factory=dict)
     key_id: str | None = Field(default=None, description="The API key that sent the request (its id, never the key).")
+    signal: dict[str, float] | None = Field(default=None, description="A classification answer's label "
+                                            "log-probabilities (serving/quality_signal.py); no text.")
 
 
 class CaptureWriter:

@@ -21,6 +21,7 @@ from tuneloop.errors import EngineUnavailable
 from tuneloop.keys import Caller
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
+from tuneloop.serving.quality_signal import first_token_logprobs, label_signal, without_logprobs
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
 from tuneloop.serving.upstream import UpstreamError, UpstreamResponse
@@ -43,6 +44,10 @@ class ProxiedRequest:
     started: float = field(default_factory=time.perf_counter)
     shadow_of: str | None = None
     caller: Caller | None = field(default=None, metadata={"help": "The API key that sent it, if any."})
+    labels_for_signal: list[str] | None = field(default=None, metadata={
+        "help": "A classification task's labels: its answer's label log-probabilities are captured."})
+    strip_signal: bool = field(default=False, metadata={
+        "help": "The gateway asked vLLM for log-probabilities the client did not: removed from the answer."})
 
     @property
     def labels(self) -> dict[str, str]:
@@ -56,6 +61,7 @@ class Outcome:
     completion: str | None
     usage: dict[str, Any]
     status: int
+    signal: dict[str, float] | None = None
 
 
 async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
@@ -78,8 +84,14 @@ async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
             raise EngineUnavailable(f"vLLM stopped answering mid-reply ({exc}); retry shortly") from None
         finally:
             await upstream.close()
-        completion, usage = completion_of(json_or_none(raw), request.endpoint)
-        finish(ctx, request, Outcome(completion, usage, upstream.status))
+        payload = json_or_none(raw)
+        completion, usage = completion_of(payload, request.endpoint)
+        signal = None
+        if request.labels_for_signal is not None and upstream.status == 200:
+            signal = label_signal(first_token_logprobs(payload), request.labels_for_signal)
+            if request.strip_signal and isinstance(payload, dict):
+                raw = encode(without_logprobs(payload))
+        finish(ctx, request, Outcome(completion, usage, upstream.status, signal))
         return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
     return RelayResponse(_relay(ctx, upstream, request), media_type="text/event-stream", headers=headers)
 
@@ -152,8 +164,11 @@ async def _shadow(ctx: GatewayContext, request: ProxiedRequest) -> None:
             raw = await response.read()
         finally:
             await response.close()
-        completion, usage = completion_of(json_or_none(raw), request.endpoint)
-        outcome = Outcome(completion, usage, response.status)
+        payload = json_or_none(raw)
+        completion, usage = completion_of(payload, request.endpoint)
+        signal = (label_signal(first_token_logprobs(payload), request.labels_for_signal)
+                  if request.labels_for_signal is not None and response.status == 200 else None)
+        outcome = Outcome(completion, usage, response.status, signal)
     except UpstreamError:
         outcome = Outcome(None, {}, 503)
     finish(ctx, request, outcome)
@@ -187,7 +202,7 @@ def finish(ctx: GatewayContext, request: ProxiedRequest, outcome: Outcome) -> No
         completion_tokens=outcome.usage.get("completion_tokens"),
         latency_ms=round((time.perf_counter() - request.started) * 1000, 2), status=outcome.status,
         stream=request.stream, shadow_of=request.shadow_of,
-        key_id=request.caller.key_id if request.caller else None))
+        key_id=request.caller.key_id if request.caller else None, signal=outcome.signal))
 
 
 def _count(ctx: GatewayContext, request: ProxiedRequest, status: int) -> None:

@@ -239,6 +239,20 @@ class RetrainConfig(StrictModel):
                            "regression rolls back. 0 = no watch.")
 
 
+class EstimateConfig(StrictModel):
+    """Label-free and prediction-powered estimates of a task's metric on live traffic (monitor/estimate.py)."""
+
+    signal: bool = Field(default=True, description="Classification: ask vLLM for each answer's label log-probabilities "
+                         "(non-streamed chat requests) and capture them, off the request path.")
+    window: int = Field(default=200, ge=10, le=20_000, description="Most recent captured answers an estimate covers.")
+    level: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the estimates' intervals.")
+    calibration_examples: int = Field(default=300, ge=20, le=10_000, description="Held-out examples the calibrator "
+                                      "of each adapter version is fitted on (asked through the gateway once).")
+    floor_rule: bool = Field(default=True, description="Open an incident when the prediction-powered interval lies "
+                             "wholly under the task's floor on its primary metric, or the label-free estimate does "
+                             "while a drift view flags the window.")
+
+
 class TaskConfig(StrictModel):
     """A task owns its prompt format, its datasets, its metrics and its training recipe."""
 
@@ -261,6 +275,8 @@ class TaskConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Scheduled evaluation and drift.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Threshold rules that open incidents.")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Retraining, gate and watch.")
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig, description="Quality estimates on live "
+                                     "traffic before labels arrive.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:

@@ -148,3 +148,10 @@ class UnknownRequest(FeedbackError):
 
 class FeedbackConflict(FeedbackError):
     """The request already has a different reference."""
+
+
+class EstimationError(TuneloopError):
+    """A quality estimate cannot be made: a task or metric without an estimator, a window without answers that
+    carry a signal, a calibration without usable held-out answers, or inputs that disagree."""
+
+    exit_code = 16

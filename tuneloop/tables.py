@@ -106,6 +106,7 @@ class TrafficRow(Base):
     reference_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     reference_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    signal: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # serving/quality_signal.py
 
 
 class ApiKeyRow(Base):
@@ -337,3 +338,41 @@ class RetrainTriggerRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AnswerCalibrationRow(Base):
+    """The calibrator of one adapter version's label probabilities, fitted on the task's held-out set
+    (monitor/answer_calibration.py); adapter_version 0 = the base model."""
+
+    __tablename__ = "answer_calibrations"
+    __table_args__ = (UniqueConstraint("task", "adapter_version", name="uq_answer_calibration"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    adapter_version: Mapped[int] = mapped_column(Integer)
+    dataset_ref: Mapped[str] = mapped_column(String(300))
+    method: Mapped[str] = mapped_column(String(20))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    n: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QualityEstimateRow(Base):
+    """One method's estimate of a task's metric on a window of captured answers (monitor/estimate.py)."""
+
+    __tablename__ = "quality_estimates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    task: Mapped[str] = mapped_column(String(100), index=True)
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metric: Mapped[str] = mapped_column(String(40))
+    method: Mapped[str] = mapped_column(String(30))
+    window: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_lower: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_upper: Mapped[float | None] = mapped_column(Float, nullable=True)
+    level: Mapped[float] = mapped_column(Float)
+    n_labelled: Mapped[int] = mapped_column(Integer)
+    n_unlabelled: Mapped[int] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

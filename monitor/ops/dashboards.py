@@ -154,6 +154,23 @@ QUALITY = DashboardSpec(
                       q(f"tuneloop:champion_eval_score_ci_upper{{{T}}} - on(task, dataset, metric) group_left() "
                         "tuneloop_quality_floor", "{{dataset}} {{metric}}"), unit="percentunit"),
         )),
+        ("Live traffic, before the labels (estimates)", (
+            PanelSpec("Estimated metric on live traffic, with intervals", "Latest estimate of the metric on the "
+                      "last window of served answers: label_free (calibrated confidence alone; assumes the held-out "
+                      "calibration still holds), prediction_powered (corrected by the window's labels; valid "
+                      "whatever the signal) and labels_only. Compare with the labelled scores above.",
+                      (Query(f'tuneloop_quality_estimate{{{T}, metric=~"$metric"}}', "{{adapter}} {{method}}"),
+                       Query(f'tuneloop_quality_estimate_ci_lower{{{T}, metric=~"$metric"}}',
+                             "{{adapter}} {{method}} lower"),
+                       Query(f'tuneloop_quality_estimate_ci_upper{{{T}, metric=~"$metric"}}',
+                             "{{adapter}} {{method}} upper")), unit="percentunit", width=16),
+            PanelSpec("Labels behind the estimate", "Answers of the estimated window with and without feedback: "
+                      "the prediction-powered interval narrows as labels arrive.",
+                      (Query(f'tuneloop_quality_estimate_labelled_answers{{{T}, method="prediction_powered"}}',
+                             "{{adapter}} labelled"),
+                       Query(f'tuneloop_quality_estimate_unlabelled_answers{{{T}, method="prediction_powered"}}',
+                             "{{adapter}} unlabelled")), width=8),
+        )),
         ("Slices and freshness", (
             PanelSpec("Score per slice", "Latest score on each value of the task's `slice_by` fields (bias "
                       "across groups); slices under min_slice_size are not scored.",

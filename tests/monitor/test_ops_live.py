@@ -36,7 +36,7 @@ from tuneloop.ports import free_port
 from tuneloop.registry import find_alias
 from tuneloop.retrain.jobs import JobStore
 from tuneloop.retrain.records import AlertTrigger, GateCheck, GateDecision, Job, JobSettings, ManualTrigger
-from tuneloop.tables import DriftResultRow, DriftRunRow
+from tuneloop.tables import DriftResultRow, DriftRunRow, QualityEstimateRow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -168,6 +168,13 @@ def _seed(live: LiveGateway) -> None:
         session.flush()
         session.add(DriftResultRow(run_id=run.id, view="domain_classifier", column="prompt", method="m",
                                    score=0.71, threshold=0.58, drifted=True, window=200, n=200, status="ok"))
+        # a live-traffic estimate as monitor/estimate.py stores one (tests/monitor/test_estimate.py makes real ones)
+        for method, value, width, labelled in (("label_free", 0.74, 0.06, 0), ("prediction_powered", 0.70, 0.08, 40),
+                                               ("labels_only", 0.68, 0.14, 40)):
+            session.add(QualityEstimateRow(task="sentiment", adapter_version=champion.version, metric="accuracy",
+                                           method=method, window=200, value=value, ci_lower=value - width,
+                                           ci_upper=value + width, level=0.95, n_labelled=labelled,
+                                           n_unlabelled=200 - labelled, detail={}))
     jobs = JobStore(store)
     job = jobs.submit("chat", ManualTrigger(key="ops-test-chat", reason="seeded"), runner="recording",
                       champion_version=1, settings=JobSettings(retrain=config.task("chat").retrain)).job

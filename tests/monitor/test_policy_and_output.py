@@ -32,7 +32,8 @@ def policy_config(config: Config) -> Config:
 def test_floor_breach_opens_one_incident_and_resolves_when_the_rule_holds(policy_config: Config, store: Store) -> None:
     register_champion(store, "sentiment", 1)
     policy = Policy(policy_config, store)
-    assert [c.verdict for c in policy.check_rules("sentiment")] == ["no_data", "no_data"]
+    assert [(c.rule.kind, c.verdict) for c in policy.check_rules("sentiment")] == [
+        ("floor", "no_data"), ("drift", "no_data"), ("estimate", "no_data")]
 
     run_eval(policy_config, store, dataset(store, policy_config, "fresh", 60), accuracy_every=2)  # 0.5 accuracy
     first = policy.evaluate("sentiment")

@@ -91,8 +91,14 @@ class FakeVllm:
             chunks = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
             return httpx.Response(200, stream=SentEvents(chunks, self.stream_fails_after),
                                   headers={"content-type": "text/event-stream"})
-        message = {"message": {"role": "assistant", "content": text}} if path.endswith("chat/completions") \
-            else {"text": text}
+        message: dict[str, Any] = {"message": {"role": "assistant", "content": text}} \
+            if path.endswith("chat/completions") else {"text": text}
+        if body.get("logprobs") and path.endswith("chat/completions"):
+            # vLLM's shape: the first token's top candidates, raw (before the constraint), one not a label
+            top = [{"token": "negative", "logprob": -0.2}, {"token": "Jane", "logprob": -1.5},
+                   {"token": "neutral", "logprob": -2.0}, {"token": " positive", "logprob": -3.0}]
+            message["logprobs"] = {"content": [{"token": text, "logprob": -0.2,
+                                                "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
         return httpx.Response(200, json={"model": body["model"], "choices": [message], "usage": usage})
 
 
@@ -319,6 +325,48 @@ def test_user_traffic_is_captured_redacted_and_eval_traffic_only_counted(gateway
     assert gateway.sample("tuneloop_gateway_completion_tokens_total", task="chat", adapter="chat@1",
                           route="champion") == 2
     assert gateway.sample("tuneloop_engine_adapters_loaded") == 2
+
+
+def _captured(gateway: Gateway, count: int) -> list[TrafficRow]:
+    rows: list[TrafficRow] = []
+    deadline = time.monotonic() + 10
+    while len(rows) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with gateway.store.session() as session:
+            rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id)))
+    return rows
+
+
+def test_a_label_answers_logprobs_are_captured_and_returned_only_when_asked_for(gateway: Gateway) -> None:
+    """The quality signal (serving/quality_signal.py): the gateway asks vLLM for the first token's top
+    log-probabilities of a classification answer, keeps only the labels' in capture, and returns the answer as the
+    client asked for it."""
+    plain = gateway.chat("sentiment", "my bag is lost")
+    sent = gateway.vllm.bodies[-1]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 20
+    assert plain.status_code == 200 and "logprobs" not in plain.json()["choices"][0], "added by us, taken out"
+    assert plain.json()["choices"][0]["message"]["content"] == "negative"
+    asked = gateway.chat("sentiment", "great crew", logprobs=True, top_logprobs=2)
+    assert gateway.vllm.bodies[-1]["top_logprobs"] == 2, "a client's own logprobs request is left as it is"
+    assert [t["token"] for t in asked.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]] == \
+        ["negative", "Jane"]
+    streamed = gateway.chat("sentiment", "streamed", stream=True)
+    assert streamed.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
+    gateway.chat("chat", "hello")
+    assert "logprobs" not in gateway.vllm.bodies[-1], "a generation task's answers carry no label signal"
+    rows = _captured(gateway, 4)
+    signals = {r.prompt_text: r.signal for r in rows}
+    assert signals["my bag is lost"] == {"negative": -0.2, "neutral": -2.0, "positive": -3.0, "_missing": 0.0}
+    assert signals["great crew"] == {"negative": -0.2, "neutral": -1.5, "positive": -1.5, "_missing": 2.0}, \
+        "labels outside the top candidates get the lowest one returned, and are counted"
+    assert signals["streamed"] is None and signals["hello"] is None
+    assert all("Jane" not in (s or {}) for s in signals.values()), "candidate tokens other than labels are not kept"
+
+
+def test_the_label_signal_can_be_turned_off_per_task(tmp_path: Path) -> None:
+    for gateway in _gateway(tmp_path, "tasks:\n  sentiment:\n    estimate:\n      signal: false\n"):
+        response = gateway.chat("sentiment", "anything")
+        assert response.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
 
 
 def test_the_model_list_names_tasks_loaded_versions_and_the_base(gateway: Gateway) -> None:

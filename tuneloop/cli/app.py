@@ -10,6 +10,7 @@ import typer
 from tuneloop.cli import adapters as adapters_cli
 from tuneloop.cli import datasets as datasets_cli
 from tuneloop.cli import demo as demo_cli
+from tuneloop.cli import estimate as estimate_cli
 from tuneloop.cli import evaluate as evaluate_cli
 from tuneloop.cli import keys as keys_cli
 from tuneloop.cli import monitor as monitor_cli
@@ -45,6 +46,7 @@ app.command("drift")(monitor_cli.drift)
 app.command("run")(monitor_cli.run)
 app.command("exporter")(monitor_cli.exporter)
 app.command("incidents")(monitor_cli.incidents)
+app.command("estimate")(estimate_cli.estimate)
 app.command("retrain")(retrain_cli.retrain)
 app.add_typer(retrain_cli.jobs_app, name="jobs")
 app.add_typer(ops_cli.app, name="ops")

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 from tuneloop.config import Config
 from tuneloop.monitor.incidents import Incident
-from tuneloop.monitor.jobs import JobFunction, JobKind, JobOutcome, execute
+from tuneloop.monitor.jobs import DriftJobResult, JobFunction, JobKind, JobOutcome, Skipped, execute
 from tuneloop.monitor.policy import Policy, PolicyOutcome
-from tuneloop.monitor.scheduled import scheduled_drift, scheduled_eval
+from tuneloop.monitor.scheduled import scheduled_drift, scheduled_estimate, scheduled_eval
 from tuneloop.monitor.scheduler import TuneloopScheduler
 from tuneloop.registry import get_adapter
 from tuneloop.retrain.deployment import Deployment
@@ -84,7 +84,15 @@ class Loop:
 
     def job_functions(self) -> dict[JobKind, JobFunction]:
         return {"eval": lambda task: scheduled_eval(self.config, self.store, task, endpoint=self.endpoint),
-                "drift": lambda task: scheduled_drift(self.detector, task)}
+                "drift": self._drift_then_estimate}
+
+    def _drift_then_estimate(self, task: str) -> DriftJobResult | Skipped:
+        """The drift check, then the live-traffic estimate of the same traffic (the policy reads both)."""
+        result = scheduled_drift(self.detector, task)
+        estimate = scheduled_estimate(self.config, self.store, task, endpoint=self.endpoint)
+        if isinstance(estimate, Skipped):
+            log.debug("no live-traffic estimate of %s: %s", task, estimate.reason)
+        return result
 
     def scheduler(self, *, holder: str | None = None) -> TuneloopScheduler:
         """The lease-guarded scheduler that runs step 1 on the configured clock and steps 2-4, 7 after it."""

