@@ -19,7 +19,7 @@ from bench.results import REPO, describe, load_results
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.DOTALL)
 CELL = re.compile(r"(<!-- cell:(?P<name>[a-z_]+)/(?P<table>[^/]+)/(?P<row>\d+)/(?P<column>[^>]+?) -->)"
                   r"(?P<body>.*?)(<!-- /cell -->)")
-FILES = ("README.md", "docs/benchmarks.md", "docs/architecture.md", "docs/reliability.md")
+FILES = ("README.md", "docs/benchmarks.md", "docs/architecture.md", "docs/reliability.md", "docs/estimates.md")
 
 
 class UnknownCell(LookupError):

@@ -18,6 +18,7 @@ Generation tasks have no estimator yet; asking for one is an error that says so.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,7 @@ from tuneloop.challenger_sets.catalog import get_dataset
 from tuneloop.config import Config, TaskConfig
 from tuneloop.errors import EstimationError
 from tuneloop.evaluators.client import EndpointClient, request_body
-from tuneloop.evaluators.targets import EvalTarget, resolve_target
+from tuneloop.evaluators.targets import EvalTarget, resolve_target, resolve_version
 from tuneloop.monitor.answer_calibration import CalibrationError, Calibrator, choose_calibrator
 from tuneloop.monitor.estimators import CLASSIFICATION_METRICS, Estimate, WindowData, estimate_all
 from tuneloop.store import Store
@@ -88,20 +89,26 @@ class QualityEstimator:
         size = window or task.estimate.window
         if not 1 <= size <= 20_000:
             raise EstimationError(f"--window {size}: must be between 1 and 20000 answers")
-        target = target or resolve_target(self.config, self.store, task=task_name)
-        rows, skipped = self._window(task_name, task, target.adapter_version, size)
+        if target is None:  # the champion; the gateway is asked only if its calibrator must be fitted
+            _, version = resolve_version(self.config, self.store, task=task_name, adapter=None, base=False)
+            adapter_version = version.version if version is not None else None
+            model = version.ref if version is not None else self.config.base_model.name
+        else:
+            adapter_version, model = target.adapter_version, target.model
+        rows, skipped = self._window(task_name, task, adapter_version, size)
         if not rows:
             raise EstimationError(
-                f"no captured answers with a quality signal for {target.model}: answers get one when they are "
+                f"no captured answers with a quality signal for {model}: answers get one when they are "
                 "non-streamed chat requests constrained to the labels, with tasks.<name>.estimate.signal on")
-        calibrator = self.calibrator(task_name, task, target)
+        calibrator = self.calibrator(task_name, task, adapter_version,
+                                     lambda: target or resolve_target(self.config, self.store, task=task_name))
         labels = list(task.labels)
         logprobs = np.stack([row[0] for row in rows])
         predicted = np.array([labels.index(row[1]) for row in rows])
         truth = np.array([-1 if row[2] is None else labels.index(row[2]) for row in rows])
         data = WindowData(predicted=predicted, probs=calibrator.apply(logprobs, predicted), truth=truth)
         estimates = estimate_all(chosen, data, task.estimate.level)
-        result = WindowEstimate(task=task_name, metric=chosen, window=size, adapter_version=target.adapter_version,
+        result = WindowEstimate(task=task_name, metric=chosen, window=size, adapter_version=adapter_version,
                                 n_answers=len(rows), skipped=skipped,
                                 calibration={"method": calibrator.method, "n": calibrator.n,
                                              "ece": calibrator.ece}, estimates=estimates)
@@ -133,9 +140,10 @@ class QualityEstimator:
                     rows.append((values, answer, reference))
         return rows, skipped
 
-    def calibrator(self, task_name: str, task: TaskConfig, target: EvalTarget) -> Calibrator:
-        """The stored calibrator of the target's version, fitted on the held-out set the first time."""
-        key = target.adapter_version if target.adapter_version is not None else BASE_VERSION
+    def calibrator(self, task_name: str, task: TaskConfig, adapter_version: int | None,
+                   target: Callable[[], EvalTarget]) -> Calibrator:
+        """The stored calibrator of the version, fitted on the held-out set through `target()` the first time."""
+        key = adapter_version if adapter_version is not None else BASE_VERSION
         with self.store.session() as session:
             row = session.scalars(select(AnswerCalibrationRow).where(
                 AnswerCalibrationRow.task == task_name, AnswerCalibrationRow.adapter_version == key)).first()
@@ -143,11 +151,12 @@ class QualityEstimator:
                 return Calibrator.from_json(row.params)
         dataset = get_dataset(self.store, task.heldout_dataset, task=task_name)
         examples = dataset.load()[: task.estimate.calibration_examples]
-        logprobs, predicted, truth = asyncio.run(self._held_out_signals(task, target, examples))
+        endpoint = target()
+        logprobs, predicted, truth = asyncio.run(self._held_out_signals(task, endpoint, examples))
         try:
             calibrator = choose_calibrator(logprobs, predicted, truth)
         except CalibrationError as exc:
-            raise EstimationError(f"calibrating {target.model} on {dataset.manifest.ref}: {exc}") from None
+            raise EstimationError(f"calibrating {endpoint.model} on {dataset.manifest.ref}: {exc}") from None
         with self.store.session() as session:
             session.add(AnswerCalibrationRow(task=task_name, adapter_version=key, dataset_ref=dataset.manifest.ref,
                                              method=calibrator.method, params=calibrator.to_json(), n=calibrator.n))
