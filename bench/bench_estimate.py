@@ -3,8 +3,9 @@ what labels they save, and how soon they see a shift, on real tweets whose label
 
 Two served models: the embedded base model answering zero-shot, and the sentiment task's recipe trained for
 ADAPTER_STEPS steps (cached in the bench cache). The signal is each label's log-probability at the answer position
-(what vLLM returns as the first answer token's raw top log-probabilities; here computed with transformers for all
-tweets at once, `evaluators/label_likelihood.py`), the answer the label it ranks first. Each model's calibrator is
+(what vLLM returns as the first answer token's top log-probabilities, up to a constant; here computed with
+transformers for all tweets at once, `evaluators/label_likelihood.py`), the answer the label it ranks first.
+Each model's calibrator is
 fitted on 400 held-out airline tweets, as `tuneloop estimate` fits one on the held-out set.
 
 Streams are windows of 200 requests drawn from unseen airline tweets (the training domain) with a share of
@@ -66,7 +67,7 @@ def _score(examples: list[Any], labels: list[str], system_prompt: str, adapter: 
     from tuneloop.evaluators.label_likelihood import score_labels
 
     path = base_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 

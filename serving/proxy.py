@@ -17,11 +17,12 @@ from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
+from tuneloop.answer_signal import first_token_logprobs, label_signal
 from tuneloop.errors import EngineUnavailable
 from tuneloop.keys import Caller
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
-from tuneloop.serving.quality_signal import first_token_logprobs, label_signal, without_logprobs
+from tuneloop.serving.quality_signal import without_logprobs
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
 from tuneloop.serving.upstream import UpstreamError, UpstreamResponse

@@ -1,12 +1,14 @@
 """The per-answer quality signal of a classification answer, read from the answer vLLM already computed.
 
 A label task's answer is one label, decoded under the label constraint. vLLM returns, when asked, the first
-token's top log-probabilities *before* the constraint and any sampling settings are applied (its default
-`logprobs_mode` is raw), which is the model's own distribution over what it could say. The labels of the embedded
-task are single tokens, so the log-probability of each label's token is the model's score for that label. Asking
-costs vLLM a top-k over the vocabulary for the answer's tokens, and the gateway nothing it did not already do:
-it parses every non-streamed answer for capture anyway, so it takes the signal from that parse and, when the
-client did not ask for log-probabilities itself, removes them from the answer it returns.
+answer token's top log-probabilities. Measured against PEFT on the same chats (tests/monitor/test_estimate_live.py),
+vLLM 0.32 computes them after the constraint's token mask and before temperature: they are normalised over the
+tokens the constraint allows (the labels and their prefixes), so they differ from the model's unconstrained
+log-probabilities by about a constant, and the labels' shares among themselves are the model's. The labels of
+the embedded task are single tokens, so each label's token carries that label's score. Asking costs vLLM a top-k
+over the vocabulary for the answer's tokens, and the gateway nothing it did not already do: it parses every
+non-streamed answer for capture anyway, so it takes the signal from that parse and, when the client did not ask
+for log-probabilities itself, removes them from the answer it returns.
 
 Streamed answers, completions-endpoint requests and requests that bring their own output format are answered as
 they are, without a signal. Turning log-probabilities into calibrated label probabilities happens later, off the
@@ -17,10 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneloop.answer_signal import SIGNAL_TOP_LOGPROBS, first_token_logprobs, label_signal
+from tuneloop.answer_signal import SIGNAL_TOP_LOGPROBS
 from tuneloop.config import TaskConfig
-
-__all__ = ["ask_for_signal", "first_token_logprobs", "label_signal", "without_logprobs"]
 
 
 def ask_for_signal(body: dict[str, Any], task: TaskConfig, *, constrained: bool, stream: bool) -> bool:

@@ -1,5 +1,6 @@
 """The quality signal of a label answer, as captured: each label's log-probability from the first answer token's
-top candidates (vLLM's raw log-probabilities, returned with the answer).
+top candidates (vLLM's log-probabilities under the label constraint, returned with the answer; see
+serving/quality_signal.py).
 
 Shared by the gateway that captures it (serving/quality_signal.py), the eval client that reads it on held-out
 answers (evaluators/client.py) and the estimator that calibrates it (monitor/estimate.py), so all three agree on
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 SIGNAL_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+MASKED_LOGPROB = -9999.0
 MAX_SIGNAL_ENTRIES = SIGNAL_TOP_LOGPROBS  # candidates read per answer: a bound on a client-sized field
 
 
@@ -29,7 +31,9 @@ def first_token_logprobs(payload: Any) -> dict[str, float] | None:
         if not isinstance(entry, dict):
             continue
         token, logprob = entry.get("token"), entry.get("logprob")
-        if isinstance(token, str) and isinstance(logprob, int | float) and math.isfinite(logprob):
+        # vLLM clamps masked tokens (the constraint forbids them) to -9999: not candidates, so not a floor either
+        if isinstance(token, str) and isinstance(logprob, int | float) and math.isfinite(logprob) \
+                and logprob > MASKED_LOGPROB:
             signal[token[:64]] = max(signal.get(token[:64], -math.inf), float(logprob))
     return signal or None
 

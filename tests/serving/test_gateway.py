@@ -417,3 +417,18 @@ def test_our_failures_are_5xx_and_never_blamed_on_the_client(tmp_path: Path) -> 
     assert "OperationalError" not in store_message and "sqlite" not in store_message, "no SQL or host reaches a client"
     assert "nan" not in answers["training"].text and "runs differ" not in answers["evaluation"].text
     assert "oops" not in answers["bug"].text, "a bug's details stay in the log"
+
+
+def test_masked_candidates_are_neither_signal_nor_floor() -> None:
+    """vLLM lists tokens the label constraint forbids at -9999; a label outside the real candidates gets the
+    lowest real one."""
+    from tuneloop.answer_signal import first_token_logprobs, label_signal
+
+    payload = {"choices": [{"logprobs": {"content": [{"token": "negative", "top_logprobs": [
+        {"token": "negative", "logprob": -0.1}, {"token": "neg", "logprob": -2.5},
+        {"token": "positive", "logprob": -3.0}, {"token": "<masked>", "logprob": -9999.0}]}]}}]}
+    top = first_token_logprobs(payload)
+    assert top == {"negative": -0.1, "neg": -2.5, "positive": -3.0}
+    assert label_signal(top, ["negative", "neutral", "positive"]) == {
+        "negative": -0.1, "neutral": -3.0, "positive": -3.0, "_missing": 1.0}
+    assert first_token_logprobs({"choices": [{"message": {}}]}) is None
