@@ -172,8 +172,9 @@ def _story(config: Config, stack: RunningLoop, sizes: DemoSizes) -> Job | None:
             _eval_table(config, loop.run_scheduled("eval", "sentiment"))
         console.print(f"{len(ids)} other-topic tweets; drift check: {_drift(loop.run_scheduled('drift', 'sentiment'))}"
                       f" ({task.policy.drift_windows} drifted in a row open an incident)")
+        _estimates()
 
-    console.rule("6. incidents -> one retraining job (a second incident joins the running job)")
+    console.rule("6. incidents -> one retraining job (later incidents join the running job)")
     _incidents()
     jobs = JobStore(STATE.store).recent(task="sentiment", limit=1)
     if not jobs:
@@ -278,6 +279,25 @@ def _print_eval(config: Config, result: EvalJobResult) -> None:
         if score is not None:
             rows.append([dataset, report.n, f"{score.value:.3f} [{score.ci_low:.3f}, {score.ci_high:.3f}]"])
     print_table(f"scheduled eval of {result.adapter}: {metric} (95 % CI)", ["dataset", "n", metric], rows)
+
+
+def _estimates() -> None:
+    """The live-traffic estimates the drift job just made (monitor/estimate.py), beside what drift says."""
+    from sqlalchemy import select
+
+    from tuneloop.tables import QualityEstimateRow
+
+    with STATE.store.session() as session:
+        rows = session.scalars(select(QualityEstimateRow).where(QualityEstimateRow.task == "sentiment")
+                               .order_by(QualityEstimateRow.id.desc()).limit(3)).all()
+    if not rows:
+        console.print("live-traffic estimate: none yet (no captured answers with a signal)")
+        return
+    shown = [f"{r.method} {r.value:.3f} [{r.ci_lower:.3f}, {r.ci_upper:.3f}]" if r.value is not None
+             and r.ci_lower is not None and r.ci_upper is not None else f"{r.method} - (no labels)"
+             for r in reversed(rows)]
+    console.print(f"live-traffic estimate of {rows[0].metric} over the last {rows[0].window} answers "
+                  f"({rows[0].n_labelled} labelled): " + "; ".join(shown))
 
 
 def _incidents() -> None:
