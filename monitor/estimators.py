@@ -223,28 +223,31 @@ def ppi_estimate(metric: str, y: np.ndarray, yhat: np.ndarray, yhat_unlabelled: 
     return value, value - half, value + half, lam
 
 
-def prediction_powered(metric: str, data: WindowData, level: float = 0.95) -> Estimate:
+def _labelled_indicators(metric: str, data: WindowData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true indicators of the labelled answers, their predicted indicators, the unlabelled answers' predicted)."""
     labelled = data.labelled
-    n, big_n = int(labelled.sum()), int((~labelled).sum())
+    k = data.probs.shape[1]
+    return (indicators(metric, data.predicted[labelled], one_hot(data.truth[labelled], k)),
+            indicators(metric, data.predicted[labelled], data.probs[labelled]),
+            indicators(metric, data.predicted[~labelled], data.probs[~labelled]))
+
+
+def prediction_powered(metric: str, data: WindowData, level: float = 0.95) -> Estimate:
+    n, big_n = int(data.labelled.sum()), int((~data.labelled).sum())
     if n == 0:
         return Estimate("prediction_powered", None, None, None, 0, big_n, {})
-    k = data.probs.shape[1]
-    y = indicators(metric, data.predicted[labelled], one_hot(data.truth[labelled], k))
-    yhat = indicators(metric, data.predicted[labelled], data.probs[labelled])
-    yhat_unlabelled = indicators(metric, data.predicted[~labelled], data.probs[~labelled])
+    y, yhat, yhat_unlabelled = _labelled_indicators(metric, data)
     value, low, high, lam = ppi_estimate(metric, y, yhat, yhat_unlabelled, level=level)
     return Estimate("prediction_powered", value, low, high, n, big_n, {"lambda": lam})
 
 
 def labels_only(metric: str, data: WindowData, level: float = 0.95) -> Estimate:
-    labelled = data.labelled
-    n, big_n = int(labelled.sum()), int((~labelled).sum())
+    """lam = 0: the labelled answers alone, through the same interval machinery."""
+    n, big_n = int(data.labelled.sum()), int((~data.labelled).sum())
     if n == 0:
         return Estimate("labels_only", None, None, None, 0, big_n, {})
-    k = data.probs.shape[1]
-    y = indicators(metric, data.predicted[labelled], one_hot(data.truth[labelled], k))
-    empty = np.zeros((0, y.shape[1]))
-    value, low, high, _ = ppi_estimate(metric, y, np.zeros_like(y), empty, level=level, lam=0.0)
+    y, yhat, _ = _labelled_indicators(metric, data)
+    value, low, high, _ = ppi_estimate(metric, y, yhat, np.zeros((0, y.shape[1])), level=level, lam=0.0)
     return Estimate("labels_only", value, low, high, n, big_n, {})
 
 

@@ -309,12 +309,7 @@ def test_user_traffic_is_captured_redacted_and_eval_traffic_only_counted(gateway
     evaluation = gateway.http.post("/v1/chat/completions", json=body,
                                    headers={"X-Tuneloop-Purpose": "eval", "Authorization": f"Bearer {TOKEN}"})
     assert evaluation.status_code == 200
-    rows: list[TrafficRow] = []
-    deadline = time.monotonic() + 10
-    while len(rows) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        with gateway.store.session() as session:
-            rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id)))
+    rows = captured(gateway, 2)
     assert [(r.task, r.prompt_text) for r in rows] == [("sentiment", "mail me at [EMAIL]"),
                                                         ("chat", "tell me a story")]
     assert rows[0].completion == "negative" and rows[1].completion == "a free-text answer" and rows[1].stream
@@ -327,7 +322,8 @@ def test_user_traffic_is_captured_redacted_and_eval_traffic_only_counted(gateway
     assert gateway.sample("tuneloop_engine_adapters_loaded") == 2
 
 
-def _captured(gateway: Gateway, count: int) -> list[TrafficRow]:
+def captured(gateway: Gateway, count: int) -> list[TrafficRow]:
+    """The first `count` captured records (the capture writer inserts off the request path, within a second)."""
     rows: list[TrafficRow] = []
     deadline = time.monotonic() + 10
     while len(rows) < count and time.monotonic() < deadline:
@@ -354,7 +350,7 @@ def test_a_label_answers_logprobs_are_captured_and_returned_only_when_asked_for(
     assert streamed.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
     gateway.chat("chat", "hello")
     assert "logprobs" not in gateway.vllm.bodies[-1], "a generation task's answers carry no label signal"
-    rows = _captured(gateway, 4)
+    rows = captured(gateway, 4)
     signals = {r.prompt_text: r.signal for r in rows}
     assert signals["my bag is lost"] == {"negative": -0.2, "neutral": -2.0, "positive": -3.0, "_missing": 0.0}
     assert signals["great crew"] == {"negative": -0.2, "neutral": -1.5, "positive": -1.5, "_missing": 2.0}, \

@@ -4,26 +4,11 @@ stream that breaks upstream is recorded as a 502, and a shadowed request is answ
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from sqlalchemy import select
-
-from tests.serving.test_gateway import Gateway, _gateway
+from tests.serving.test_gateway import _gateway, captured
 from tuneloop.registry import set_alias
 from tuneloop.serving.proxy import completion_of, json_or_none
-from tuneloop.tables import TrafficRow
-
-
-def captured(gateway: Gateway, n: int) -> list[TrafficRow]:
-    """The first n captured records (the capture writer inserts off the request path, within a second)."""
-    rows: list[TrafficRow] = []
-    deadline = time.monotonic() + 10
-    while len(rows) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-        with gateway.store.session() as session:
-            rows = list(session.scalars(select(TrafficRow).order_by(TrafficRow.id)))
-    return rows
 
 
 def test_answers_are_read_from_both_endpoints_and_nothing_is_made_up_from_garbage() -> None:
