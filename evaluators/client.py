@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tuneloop.answer_signal import first_token_logprobs
+from tuneloop.answer_signal import answer_token_signal, first_token_logprobs
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import EvaluationConfig, TaskConfig
 from tuneloop.errors import EngineUnavailable, ModelNotFound
@@ -38,7 +38,8 @@ class Answer:
     error: str | None
     latency_ms: float
     completion_tokens: int | None
-    signal: dict[str, float] | None = None  # first-token top log-probabilities, when the request asked for them
+    # asked with top_logprobs: the first token's top candidates; with logprobs alone: the answer tokens' summary
+    signal: dict[str, float] | None = None
 
 
 def request_body(target: EvalTarget, task: TaskConfig, example: Example, seed: int) -> dict[str, Any]:
@@ -100,7 +101,8 @@ class EndpointClient:
             payload = response.json()
             text = (payload.get("choices") or [{}])[0].get("message", {}).get("content")
             tokens = (payload.get("usage") or {}).get("completion_tokens")
-            signal = first_token_logprobs(payload) if body.get("logprobs") else None
+            signal = (None if not body.get("logprobs") else first_token_logprobs(payload) if body.get("top_logprobs")
+                      else answer_token_signal(payload))
             return Answer(position, example.id, text, None, latency_ms, tokens, signal)
         raise EngineUnavailable(f"{self.target.base_url} did not answer example {example.id} after "
                                 f"{self.settings.max_attempts} attempts ({last}); the run is saved, run the same "

@@ -1,4 +1,5 @@
-"""Three estimates of a classification task's metric on one window of served traffic, side by side.
+"""Three estimates of a task's metric on one window of served traffic, side by side (classification metrics from
+calibrated label distributions; a free-text answer's mean score from a per-answer predictor, `estimate_scores`).
 
 - *label-free* (confidence-based performance estimation, CBPE, as NannyML does for tabular classifiers): each
   answer's calibrated label distribution gives the expected confusion counts of the window; the metric of those
@@ -33,6 +34,7 @@ from tuneloop.errors import EstimationError
 Method = Literal["label_free", "prediction_powered", "labels_only"]
 METHODS: tuple[Method, ...] = ("label_free", "prediction_powered", "labels_only")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+MEAN_METRICS = ("accuracy", "chrf")  # a plain mean of a per-answer score in [0, 1]
 LABEL_FREE_DRAWS = 2000
 
 
@@ -110,7 +112,7 @@ def indicators(metric: str, predicted: np.ndarray, truth_dist: np.ndarray) -> np
 
 
 def metric_of_means(metric: str, means: np.ndarray) -> float:
-    if metric == "accuracy":
+    if metric in MEAN_METRICS:
         return float(np.clip(means[0], 0.0, 1.0))
     tp, fp, fn = (np.clip(means.reshape(-1, 3)[:, i], 0.0, None) for i in range(3))
     denominator = 2 * tp + fp + fn
@@ -137,7 +139,7 @@ def metric_of_draws(metric: str, predicted: np.ndarray, truth_draws: np.ndarray,
 
 def metric_gradient(metric: str, means: np.ndarray) -> np.ndarray:
     """d metric / d means, for the delta method."""
-    if metric == "accuracy":
+    if metric in MEAN_METRICS:
         return np.ones(1)
     m = means.reshape(-1, 3)
     tp, fp, fn = m[:, 0], m[:, 1], m[:, 2]
@@ -253,6 +255,56 @@ def labels_only(metric: str, data: WindowData, level: float = 0.95) -> Estimate:
 
 def estimate_all(metric: str, data: WindowData, level: float = 0.95) -> list[Estimate]:
     return [label_free(metric, data, level), prediction_powered(metric, data, level), labels_only(metric, data, level)]
+
+
+# --- free-text answers: the mean of a predicted per-answer score ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreWindow:
+    """A window of free-text answers: each one's predicted score (0-1), its true score where a reference has
+    arrived (NaN where none has), and the predictor's cross-fitted residual spread."""
+
+    predicted: np.ndarray  # (n,)
+    truth: np.ndarray  # (n,) NaN = unlabelled
+    residual_sd: float
+
+    def __post_init__(self) -> None:
+        if self.predicted.ndim != 1 or self.truth.shape != self.predicted.shape:
+            raise EstimateError(f"window arrays disagree: predicted {self.predicted.shape}, truth {self.truth.shape}")
+        if not np.all(np.isfinite(self.predicted)) or not self.residual_sd >= 0:
+            raise EstimateError("predicted scores must be finite and the residual spread non-negative")
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.asarray(~np.isnan(self.truth))
+
+
+def estimate_scores(metric: str, data: ScoreWindow, level: float = 0.95) -> list[Estimate]:
+    """The three estimates of a mean per-answer score. Label-free: the mean prediction, with the interval the
+    predictor's residual spread gives if it holds on these inputs (coefficient uncertainty left out). The other
+    two: the same PPI++ and labels-only machinery as for accuracy, with the scores as the per-answer quantity."""
+    if metric not in MEAN_METRICS:
+        raise EstimateError(f"metric '{metric}' is not a mean of per-answer scores; choose from {MEAN_METRICS}")
+    labelled = data.labelled
+    n, n_labelled = data.predicted.shape[0], int(labelled.sum())
+    estimates = []
+    if n:
+        value = float(data.predicted.mean())
+        half = z_value(level) * data.residual_sd / n**0.5
+        estimates.append(Estimate("label_free", value, max(value - half, 0.0), min(value + half, 1.0), n_labelled,
+                                  n - n_labelled, {"residual_sd": data.residual_sd}))
+    else:
+        estimates.append(Estimate("label_free", None, None, None, 0, 0, {}))
+    if n_labelled == 0:
+        return estimates + [Estimate(m, None, None, None, 0, n, {}) for m in ("prediction_powered", "labels_only")]
+    y, yhat = data.truth[labelled][:, None], data.predicted[labelled][:, None]
+    unlabelled = data.predicted[~labelled][:, None]
+    value, low, high, lam = ppi_estimate(metric, y, yhat, unlabelled, level=level)
+    estimates.append(Estimate("prediction_powered", value, low, high, n_labelled, n - n_labelled, {"lambda": lam}))
+    value, low, high, _ = ppi_estimate(metric, y, yhat, np.zeros((0, 1)), level=level, lam=0.0)
+    estimates.append(Estimate("labels_only", value, low, high, n_labelled, n - n_labelled, {}))
+    return estimates
 
 
 # --- helpers for callers holding labels as strings ----------------------------------------------------------------

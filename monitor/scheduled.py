@@ -60,8 +60,8 @@ def scheduled_estimate(config: Config, store: Store, task: str, *, endpoint: str
     from tuneloop.monitor.estimate import QualityEstimator
 
     task_config = config.task(task)
-    if task_config.kind != "classification" or not task_config.estimate.signal:
-        return Skipped(f"task '{task}' has no live-traffic estimate (classification tasks with estimate.signal on)")
+    if not task_config.estimate.signal:
+        return Skipped(f"task '{task}' has no live-traffic estimate (tasks.{task}.estimate.signal is off)")
     champion = find_alias(store, task, "champion")
     if champion is None:
         return Skipped(f"task '{task}' has no champion")

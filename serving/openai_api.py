@@ -28,7 +28,7 @@ from tuneloop.serving.protocol import (
     validate_body,
 )
 from tuneloop.serving.proxy import ProxiedRequest, forward
-from tuneloop.serving.quality_signal import ask_for_signal
+from tuneloop.serving.quality_signal import SignalPlan, plan_signal
 from tuneloop.serving.state import GatewayContext, context
 
 
@@ -60,22 +60,20 @@ async def chat_completions(request: Request) -> Response:
     check_limits("chat", body, ctx.config.serving.limits)
     route = ctx.router.resolve(parsed.model)
     messages = [m.model_dump(exclude_none=True) for m in parsed.messages]
-    signal_labels: list[str] | None = None
-    strip_signal = False
+    signal: SignalPlan | None = None
     if route.task:
         task = ctx.config.tasks[route.task]
         if not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": task.system_prompt})
         constrained = constrain_to_labels(body, task)
-        if purpose == "user" and task.kind == "classification" and task.estimate.signal and not parsed.stream:
-            strip_signal = ask_for_signal(body, task, constrained=constrained, stream=parsed.stream)
-            signal_labels = list(task.labels) if constrained else None
+        if purpose == "user":
+            signal = plan_signal(body, task, constrained=constrained, stream=parsed.stream)
     body["messages"] = messages
     users = [text_content(m.get("content")) for m in messages if m["role"] == "user"]
     return await forward(ctx, ProxiedRequest(route=route, endpoint="chat", body=body,
                                              prompt_text=users[-1] if users else "", messages=messages,
                                              stream=parsed.stream, purpose=purpose, caller=caller,
-                                             labels_for_signal=signal_labels, strip_signal=strip_signal))
+                                             signal=signal))
 
 
 async def completions(request: Request) -> Response:

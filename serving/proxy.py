@@ -17,12 +17,11 @@ from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
-from tuneloop.answer_signal import first_token_logprobs, label_signal
 from tuneloop.errors import EngineUnavailable
 from tuneloop.keys import Caller
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
-from tuneloop.serving.quality_signal import without_logprobs
+from tuneloop.serving.quality_signal import SignalPlan, without_logprobs
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
 from tuneloop.serving.upstream import UpstreamError, UpstreamResponse
@@ -45,10 +44,8 @@ class ProxiedRequest:
     started: float = field(default_factory=time.perf_counter)
     shadow_of: str | None = None
     caller: Caller | None = field(default=None, metadata={"help": "The API key that sent it, if any."})
-    labels_for_signal: list[str] | None = field(default=None, metadata={
-        "help": "A classification task's labels: its answer's label log-probabilities are captured."})
-    strip_signal: bool = field(default=False, metadata={
-        "help": "The gateway asked vLLM for log-probabilities the client did not: removed from the answer."})
+    signal: SignalPlan | None = field(default=None, metadata={
+        "help": "How the answer's quality signal is read (serving/quality_signal.py); None: no signal."})
 
     @property
     def labels(self) -> dict[str, str]:
@@ -88,9 +85,9 @@ async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
         payload = json_or_none(raw)
         completion, usage = completion_of(payload, request.endpoint)
         signal = None
-        if request.labels_for_signal is not None and upstream.status == 200:
-            signal = label_signal(first_token_logprobs(payload), request.labels_for_signal)
-            if request.strip_signal and isinstance(payload, dict):
+        if request.signal is not None and upstream.status == 200:
+            signal = request.signal.read(payload)
+            if request.signal.strip and isinstance(payload, dict):
                 raw = encode(without_logprobs(payload))
         finish(ctx, request, Outcome(completion, usage, upstream.status, signal))
         return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
@@ -167,8 +164,8 @@ async def _shadow(ctx: GatewayContext, request: ProxiedRequest) -> None:
             await response.close()
         payload = json_or_none(raw)
         completion, usage = completion_of(payload, request.endpoint)
-        signal = (label_signal(first_token_logprobs(payload), request.labels_for_signal)
-                  if request.labels_for_signal is not None and response.status == 200 else None)
+        signal = (request.signal.read(payload)
+                  if request.signal is not None and response.status == 200 else None)
         outcome = Outcome(completion, usage, response.status, signal)
     except UpstreamError:
         outcome = Outcome(None, {}, 503)

@@ -1,6 +1,6 @@
-"""The quality signal of a label answer, as captured: each label's log-probability from the first answer token's
-top candidates (vLLM's log-probabilities under the label constraint, returned with the answer; see
-serving/quality_signal.py).
+"""The quality signal of an answer, as captured. A label answer: each label's log-probability from the first answer
+token's top candidates (vLLM's log-probabilities under the label constraint, returned with the answer). A free-text
+answer: the mean and lowest log-probability of its tokens, and its length. See serving/quality_signal.py.
 
 Shared by the gateway that captures it (serving/quality_signal.py), the eval client that reads it on held-out
 answers (evaluators/client.py) and the estimator that calibrates it (monitor/estimate.py), so all three agree on
@@ -72,3 +72,33 @@ def label_logprobs(signal: dict[str, float], labels: list[str]) -> tuple[np.ndar
             values.append(floor)
             missing += 1
     return np.array(values, dtype=float), missing
+
+
+# --- generation answers -------------------------------------------------------------------------------------------
+
+MAX_ANSWER_TOKENS_READ = 4096  # tasks.<name>.max_new_tokens is at most 4096
+TOKEN_SIGNAL_KEYS = ("mean_logprob", "min_logprob", "tokens")
+
+
+def answer_token_signal(payload: Any) -> dict[str, float] | None:
+    """What capture stores for a free-text answer: the mean and lowest log-probability of its sampled tokens and
+    how many there were. Numbers only: the tokens themselves are the answer's text and are not kept twice."""
+    try:
+        content = payload["choices"][0]["logprobs"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(content, list):
+        return None
+    values = [float(entry["logprob"]) for entry in content[:MAX_ANSWER_TOKENS_READ]
+              if isinstance(entry, dict) and isinstance(entry.get("logprob"), int | float)
+              and math.isfinite(entry["logprob"]) and entry["logprob"] > MASKED_LOGPROB]
+    if not values:
+        return None
+    return {"mean_logprob": sum(values) / len(values), "min_logprob": min(values), "tokens": float(len(values))}
+
+
+def stored_token_signal(signal: dict[str, float]) -> np.ndarray | None:
+    """A stored free-text signal as (mean log-prob, lowest log-prob, tokens); None if it is not one."""
+    if any(not isinstance(signal.get(key), int | float) for key in TOKEN_SIGNAL_KEYS):
+        return None
+    return np.array([signal[key] for key in TOKEN_SIGNAL_KEYS], dtype=float)

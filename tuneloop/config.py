@@ -242,8 +242,9 @@ class RetrainConfig(StrictModel):
 class EstimateConfig(StrictModel):
     """Label-free and prediction-powered estimates of a task's metric on live traffic (monitor/estimate.py)."""
 
-    signal: bool = Field(default=True, description="Classification: ask vLLM for each answer's label log-probabilities "
-                         "(non-streamed chat requests) and capture them, off the request path.")
+    signal: bool = Field(default=True, description="Ask vLLM for each non-streamed chat answer's log-probabilities and "
+                         "capture a summary with the request: the labels' (classification) or the answer tokens' "
+                         "mean and minimum (generation).")
     window: int = Field(default=200, ge=10, le=20_000, description="Most recent captured answers an estimate covers.")
     level: float = Field(default=0.95, gt=0.5, lt=1, description="Confidence level of the estimates' intervals.")
     calibration_examples: int = Field(default=300, ge=20, le=10_000, description="Held-out examples the calibrator "

@@ -15,9 +15,12 @@ from sqlalchemy import func, select
 
 from tests.monitor.helpers import LABELS, make_dataset, register_champion
 from tuneloop.answer_signal import label_signal
+from tuneloop.challenger_sets.catalog import add_dataset
+from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config, FloorRule
 from tuneloop.errors import EstimationError
 from tuneloop.evaluators.targets import EvalTarget
+from tuneloop.monitor.answer_quality import sentence_scores
 from tuneloop.monitor.estimate import QualityEstimator
 from tuneloop.monitor.exporter import MonitorCollector
 from tuneloop.monitor.incidents import IncidentStore, RuleId
@@ -128,8 +131,8 @@ def test_the_latest_estimates_are_exported(estimator: tuple[QualityEstimator, En
 
 def test_what_cannot_be_estimated_says_why(estimator: tuple[QualityEstimator, Endpoint], store: Store) -> None:
     quality, _ = estimator
-    with pytest.raises(EstimationError, match="classification tasks only"):
-        quality.estimate("chat", target=TARGET)
+    with pytest.raises(EstimationError, match="metric 'bleu' of generation task 'chat' has no estimator"):
+        quality.estimate("chat", metric="bleu", target=TARGET)
     with pytest.raises(EstimationError, match="has no estimator"):
         quality.estimate("sentiment", metric="bleu", target=TARGET)
     with pytest.raises(EstimationError, match="no captured answers with a quality signal for sentiment@1"):
@@ -178,3 +181,72 @@ def test_without_labels_the_label_free_estimate_breaches_only_while_drift_is_fla
     drifted = Policy(config, store).check_rules("sentiment")
     check = next(c for c in drifted if c.rule.kind == "estimate")
     assert check.verdict == "breach" and "while drift is flagged" in check.message
+
+
+# --- generation: a per-answer chrF predictor -----------------------------------------------------------------------
+
+CHAT_TARGET = EvalTarget("chat", "chat@1", 1, "http://endpoint.test")
+
+
+def _chat_reply(text: str) -> tuple[str, str, list[float]]:
+    """(reference, answer, token log-probabilities) of a model whose confident answers are the right ones: two in
+    five answers repeat the reference (log-probabilities around -0.3), the rest are off (around -2.5)."""
+    index = int(text.rsplit(" ", 1)[1])
+    reference = f"I would love to talk about topic number {index} with you"
+    good = zlib.crc32(text.encode()) % 5 < 2
+    answer = reference if good else "banana keyboard seventeen"
+    centre = -0.3 if good else -2.5
+    return reference, answer, [centre - 0.2, centre, centre + 0.2, centre - 0.1]
+
+
+class ChatEndpoint:
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        body = json.loads(request.content)
+        assert body["logprobs"] is True and "top_logprobs" not in body and "structured_outputs" not in body
+        _, answer, logprobs = _chat_reply(body["messages"][-1]["content"])
+        content = [{"token": f"t{i}", "logprob": lp, "top_logprobs": []} for i, lp in enumerate(logprobs)]
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": answer},
+                                                      "logprobs": {"content": content}}],
+                                         "usage": {"completion_tokens": len(logprobs)}})
+
+
+def test_a_generation_tasks_chrf_is_estimated_from_its_answers_token_logprobs(config: Config, store: Store) -> None:
+    chat = [Example(id=f"c{i}", input=f"tell me about topic {i}", reference=_chat_reply(f"x {i}")[0])
+            for i in range(80)]
+    add_dataset(store, config.data_path, chat[:40], task="chat", name="train", kind="train", source="test")
+    add_dataset(store, config.data_path, chat[40:], task="chat", name="heldout", kind="heldout", source="test")
+    register_champion(store, "chat", 1)
+    endpoint = ChatEndpoint()
+    quality = QualityEstimator(config, store, transport=httpx.MockTransport(endpoint))
+    answers, references = [], []
+    with store.session() as session:
+        for i in range(120):
+            text = f"live chat {i}"
+            reference, answer, logprobs = _chat_reply(text)
+            answers.append(answer)
+            references.append(reference)
+            session.add(TrafficRow(
+                request_id=uuid.uuid4().hex, created_at=datetime.now(UTC), task="chat", adapter_version=1,
+                route="champion", endpoint="chat", prompt_text=text, messages=[{"role": "user", "content": text}],
+                completion=answer, latency_ms=1.0, status=200,
+                signal={"mean_logprob": sum(logprobs) / 4, "min_logprob": min(logprobs), "tokens": 4.0},
+                reference=reference if i < 30 else None))
+    truth = float(sentence_scores("chrf", answers, references).mean())
+    result = quality.estimate("chat", target=CHAT_TARGET)
+    assert endpoint.requests == 40, "the predictor is fitted on the held-out set through the endpoint"
+    assert result.metric == "chrf" and result.n_answers == 120
+    assert result.calibration["spearman"] > 0.8, "confident answers are the good ones here: the predictor ranks them"
+    methods = {e.method: e for e in result.estimates}
+    assert methods["label_free"].value == pytest.approx(truth, abs=0.05)
+    assert methods["labels_only"].n_labelled == 30 and methods["prediction_powered"].n_unlabelled == 90
+    assert methods["prediction_powered"].width <= methods["labels_only"].width + 1e-12  # type: ignore[operator]
+    assert methods["prediction_powered"].detail["lambda"] > 0.5, "a good predictor is trusted"
+    quality.estimate("chat", target=CHAT_TARGET)
+    assert endpoint.requests == 40, "the stored predictor is reused"
+    with store.session() as session:
+        [stored] = session.scalars(select(AnswerCalibrationRow).where(AnswerCalibrationRow.task == "chat"))
+        assert stored.method == "ridge" and stored.n == 40

@@ -16,8 +16,10 @@ from tuneloop.monitor.answer_calibration import (
 )
 from tuneloop.monitor.estimators import (
     EstimateError,
+    ScoreWindow,
     WindowData,
     estimate_all,
+    estimate_scores,
     indicators,
     label_free,
     labels_only,
@@ -193,3 +195,75 @@ def test_isotonic_keeps_distributions_and_too_few_answers_are_refused() -> None:
     assert expected_calibration_error(np.array([0.9, 0.9]), np.array([1, 0])) == pytest.approx(0.4)
     with pytest.raises(CalibrationError, match="at least"):
         choose_calibrator(logprobs[:5], predicted[:5], truth[:5])
+
+
+def _scores(rng: np.random.Generator, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-answer predicted and true scores in [0, 1]; `shift` moves the truth away from what was predicted (the
+    predictor stopped holding), which the prediction-powered interval must survive."""
+    predicted = np.clip(rng.beta(2, 8, n) + 0.05, 0, 1)
+    truth = np.clip(predicted - shift + rng.normal(0, 0.08, n), 0, 1)
+    return predicted, truth
+
+
+def test_mean_score_estimates_cover_at_the_nominal_rate_and_match_ppi_python() -> None:
+    """Free-text answers (chrF): prediction-powered covers the window's true mean score at about 95 % even when
+    the predictor is off by 0.05; label-free covers only while the predictor holds."""
+    ppi_py = pytest.importorskip("ppi_py")
+    rng = np.random.default_rng(4)
+    covered = {("prediction_powered", 0.0): 0, ("prediction_powered", 0.05): 0, ("label_free", 0.0): 0,
+               ("label_free", 0.05): 0}
+    runs = 400
+    for run in range(runs):
+        for shift in (0.0, 0.05):
+            predicted, truth = _scores(rng, 200, shift)
+            seen = np.full(200, np.nan)
+            chosen = rng.choice(200, 40, replace=False)
+            seen[chosen] = truth[chosen]
+            estimates = {e.method: e for e in estimate_scores("chrf", ScoreWindow(predicted, seen, 0.08))}
+            for method in ("prediction_powered", "label_free"):
+                e = estimates[method]
+                covered[(method, shift)] += e.ci_lower <= truth.mean() <= e.ci_upper
+            if run == 0:
+                ppi = estimates["prediction_powered"]
+                lam = ppi.detail["lambda"]
+                unlabelled = np.delete(predicted, chosen)
+                ref_low, ref_high = ppi_py.ppi_mean_ci(truth[chosen], predicted[chosen], unlabelled, alpha=0.05,
+                                                       lam=lam)
+                assert ppi.ci_lower == pytest.approx(float(np.squeeze(ref_low)), abs=1e-9)
+                assert ppi.ci_upper == pytest.approx(float(np.squeeze(ref_high)), abs=1e-9)
+                assert ppi.width <= estimates["labels_only"].width + 1e-12  # type: ignore[operator]
+    assert covered[("prediction_powered", 0.0)] / runs >= 0.92
+    assert covered[("prediction_powered", 0.05)] / runs >= 0.92, "valid whatever the predictor's quality"
+    assert covered[("label_free", 0.0)] / runs >= 0.92
+    assert covered[("label_free", 0.05)] / runs < 0.5, "label-free trusts the predictor: a shifted truth escapes it"
+
+
+def test_mean_score_windows_without_labels_or_with_bad_shapes() -> None:
+    only = {e.method: e for e in estimate_scores("chrf", ScoreWindow(np.array([0.2, 0.4]), np.full(2, np.nan), 0.1))}
+    assert only["label_free"].value == pytest.approx(0.3) and only["prediction_powered"].value is None
+    with pytest.raises(EstimateError, match="disagree"):
+        ScoreWindow(np.zeros(3), np.zeros(2), 0.1)
+    with pytest.raises(EstimateError, match="not a mean of per-answer scores"):
+        estimate_scores("macro_f1", ScoreWindow(np.zeros(2), np.zeros(2), 0.1))
+
+
+def test_the_chrf_predictor_learns_the_signals_sign_and_says_how_well_it_ranks() -> None:
+    """The predictor is fitted, not assumed: here the confident answers are the *bad* ones (as measured on the
+    embedded chat task), and the cross-fitted rank correlation reports how well unseen answers are ranked."""
+    from tuneloop.monitor.answer_quality import QualityModelError, answer_features, fit_quality_model
+
+    rng = np.random.default_rng(0)
+    n = 200
+    mean_logprob = rng.uniform(-2.5, -0.2, n)
+    truth = np.clip(0.3 - 0.08 * (mean_logprob + 1.3) + rng.normal(0, 0.03, n), 0, 1)
+    signals = np.column_stack([mean_logprob, mean_logprob - 1.0, rng.integers(5, 48, n)])
+    features = answer_features(signals, ["a prompt"] * n, rng.uniform(0.3, 0.5, n))
+    model = fit_quality_model(features, truth)
+    assert model.coef[0] < 0 and model.spearman > 0.8 and 0.02 < model.residual_sd < 0.05
+    noise = fit_quality_model(features, rng.permutation(truth))
+    assert abs(noise.spearman) < 0.25, "without a relation the reported rank correlation is about zero"
+    assert type(model).from_json(model.to_json()) == model
+    with pytest.raises(QualityModelError, match="at least 20"):
+        fit_quality_model(features[:10], truth[:10])
+    with pytest.raises(QualityModelError, match="disagree"):
+        answer_features(signals, ["a prompt"] * 3, np.zeros(n))

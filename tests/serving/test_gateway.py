@@ -93,7 +93,11 @@ class FakeVllm:
                                   headers={"content-type": "text/event-stream"})
         message: dict[str, Any] = {"message": {"role": "assistant", "content": text}} \
             if path.endswith("chat/completions") else {"text": text}
-        if body.get("logprobs") and path.endswith("chat/completions"):
+        if body.get("logprobs") and path.endswith("chat/completions") and not choices:
+            # a free-text answer: each sampled token's log-probability, no top candidates unless asked
+            message["logprobs"] = {"content": [{"token": token, "logprob": logprob, "top_logprobs": []}
+                                               for token, logprob in (("a", -0.5), (" free", -1.5), ("-text", -2.5))]}
+        elif body.get("logprobs") and path.endswith("chat/completions"):
             # vLLM's shape: the first token's top candidates, raw (before the constraint), one not a label
             top = [{"token": "negative", "logprob": -0.2}, {"token": "Jane", "logprob": -1.5},
                    {"token": "neutral", "logprob": -2.0}, {"token": " positive", "logprob": -3.0}]
@@ -348,21 +352,38 @@ def test_a_label_answers_logprobs_are_captured_and_returned_only_when_asked_for(
         ["negative", "Jane"]
     streamed = gateway.chat("sentiment", "streamed", stream=True)
     assert streamed.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
-    gateway.chat("chat", "hello")
-    assert "logprobs" not in gateway.vllm.bodies[-1], "a generation task's answers carry no label signal"
-    rows = captured(gateway, 4)
+    rows = captured(gateway, 3)
     signals = {r.prompt_text: r.signal for r in rows}
     assert signals["my bag is lost"] == {"negative": -0.2, "neutral": -2.0, "positive": -3.0, "_missing": 0.0}
     assert signals["great crew"] == {"negative": -0.2, "neutral": -1.5, "positive": -1.5, "_missing": 2.0}, \
         "labels outside the top candidates get the lowest one returned, and are counted"
-    assert signals["streamed"] is None and signals["hello"] is None
+    assert signals["streamed"] is None
     assert all("Jane" not in (s or {}) for s in signals.values()), "candidate tokens other than labels are not kept"
 
 
-def test_the_label_signal_can_be_turned_off_per_task(tmp_path: Path) -> None:
-    for gateway in _gateway(tmp_path, "tasks:\n  sentiment:\n    estimate:\n      signal: false\n"):
-        response = gateway.chat("sentiment", "anything")
-        assert response.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
+def test_a_free_text_answers_token_logprobs_are_summarised_in_capture(gateway: Gateway) -> None:
+    """A generation task's signal: vLLM is asked for the sampled tokens' log-probabilities only (no top-k); capture
+    keeps their mean, minimum and count, never the tokens; the client gets the answer it asked for."""
+    plain = gateway.chat("chat", "hello")
+    sent = gateway.vllm.bodies[-1]
+    assert sent["logprobs"] is True and "top_logprobs" not in sent
+    assert plain.status_code == 200 and "logprobs" not in plain.json()["choices"][0]
+    asked = gateway.chat("chat", "hi there", logprobs=True)
+    assert [t["token"] for t in asked.json()["choices"][0]["logprobs"]["content"]] == ["a", " free", "-text"]
+    gateway.chat("chat", "streamed", stream=True)
+    assert "logprobs" not in gateway.vllm.bodies[-1]
+    signals = {r.prompt_text: r.signal for r in captured(gateway, 3)}
+    assert signals["hello"] == {"mean_logprob": -1.5, "min_logprob": -2.5, "tokens": 3.0}
+    assert signals["hi there"] == signals["hello"]
+    assert signals["streamed"] is None
+
+
+def test_the_signal_can_be_turned_off_per_task(tmp_path: Path) -> None:
+    config = "tasks:\n  sentiment:\n    estimate:\n      signal: false\n  chat:\n    estimate:\n      signal: false\n"
+    for gateway in _gateway(tmp_path, config):
+        for task in ("sentiment", "chat"):
+            response = gateway.chat(task, "anything")
+            assert response.status_code == 200 and "logprobs" not in gateway.vllm.bodies[-1]
 
 
 def test_the_model_list_names_tasks_loaded_versions_and_the_base(gateway: Gateway) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,8 +18,8 @@ def estimate(
     task: Annotated[str, typer.Option("--task", "-t", help="Task whose served traffic to estimate.")],
     window: Annotated[int | None, typer.Option("--window", "-w", min=1, max=20_000, help="Newest captured answers "
                                                "to cover (default: tasks.<name>.estimate.window).")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", "-m", help="accuracy or macro_f1 (default: the task's "
-                                               "primary metric).")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", "-m", help="accuracy or macro_f1 (classification), chrf "
+                                               "(generation); default: the task's primary metric.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Label-free, prediction-powered and labels-only estimates of the champion's metric on live traffic.
@@ -39,11 +39,22 @@ def estimate(
                 ["method", "value", f"{level} CI", "labelled", "unlabelled"],
                 [[e.method, _fmt(e.value), f"[{_fmt(e.ci_lower)}, {_fmt(e.ci_upper)}]", e.n_labelled, e.n_unlabelled]
                  for e in result.estimates])
-    ece = result.calibration["ece"]
-    console.print(f"calibration: {result.calibration['method']} on {result.calibration['n']} held-out answers "
-                  f"(held-out ECE: identity {ece.get('identity', 0):.3f}, temperature {ece.get('temperature', 0):.3f}, "
-                  f"isotonic {ece.get('isotonic', 0):.3f}). label_free assumes that calibration still holds on "
-                  "these inputs; prediction_powered does not, and needs the labelled answers to be a random sample.")
+    if "spearman" in result.calibration:
+        console.print(f"predictor: {result.calibration['method']} on {result.calibration['n']} held-out answers "
+                      f"(rank correlation with the true per-answer {result.metric} on unseen halves: "
+                      f"{result.calibration['spearman']:.2f}; residual sd {result.calibration['residual_sd']:.3f}). "
+                      "label_free assumes the predictor still holds on these inputs; prediction_powered does not, "
+                      "and needs the labelled answers to be a random sample.")
+    else:
+        _print_calibration(result.calibration)
     skipped = {k: v for k, v in result.skipped.items() if v}
     if skipped:
         console.print(f"skipped: {skipped}")
+
+
+def _print_calibration(calibration: dict[str, Any]) -> None:
+    ece = calibration["ece"]
+    console.print(f"calibration: {calibration['method']} on {calibration['n']} held-out answers "
+                  f"(held-out ECE: identity {ece.get('identity', 0):.3f}, temperature {ece.get('temperature', 0):.3f}, "
+                  f"isotonic {ece.get('isotonic', 0):.3f}). label_free assumes that calibration still holds on "
+                  "these inputs; prediction_powered does not, and needs the labelled answers to be a random sample.")
