@@ -110,3 +110,35 @@ def _peft_label_logprobs(adapter: Path, base: Path, texts: list[str], system_pro
                           [Example(id=str(i), input=t, reference=labels[0]) for i, t in enumerate(texts)],
                           system_prompt=system_prompt, labels=labels)
     return [row.numpy() for row in scores.log_probs]
+
+
+def test_real_free_text_answers_carry_their_token_logprob_summary(live_gateway: LiveGateway) -> None:
+    """A generation task's signal from the real engine: the summary capture keeps is the mean, minimum and count
+    of the log-probabilities vLLM returns for the answer's tokens (checked against the ones a client asking for
+    them gets), and an answer nobody asked log-probabilities for comes back without them."""
+    live = live_gateway
+    sent = time.time()
+    asked, plain = (httpx.post(f"{live.url}/v1/chat/completions", timeout=120, json={
+        "model": "chat", "messages": [{"role": "user", "content": f"{text} #{sent}"}], "max_tokens": 12,
+        "temperature": 0, **extra}) for text, extra in (("How was your weekend?", {"logprobs": True}),
+                                                        ("Any plans for tonight?", {})))
+    assert asked.status_code == 200 and plain.status_code == 200, (asked.text, plain.text)
+    assert "logprobs" not in plain.json()["choices"][0]
+    returned = [t["logprob"] for t in asked.json()["choices"][0]["logprobs"]["content"]]
+    ids = {asked.headers["x-request-id"]: returned, plain.headers["x-request-id"]: None}
+    rows: dict[str, Any] = {}
+    for _ in range(60):
+        with live.store.session() as session:
+            rows = {r.request_id: r.signal for r in session.scalars(
+                select(TrafficRow).where(TrafficRow.request_id.in_(list(ids))))}
+        if len(rows) == 2:
+            break
+        time.sleep(0.5)
+    assert len(rows) == 2, "both answers are captured"
+    signal = rows[asked.headers["x-request-id"]]
+    assert signal["tokens"] == len(returned) > 0
+    assert signal["mean_logprob"] == pytest.approx(float(np.mean(returned)), abs=1e-6)
+    assert signal["min_logprob"] == pytest.approx(min(returned), abs=1e-6)
+    assert signal["min_logprob"] <= signal["mean_logprob"] <= 0
+    other = rows[plain.headers["x-request-id"]]
+    assert set(other) == {"mean_logprob", "min_logprob", "tokens"} and other["tokens"] >= 1
