@@ -21,7 +21,7 @@ from tuneloop.errors import EngineUnavailable
 from tuneloop.keys import Caller
 from tuneloop.serving.capture import TrafficRecord
 from tuneloop.serving.protocol import Endpoint, Purpose, text_content
-from tuneloop.serving.quality_signal import SignalPlan, without_logprobs
+from tuneloop.serving.quality_signal import SignalPlan, strip_logprobs
 from tuneloop.serving.routing import Route
 from tuneloop.serving.state import GatewayContext
 from tuneloop.serving.upstream import UpstreamError, UpstreamResponse
@@ -87,8 +87,8 @@ async def forward(ctx: GatewayContext, request: ProxiedRequest) -> Response:
         signal = None
         if request.signal is not None and upstream.status == 200:
             signal = request.signal.read(payload)
-            if request.signal.strip and isinstance(payload, dict):
-                raw = encode(without_logprobs(payload))
+            if request.signal.strip and isinstance(payload, dict) and strip_logprobs(payload):
+                raw = encode(payload)
         finish(ctx, request, Outcome(completion, usage, upstream.status, signal))
         return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
     return RelayResponse(_relay(ctx, upstream, request), media_type="text/event-stream", headers=headers)

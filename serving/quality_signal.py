@@ -60,9 +60,12 @@ def plan_signal(body: dict[str, Any], task: TaskConfig, *, constrained: bool, st
     return SignalPlan(labels, strip=True)
 
 
-def without_logprobs(payload: dict[str, Any]) -> dict[str, Any]:
-    """The answer as the client asked for it: the log-probabilities the gateway added removed."""
+def strip_logprobs(payload: dict[str, Any]) -> bool:
+    """Remove the log-probabilities the gateway added (in place): the answer as the client asked for it. True if
+    there were any, so an answer without them is forwarded as the bytes vLLM sent, not re-encoded."""
+    removed = False
     for choice in payload.get("choices") or []:
-        if isinstance(choice, dict):
-            choice.pop("logprobs", None)
-    return payload
+        if isinstance(choice, dict) and "logprobs" in choice:
+            del choice["logprobs"]
+            removed = True
+    return removed
