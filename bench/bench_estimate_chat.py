@@ -115,7 +115,7 @@ def _generate(examples: list[Example], system_prompt: str, max_new_tokens: int, 
             # vLLM returns a log-probability for every output token, the end-of-turn token included
             n = ids_out.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids_out else len(ids_out)
             values = logprobs[row, :n].numpy()
-            answers.append(tokenizer.decode(ids_out[:n], skip_special_tokens=True).strip())
+            answers.append(str(tokenizer.decode(ids_out[:n], skip_special_tokens=True)).strip())
             signals.append([float(values.mean()), float(values.min()), float(n)])
     cache_file.write_text(json.dumps({"ids": ids, "answers": answers, "signals": signals}))
     return answers, np.array(signals, dtype=float)

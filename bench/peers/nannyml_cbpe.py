@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import nannyml as nml
 import pandas as pd
 from nannyml.calibration import NoopCalibrator
 
 
-def frame(labels: list[str], part: dict, with_truth: bool) -> pd.DataFrame:
+def frame(labels: list[str], part: dict[str, Any], with_truth: bool) -> pd.DataFrame:
     data = {f"p_{label}": [row[i] for row in part["probs"]] for i, label in enumerate(labels)}
     data["y_pred"] = [labels[i] for i in part["predicted"]]
     if with_truth:
@@ -26,20 +28,19 @@ def frame(labels: list[str], part: dict, with_truth: bool) -> pd.DataFrame:
 
 
 def main() -> None:
-    request = json.loads(open(sys.argv[1]).read())
+    request = json.loads(Path(sys.argv[1]).read_text())
     labels = request["labels"]
     estimator = nml.CBPE(y_pred_proba={label: f"p_{label}" for label in labels}, y_pred="y_pred", y_true="y_true",
                          problem_type="classification_multiclass", metrics=["accuracy", "f1"],
                          chunk_size=request["window"], calibrator=NoopCalibrator())
     estimator.fit(frame(labels, request["reference"], True))
     result = estimator.estimate(frame(labels, request["analysis"], False)).filter(period="analysis").to_df()
-    out = {}
+    out: dict[str, Any] = {}
     for metric, name in (("accuracy", "accuracy"), ("f1", "macro_f1")):
         out[name] = {"value": result[(metric, "value")].tolist(),
                      "sampling_error": result[(metric, "sampling_error")].tolist()}
     out["version"] = nml.__version__
-    with open(sys.argv[2], "w") as handle:
-        json.dump(out, handle)
+    Path(sys.argv[2]).write_text(json.dumps(out))
 
 
 if __name__ == "__main__":
