@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -110,8 +111,14 @@ def _export_and_quantize(source_dir: Path, out_dir: Path) -> None:
         torch.onnx.export(_pooled_module(model), tuple(example[n] for n in INPUT_NAMES), str(fp32_path), dynamo=False,
                           input_names=list(INPUT_NAMES), output_names=["embedding"],
                           dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=17)
-    quantize_dynamic(str(fp32_path), str(out_dir / MODEL_FILE), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=True, extra_options={"DefaultTensorType": 1})  # 1 = FLOAT, for untyped outputs
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs a line per tensor on the root logger
+    try:
+        quantize_dynamic(str(fp32_path), str(out_dir / MODEL_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=True, extra_options={"DefaultTensorType": 1})  # 1 = FLOAT, for untyped outputs
+    finally:
+        root.setLevel(level)
     fp32_path.unlink()
 
 
