@@ -59,15 +59,26 @@ def run(*, quick: bool = False) -> list[Table]:
         processes = [subprocess.Popen([sys.executable, "-m", "bench.stub_upstream", str(upstream_port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
         gateway_url = f"http://127.0.0.1:{config.serving.gateway_port}"
+        # the same gateway with the label signal off (issue 26), for its cost side by side
+        quiet_port = free_port()
+        quiet_config = root / "tuneloop-no-signal.yaml"
+        quiet_config.write_text((root / "tuneloop.yaml").read_text()
+                                .replace(f"gateway_port: {config.serving.gateway_port}", f"gateway_port: {quiet_port}")
+                                .replace("  sentiment:\n", "  sentiment:\n    estimate: {signal: false}\n", 1))
+        quiet_url = f"http://127.0.0.1:{quiet_port}"
         log = open(root / "gateway.log", "wb")  # noqa: SIM115 - closed in finally
-        processes.append(subprocess.Popen([sys.executable, "-m", "bench.stub_gateway", str(root / "tuneloop.yaml"),
-                                           upstream_url], stdout=log, stderr=subprocess.STDOUT))
+        for config_file in (root / "tuneloop.yaml", quiet_config):
+            processes.append(subprocess.Popen([sys.executable, "-m", "bench.stub_gateway", str(config_file),
+                                               upstream_url], stdout=log, stderr=subprocess.STDOUT))
         try:
-            if not wait_ready(gateway_url, 120, process=processes[1]):
-                raise RuntimeError(f"the stub gateway did not start; see {root / 'gateway.log'}")
+            for url, process in ((gateway_url, processes[1]), (quiet_url, processes[2])):
+                if not wait_ready(url, 120, process=process):
+                    raise RuntimeError(f"a stub gateway did not start; see {root / 'gateway.log'}")
             headers = {"Authorization": f"Bearer {key}"}
             result = asyncio.run(_measure(upstream_url, gateway_url, direct_body, gateway_body, headers,
                                           processes[1].pid, pairs, per_level))
+            result["signal"] = asyncio.run(_signal_cost(gateway_url, quiet_url, gateway_body, headers,
+                                                        (processes[1].pid, processes[2].pid), pairs, per_level))
             result["clients"] = asyncio.run(_clients(upstream_url, direct_body, 200 if quick else 1000))
             result["codecs"] = _json_codecs(direct_body, 2000 if quick else 20000)
         finally:
@@ -114,6 +125,30 @@ async def _measure(upstream: str, gateway: str, direct_body: dict[str, Any], gat
                            "gateway_rps": per_level / rates["gateway"], "gateway_cpu_ms": cpu_ms / per_level})
         out["levels"] = levels
     return out
+
+
+async def _signal_cost(with_signal: str, without: str, body: dict[str, Any], headers: dict[str, str],
+                       pids: tuple[int, int], pairs: int, per_level: int) -> dict[str, Any]:
+    """The same gateway with the label signal on and off: per-pair latency at 1 in flight (alternating first),
+    and CPU per request at 8 in flight in ABBA rounds."""
+    import aiohttp
+
+    urls = {"on": f"{with_signal}/v1/chat/completions", "off": f"{without}/v1/chat/completions"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        for _ in range(50):
+            for url in urls.values():
+                await _one(http, url, body, headers, stream=False)
+        timings: dict[str, list[float]] = {"on": [], "off": []}
+        for i in range(pairs):
+            for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                timings[name].append(await _one(http, urls[name], body, headers, stream=False))
+        cpu_ms = {"on": 0.0, "off": 0.0}
+        for name in ("on", "off", "off", "on"):
+            pid = pids[0] if name == "on" else pids[1]
+            before = _cpu_seconds(pid)
+            await _load(http, urls[name], body, headers, 8, per_level // 2)
+            cpu_ms[name] += (_cpu_seconds(pid) - before) * 1000 / per_level
+    return {"timings": timings, "cpu_ms": cpu_ms}
 
 
 async def _one(http: Any, url: str, body: dict[str, Any], headers: dict[str, str], *, stream: bool) -> float:
@@ -236,6 +271,22 @@ def _tables(result: dict[str, Any], pairs: int) -> list[Table]:
         notes="ABBA rounds per level. With an upstream that answers at once the requests/s ratio is not the serving "
               "target (the gateway doubles the HTTP work on shared cores); the CPU per request is what the gateway "
               "takes from a CPU-served engine. bench serving has the ratio against vLLM."))
+    signal_cost = result["signal"]
+    on, off = np.array(signal_cost["timings"]["on"]), np.array(signal_cost["timings"]["off"])
+    differences = on - off
+    rng = np.random.default_rng(54321)
+    medians = np.median(differences[rng.integers(0, len(differences), (2000, len(differences)))], axis=1)
+    low, high = np.quantile(medians, [0.025, 0.975])
+    tables.append(emit("What the label signal costs the gateway (same gateway, signal on vs off)", [
+        "pairs", "signal off p50 (ms)", "signal on p50 (ms)", "added: median of per-pair differences [95 % CI]",
+        "CPU ms per request at 8 in flight, off", "CPU ms per request at 8 in flight, on"],
+        [[pairs, f"{np.median(off):.2f}", f"{np.median(on):.2f}",
+          f"{np.median(differences):+.3f} [{low:+.3f}, {high:+.3f}]", f"{signal_cost['cpu_ms']['off']:.2f}",
+          f"{signal_cost['cpu_ms']['on']:.2f}"]], key="gateway-signal",
+        notes="Two gateway processes on the same stub upstream, one with tasks.sentiment.estimate.signal off. With it "
+              "on, the gateway asks for the first token's top 20 log-probabilities, the upstream answers with them "
+              "(vLLM's shape, 20 candidates), and the gateway keeps the labels' for capture and takes them out of "
+              "the answer. What vLLM spends computing them is not in this table (bench serving runs vLLM)."))
     clients = result["clients"]
     json_rows = result["codecs"]
     tables.append(emit("The parts chosen by measurement (µs per request, one at a time)", [

@@ -3,7 +3,8 @@ gateway adds (bench/bench_gateway.py).
 
 A bare ASGI app on uvicorn with httptools and uvloop, the fastest server stack installed here, so the upstream's
 own time is as small as it can be and the same for both paths. It reads and parses the body as a real engine does,
-then answers a fixed chat completion, or for `"stream": true` eight server-sent events, a usage event and [DONE].
+then answers a fixed chat completion (with vLLM-shaped top-20 log-probabilities when asked: the label signal the
+gateway requests), or for `"stream": true` eight server-sent events, a usage event and [DONE].
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ EVENTS = b"".join(
     for i in range(8))
 USAGE = (b"data: " + json.dumps({"id": "cmpl-stub", "choices": [], "usage": {
     "prompt_tokens": 30, "completion_tokens": 8, "total_tokens": 38}}).encode() + b"\n\ndata: [DONE]\n\n")
+# What vLLM returns when the gateway asks for a label answer's signal: the first token's top 20 candidates.
+_TOP = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        for token, logprob in [("negative", -0.05), ("neutral", -3.2), ("positive", -4.1)]
+        + [(f"cand{i}", -9999.0) for i in range(17)]]
+ANSWER_WITH_LOGPROBS = json.dumps({"id": "cmpl-stub", "object": "chat.completion", "model": "stub",
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": "negative"},
+                                                "logprobs": {"content": [{"token": "negative", "logprob": -0.05,
+                                                                          "bytes": list(b"negative"),
+                                                                          "top_logprobs": _TOP}]}}],
+                                   "usage": {"prompt_tokens": 30, "completion_tokens": 2,
+                                             "total_tokens": 32}}).encode()
 MODELS = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
 
 
@@ -47,7 +60,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": first + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": rest + USAGE})
         return
-    await _send(send, 200, b"application/json", ANSWER)
+    await _send(send, 200, b"application/json", ANSWER_WITH_LOGPROBS if request.get("logprobs") else ANSWER)
 
 
 async def _send(send: Any, status: int, media: bytes, body: bytes) -> None:
