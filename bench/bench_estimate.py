@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.setup import CACHE, REPO, base_model_path, sentiment_sets
+from bench.setup import REPO, base_model_path, causal_lm, sentiment_sets, trained_adapter
 from bench.tables import Table, emit
 from tuneloop.config import Config
 from tuneloop.monitor.answer_calibration import Calibrator, answer_ece, choose_calibrator
@@ -62,35 +62,19 @@ class Scored:
 
 
 def _score(examples: list[Any], labels: list[str], system_prompt: str, adapter: Path | None = None) -> Scored:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tuneloop.evaluators.label_likelihood import score_labels
 
-    path = base_model_path()
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    scores = score_labels(model, AutoTokenizer.from_pretrained(path), examples, system_prompt=system_prompt,
-                          labels=labels, batch_size=32)
+    scores = score_labels(causal_lm(adapter), AutoTokenizer.from_pretrained(base_model_path()), examples,
+                          system_prompt=system_prompt, labels=labels, batch_size=32)
     logprobs = scores.log_probs.numpy().astype(float)
     return Scored(logprobs, logprobs.argmax(axis=1), np.array([labels.index(e.reference) for e in examples]))
 
 
 def _adapter(steps: int) -> Path:
-    """The sentiment task's recipe trained for `steps` steps, cached in the bench cache (trained once)."""
-    from tuneloop.retrain.trainer import fit
-
-    out = CACHE / f"estimate-adapter-{steps}"
-    if (out / "adapter_model.safetensors").exists():
-        return out
-    task = Config().tasks["sentiment"]
-    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000})
-    fit(base_model_path(), sentiment_sets()["train"], [], system_prompt=task.system_prompt, train=recipe,
-        output_dir=out, progress=False)
-    return out
+    """The sentiment task's recipe trained for `steps` steps, cached in the bench cache."""
+    return trained_adapter("sentiment", sentiment_sets()["train"], steps, f"estimate-adapter-{steps}")
 
 
 def _true_value(metric: str, predicted: np.ndarray, truth: np.ndarray, k: int) -> float:

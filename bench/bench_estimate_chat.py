@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.setup import CACHE, base_model_path, chat_sets
+from bench.setup import CACHE, base_model_path, causal_lm, chat_sets, trained_adapter
 from bench.tables import Table, emit
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config
@@ -63,17 +63,8 @@ class Answered:
 
 
 def _adapter(steps: int) -> Path:
-    """The chat task's recipe trained for `steps` steps, cached in the bench cache (trained once)."""
-    from tuneloop.retrain.trainer import fit
-
-    out = CACHE / f"estimate-chat-adapter-{steps}"
-    if (out / "adapter_model.safetensors").exists():
-        return out
-    task = Config().tasks["chat"]
-    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000})
-    fit(base_model_path(), chat_sets()["train"], [], system_prompt=task.system_prompt, train=recipe,
-        output_dir=out, progress=False)
-    return out
+    """The chat task's recipe trained for `steps` steps, cached in the bench cache."""
+    return trained_adapter("chat", chat_sets()["train"], steps, f"estimate-chat-adapter-{steps}")
 
 
 def _generate(examples: list[Example], system_prompt: str, max_new_tokens: int, adapter: Path | None,
@@ -87,17 +78,11 @@ def _generate(examples: list[Example], system_prompt: str, max_new_tokens: int, 
             return stored["answers"], np.array(stored["signals"], dtype=float)
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = base_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path())
     tokenizer.padding_side = "left"
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
+    model = causal_lm(adapter).eval()
     answers: list[str] = []
     signals: list[list[float]] = []
     for start in tqdm(range(0, len(examples), GENERATE_BATCH), desc=f"answering ({key})", unit="batch"):

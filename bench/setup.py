@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from tuneloop.challenger_sets.records import Example
 from tuneloop.config import Config, parse_config
@@ -38,3 +39,29 @@ def chat_sets() -> dict[str, list[Example]]:
     from tuneloop.challenger_sets.embedded import build_chat
 
     return {built.name: built.examples for built in build_chat()}
+
+
+def trained_adapter(task_name: str, train: list[Example], steps: int, name: str) -> Path:
+    """The task's default recipe trained for `steps` steps on `train`, cached as CACHE/name (trained once)."""
+    from tuneloop.retrain.trainer import fit
+
+    out = CACHE / name
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    task = Config().tasks[task_name]
+    recipe = task.train.model_copy(update={"max_steps": steps, "eval_every": 10_000})
+    fit(base_model_path(), train, [], system_prompt=task.system_prompt, train=recipe, output_dir=out, progress=False)
+    return out
+
+
+def causal_lm(adapter: Path | None) -> Any:
+    """The embedded base model in float32, with `adapter` applied through PEFT when one is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(base_model_path(), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model

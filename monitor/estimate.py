@@ -43,6 +43,7 @@ from tuneloop.monitor.answer_quality import (
     fit_quality_model,
     sentence_scores,
 )
+from tuneloop.monitor.embeddings import Embedder
 from tuneloop.monitor.estimators import (
     CLASSIFICATION_METRICS,
     Estimate,
@@ -51,6 +52,7 @@ from tuneloop.monitor.estimators import (
     estimate_all,
     estimate_scores,
 )
+from tuneloop.monitor.views import EmbeddingNoveltyView
 from tuneloop.store import Store
 from tuneloop.tables import AnswerCalibrationRow, QualityEstimateRow, TrafficRow
 
@@ -112,6 +114,8 @@ class QualityEstimator:
 
     def __init__(self, config: Config, store: Store, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config, self.store, self.transport = config, store, transport
+        self._embedder: Embedder | None = None
+        self._novelty_views: dict[str, EmbeddingNoveltyView] = {}
 
     def estimate(self, task_name: str, *, window: int | None = None, metric: str | None = None,
                  target: EvalTarget | None = None, save: bool = True) -> WindowEstimate:
@@ -201,7 +205,9 @@ class QualityEstimator:
                     rows.append(Captured(values, answer, reference, prompt or ""))
         return rows, skipped
 
-    def _stored(self, task_name: str, key: int) -> AnswerCalibrationRow | None:
+    def _stored(self, task_name: str, adapter_version: int | None) -> AnswerCalibrationRow | None:
+        """The version's stored calibration (a calibrator or an answer-quality model), if it has one."""
+        key = adapter_version if adapter_version is not None else BASE_VERSION
         with self.store.session() as session:
             row = session.scalars(select(AnswerCalibrationRow).where(
                 AnswerCalibrationRow.task == task_name, AnswerCalibrationRow.adapter_version == key)).first()
@@ -209,8 +215,9 @@ class QualityEstimator:
                 session.expunge(row)
             return row
 
-    def _store(self, task_name: str, key: int, dataset_ref: str, method: str, params: dict[str, Any],
-               n: int) -> None:
+    def _store(self, task_name: str, adapter_version: int | None, dataset_ref: str, method: str,
+               params: dict[str, Any], n: int) -> None:
+        key = adapter_version if adapter_version is not None else BASE_VERSION
         with self.store.session() as session:
             session.add(AnswerCalibrationRow(task=task_name, adapter_version=key, dataset_ref=dataset_ref,
                                              method=method, params=params, n=n))
@@ -218,8 +225,7 @@ class QualityEstimator:
     def calibrator(self, task_name: str, task: TaskConfig, adapter_version: int | None,
                    target: Callable[[], EvalTarget]) -> Calibrator:
         """The stored calibrator of the version, fitted on the held-out set through `target()` the first time."""
-        key = adapter_version if adapter_version is not None else BASE_VERSION
-        stored = self._stored(task_name, key)
+        stored = self._stored(task_name, adapter_version)
         if stored is not None:
             return Calibrator.from_json(stored.params)
         dataset = get_dataset(self.store, task.heldout_dataset, task=task_name)
@@ -242,14 +248,15 @@ class QualityEstimator:
             calibrator = choose_calibrator(np.stack(rows), np.array(predicted), np.array(truth))
         except CalibrationError as exc:
             raise EstimationError(f"calibrating {endpoint.model} on {dataset.manifest.ref}: {exc}") from None
-        self._store(task_name, key, dataset.manifest.ref, calibrator.method, calibrator.to_json(), calibrator.n)
+        self._store(task_name, adapter_version, dataset.manifest.ref, calibrator.method, calibrator.to_json(),
+                    calibrator.n)
         return calibrator
 
     def quality_model(self, task_name: str, task: TaskConfig, metric: str, adapter_version: int | None,
                       target: Callable[[], EvalTarget]) -> AnswerQualityModel:
         """The version's stored per-answer predictor of `metric`, fitted on the held-out set the first time."""
+        stored = self._stored(task_name, adapter_version)
         key = adapter_version if adapter_version is not None else BASE_VERSION
-        stored = self._stored(task_name, key)
         if stored is not None:
             try:
                 model = AnswerQualityModel.from_json(stored.params)
@@ -278,19 +285,25 @@ class QualityEstimator:
         except QualityModelError as exc:
             raise EstimationError(f"fitting the {metric} predictor of {endpoint.model} on "
                                   f"{dataset.manifest.ref}: {exc}") from None
-        self._store(task_name, key, dataset.manifest.ref, model.method, model.to_json(), model.n)
+        self._store(task_name, adapter_version, dataset.manifest.ref, model.method, model.to_json(), model.n)
         return model
 
     def novelty(self, task_name: str, prompts: list[str]) -> np.ndarray:
-        """Each prompt's cosine distance to its nearest training prompts: the drift view's score, per text."""
+        """Each prompt's cosine distance to its nearest training prompts: the drift view's score, per text. The
+        embedder and each task's fitted view are kept, so fitting a predictor and estimating its first window
+        embed the reference once."""
         from tuneloop.monitor.embeddings import make_embedder
         from tuneloop.monitor.samples import reference_sample
-        from tuneloop.monitor.views import EmbeddingNoveltyView, TextFeatures
+        from tuneloop.monitor.views import TextFeatures
 
-        embedder = make_embedder(self.config.monitor.embedding_backend, self.config.data_path)
-        view = EmbeddingNoveltyView()
-        view.fit(TextFeatures.build(reference_sample(self.config, self.store, task_name).texts, embedder))
-        return view.distances(TextFeatures.build(prompts, embedder))
+        if self._embedder is None:
+            self._embedder = make_embedder(self.config.monitor.embedding_backend, self.config.data_path)
+        view = self._novelty_views.get(task_name)
+        if view is None:
+            view = EmbeddingNoveltyView()
+            view.fit(TextFeatures.build(reference_sample(self.config, self.store, task_name).texts, self._embedder))
+            self._novelty_views[task_name] = view
+        return np.asarray(view.distances(TextFeatures.build(prompts, self._embedder)))
 
     async def _held_out_answers(self, task: TaskConfig, target: EvalTarget, examples: list[Any], *,
                                 top_logprobs: int | None) -> list[Answer]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 import zlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,18 +46,23 @@ def _model(text: str) -> tuple[str, str, list[dict[str, Any]]]:
 
 
 class Endpoint:
-    def __init__(self) -> None:
-        self.requests = 0
+    """A stub engine answering each held-out request with `reply(body)`: (answer, logprobs content), counted."""
+
+    def __init__(self, reply: Callable[[dict[str, Any]], tuple[str, list[dict[str, Any]]]]) -> None:
+        self.reply, self.requests = reply, 0
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
-        body = json.loads(request.content)
-        assert body["logprobs"] is True and body["structured_outputs"] == {"choice": LABELS}
-        _, answer, top = _model(body["messages"][-1]["content"])
+        answer, content = self.reply(json.loads(request.content))
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": answer},
-                                                      "logprobs": {"content": [{"token": answer, "logprob": -0.05,
-                                                                                "top_logprobs": top}]}}],
-                                         "usage": {"completion_tokens": 2}})
+                                                      "logprobs": {"content": content}}],
+                                         "usage": {"completion_tokens": len(content)}})
+
+
+def _label_reply(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    assert body["logprobs"] is True and body["structured_outputs"] == {"choice": LABELS}
+    _, answer, top = _model(body["messages"][-1]["content"])
+    return answer, [{"token": answer, "logprob": -0.05, "top_logprobs": top}]
 
 
 def _live_traffic(store: Store, n: int, labelled: int, *, version: int = 1) -> float:
@@ -81,7 +87,7 @@ def _live_traffic(store: Store, n: int, labelled: int, *, version: int = 1) -> f
 def estimator(config: Config, store: Store) -> tuple[QualityEstimator, Endpoint]:
     make_dataset(store, config, "heldout", 240, kind="heldout")
     register_champion(store, "sentiment", 1)
-    endpoint = Endpoint()
+    endpoint = Endpoint(_label_reply)
     return QualityEstimator(config, store, transport=httpx.MockTransport(endpoint)), endpoint
 
 
@@ -199,19 +205,10 @@ def _chat_reply(text: str) -> tuple[str, str, list[float]]:
     return reference, answer, [centre - 0.2, centre, centre + 0.2, centre - 0.1]
 
 
-class ChatEndpoint:
-    def __init__(self) -> None:
-        self.requests = 0
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests += 1
-        body = json.loads(request.content)
-        assert body["logprobs"] is True and "top_logprobs" not in body and "structured_outputs" not in body
-        _, answer, logprobs = _chat_reply(body["messages"][-1]["content"])
-        content = [{"token": f"t{i}", "logprob": lp, "top_logprobs": []} for i, lp in enumerate(logprobs)]
-        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": answer},
-                                                      "logprobs": {"content": content}}],
-                                         "usage": {"completion_tokens": len(logprobs)}})
+def _chat_endpoint_reply(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    assert body["logprobs"] is True and "top_logprobs" not in body and "structured_outputs" not in body
+    _, answer, logprobs = _chat_reply(body["messages"][-1]["content"])
+    return answer, [{"token": f"t{i}", "logprob": lp, "top_logprobs": []} for i, lp in enumerate(logprobs)]
 
 
 def test_a_generation_tasks_chrf_is_estimated_from_its_answers_token_logprobs(config: Config, store: Store) -> None:
@@ -220,7 +217,7 @@ def test_a_generation_tasks_chrf_is_estimated_from_its_answers_token_logprobs(co
     add_dataset(store, config.data_path, chat[:40], task="chat", name="train", kind="train", source="test")
     add_dataset(store, config.data_path, chat[40:], task="chat", name="heldout", kind="heldout", source="test")
     register_champion(store, "chat", 1)
-    endpoint = ChatEndpoint()
+    endpoint = Endpoint(_chat_endpoint_reply)
     quality = QualityEstimator(config, store, transport=httpx.MockTransport(endpoint))
     answers, references = [], []
     with store.session() as session:
